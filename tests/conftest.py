@@ -1,0 +1,25 @@
+"""Session-wide test setup.
+
+Prefect reads its settings at import time, so the isolated PREFECT_HOME must be set before any test module
+imports prefect: that is why it happens here, at conftest import.
+"""
+import os
+import tempfile
+from pathlib import Path
+
+_prefect_home = os.environ.get("AVCAP_TEST_PREFECT_HOME") or tempfile.mkdtemp(prefix="avcap-prefect-home-")
+os.environ.setdefault("PREFECT_HOME", _prefect_home)
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("AVCAP_SHARED", REPO_ROOT.parent / "shared"))
+AUDIOCAPS_DIR = SHARED / "data" / "audiocaps"
+REFERENCE_DIR = SHARED / "reference"
+
+# Fixture modules: each area of the project keeps its fixtures in its own file.
+pytest_plugins = [
+    "tests.fixtures_media",
+]

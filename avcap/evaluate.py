@@ -1,0 +1,165 @@
+"""Caption a split with beam search and score it: `python -m avcap.evaluate --checkpoint CKPT --data DIR --split test`.
+
+Also the evaluation step of training (`avcap.training` calls `caption_split` + `score_and_write` after each epoch).
+Every rank captions the clips its loader hands it (the eval loader reads each clip exactly once across ranks);
+rank 0 gathers the predictions, drops duplicate keys, writes the COCO-format results file and scores it with
+avcap.metrics (pycocoevalcap: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D; SPICE/SPIDEr when CoreNLP jars are given).
+
+Works as a single process or under torchrun (`torchrun --nproc_per_node N -m avcap.evaluate ...`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+from avcap.training import (DistEnv, Precision, _LoaderFactory, _atomic_write_text, _f, build_arg_parser,
+                            resolve_precision, setup_distributed, teardown_distributed)
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = _f("", "captioner checkpoint written by avcap.checkpoint.save_checkpoint (e.g. a training run's)")
+    data: str = _f("", "dataset directory or URL of its manifest.json")
+    split: str = _f("test", "split to caption and score")
+    out: str = _f("", "results file (COCO format JSON); metrics go beside it as *.metrics.json "
+                      "(default: eval-SPLIT.json beside the checkpoint)")
+    batch_size: int = _f(16, "samples per rank per batch")
+    num_workers: int = _f(2, "loader worker processes per rank")
+    beam_size: int = _f(4, "beam search width")
+    max_gen_steps: int = _f(42, "beam search steps")
+    use_java: bool = _f(True, "Java PTB tokenizer + METEOR; --no-use-java: the Python tokenizer, no METEOR")
+    spice_jars: str = _f("", "directory with the Stanford CoreNLP 3.6.0 jars for SPICE/SPIDEr (optional)")
+    skip_bad_shards: bool = _f(False, "skip a damaged shard with a warning instead of failing")
+    device: str = _f("auto", "auto | cpu | cuda")
+    precision: str = _f("auto", "auto | fp32 | bf16 | fp16 (autocast for the forward passes)")
+    dist_timeout_s: int = _f(600, "collective timeout")
+
+
+@torch.no_grad()
+def caption_split(model: torch.nn.Module, batches: Iterable[Any], prepare: Callable[[Any], tuple],
+                  tokenizer: Any, device: torch.device, precision: Precision, beam_size: int,
+                  max_gen_steps: int) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Beam-search captions for every batch this rank reads -> ({key: caption}, {key: reference captions})."""
+    from avcap.generate import beam_search
+    from avcap.tokenizer import decode_batch
+
+    was_training = model.training
+    model.eval()
+    predictions: dict[str, str] = {}
+    references: dict[str, list[str]] = {}
+    try:
+        for batch in batches:
+            audio, visual, keys, refs = prepare(batch)
+            with precision.autocast(device):
+                tokens, _ = beam_search(model, audio, visual, beam_size=beam_size, max_steps=max_gen_steps,
+                                        use_cache=True)
+            for key, text, ref in zip(keys, decode_batch(tokenizer, tokens.cpu()), refs):
+                predictions[key] = text
+                references[key] = list(ref)
+    finally:
+        model.train(was_training)
+    return predictions, references
+
+
+def gather_predictions(predictions: dict[str, str], references: dict[str, list[str]],
+                       env: DistEnv) -> tuple[dict[str, str], dict[str, list[str]]] | None:
+    """All ranks' predictions merged on rank 0 (other ranks get None); a key seen twice is kept once."""
+    if not env.enabled:
+        return predictions, references
+    gathered: list[Any] | None = [None] * env.world_size if env.is_main else None
+    dist.gather_object((predictions, references), gathered, dst=0)
+    if not env.is_main:
+        return None
+    merged_p: dict[str, str] = {}
+    merged_r: dict[str, list[str]] = {}
+    for preds, refs in gathered:  # type: ignore[union-attr]
+        for key, text in preds.items():
+            merged_p.setdefault(key, text)
+            merged_r.setdefault(key, refs[key])
+    return merged_p, merged_r
+
+
+def score_and_write(predictions: dict[str, str], references: dict[str, list[str]], results_path: Path,
+                    use_java: bool, spice_jars: str = "") -> dict[str, Any]:
+    """COCO results file at results_path, metrics beside it (`<stem>.metrics.json`); returns the metrics."""
+    from avcap import metrics as M
+
+    if not predictions:
+        raise ValueError(f"no predictions to score for {results_path}: the split yielded no clips")
+    results_path = Path(results_path)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    M.write_coco_results(predictions, results_path)
+    kwargs: dict[str, Any] = {"use_java": use_java}
+    if spice_jars:
+        kwargs["spice_jars"] = spice_jars
+    scores = M.score_captions(predictions, references, **kwargs)
+    scores = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+              for k, v in dict(scores).items()}
+    scores["num_clips"] = len(predictions)
+    _atomic_write_text(results_path.with_name(results_path.stem + ".metrics.json"), json.dumps(scores, indent=2))
+    return scores
+
+
+def selection_metric(scores: dict[str, Any]) -> tuple[str, float]:
+    """SPIDEr when SPICE ran, otherwise CIDEr-D: what picks the best checkpoint."""
+    for name in ("SPIDEr", "CIDEr"):
+        value = scores.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return name, float(value)
+    raise KeyError(f"the scores have neither SPIDEr nor CIDEr: {sorted(scores)}")
+
+
+def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any] | None:
+    """Caption cfg.split with the checkpoint's model; returns the metrics on rank 0 (None on other ranks)."""
+    from avcap.checkpoint import load_checkpoint
+    from avcap.tokenizer import tokenizer_from_vocab
+    from shards.manifest import load_dataset_manifest
+    from avcap.training import TrainConfig, check_dataset_matches
+
+    if not cfg.checkpoint or not cfg.data:
+        raise ValueError("--checkpoint and --data are required")
+    env = setup_distributed(cfg.device, cfg.dist_timeout_s)
+    try:
+        loaded = load_checkpoint(cfg.checkpoint)
+        tokenizer = tokenizer_from_vocab(loaded.vocab, source=cfg.checkpoint)
+        model = loaded.model.to(env.device)
+        manifest = load_dataset_manifest(cfg.data)
+        norm = (loaded.extra or {}).get("norm_stats") or {}
+        # The loader settings that matter for evaluation; the rest of TrainConfig is irrelevant here.
+        tcfg = TrainConfig(data=cfg.data, eval_split=cfg.split, eval_batch_size=cfg.batch_size,
+                           num_workers=cfg.num_workers, skip_bad_shards=cfg.skip_bad_shards,
+                           num_frames=int(loaded.config.num_frames), mode=str(loaded.config.mode),
+                           norm_mean=float(norm.get("mean", TrainConfig.norm_mean)),
+                           norm_std=float(norm.get("std", TrainConfig.norm_std)), device=cfg.device)
+        check_dataset_matches(manifest, loaded.config, tcfg)
+        loader = _LoaderFactory(tcfg, manifest, tokenizer, env)
+        precision = resolve_precision(cfg.precision, env.device)
+        preds, refs = caption_split(model, loader.open(0, train=False), loader.prepare_eval, tokenizer, env.device,
+                                    precision, cfg.beam_size, cfg.max_gen_steps)
+        merged = gather_predictions(preds, refs, env)
+        if merged is None:
+            return None
+        out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).with_name(f"eval-{cfg.split}.json")
+        scores = score_and_write(*merged, out, cfg.use_java, cfg.spice_jars)
+        print(json.dumps({"split": cfg.split, "results": str(out), **scores}, indent=2))
+        return scores
+    finally:
+        teardown_distributed()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_arg_parser(EvalConfig, description="Caption a split with a checkpoint and score it.")
+    cfg = EvalConfig(**vars(parser.parse_args(argv)))
+    evaluate_checkpoint(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,761 @@
+"""Training of the AVCap captioner from WebDataset shards, single process or torchrun/DDP.
+
+The pieces, top to bottom:
+- `TrainConfig`: every knob of a run; `train.py`'s flags are generated from its fields one-to-one.
+- `setup_distributed`: torchrun env vars -> process group (nccl on GPU, gloo on CPU).
+- `build_optimizer` / `WarmupCosine`: AdamW over trainable parameters, per-step warmup-cosine (SPEC §6).
+- checkpoint state: everything needed to continue a run exactly, as plain types so that
+  `torch.load(weights_only=True)` opens it; stored in avcap.checkpoint's `extra` so the same file also captions.
+- `train(cfg)`: the loop.
+
+Exact resume. All randomness that matters is a function of (seed, epoch, step, rank): the loader's shard and
+sample shuffles are seeded by (seed, epoch), and the global torch RNG is reseeded before every micro-batch
+from (seed, epoch, step, micro, rank), which drives on-device augmentation and dropout. A resumed run rebuilds
+the epoch's loader, skips the batches already consumed and so sees the same data and the same random draws.
+RNG states are also saved (per rank) for anything outside that scheme.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import random
+import time
+import types
+import typing
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+# -----------------------------------------------------------------------------
+# config
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field carrying its --help text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = _f("", "dataset directory or URL of its manifest.json (shards may be local, pipe: or fsspec URLs)")
+    out: str = _f("runs/avcap", "run directory: config.json, metrics.jsonl, checkpoints/, tb/, eval results")
+    train_split: str = _f("train", "split to train on")
+    eval_split: str = _f("val", "split evaluated after each epoch (model selection); test is for the report")
+    num_workers: int = _f(2, "loader worker processes per rank (decoding only)")
+    shuffle_buffer: int = _f(1000, "sample shuffle buffer per worker")
+    skip_bad_shards: bool = _f(False, "skip a damaged shard with a warning instead of failing")
+    noise: bool = _f(False, "noise + time-roll audio augmentation (the original README turns it on)")
+    norm_mean: float = _f(-4.346, "fbank normalization mean (AudioCaps default; the manifest also has the train split's)")
+    norm_std: float = _f(4.332, "fbank normalization std")
+    # model
+    model: str = _f("full", "model size preset: full | tiny")
+    num_frames: int = _f(1, "video frames per sample fed to the encoder (1, or an even number for Conv3d)")
+    mode: str = _f("audio-visual", "encoder mode: audio-visual | audio | visual")
+    vocab: str = _f("bert-base-uncased", "tokenizer: a local vocab.txt / tokenizer dir, or a hub name")
+    max_caption_tokens: int = _f(40, "wordpieces kept per caption (plus [CLS] and [SEP])")
+    pretrained_encoder: str = _f("", "CAV-MAE checkpoint (.pth) to initialize the encoder from")
+    pretrained_text: str = _f("", "GiT checkpoint (.pt) to initialize the text decoder from")
+    init_from: str = _f("", "a trained captioner checkpoint to start from (weights only, a fresh run)")
+    freeze_encoder: bool = _f(False, "freeze the audio-visual encoder")
+    freeze_text: bool = _f(False, "freeze the text decoder (the projection stays trainable)")
+    # optimization (SPEC §6 defaults)
+    epochs: int = _f(10, "training epochs")
+    batch_size: int = _f(8, "samples per rank per micro-batch")
+    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
+    lr: float = _f(1e-4, "peak learning rate (AdamW)")
+    weight_decay: float = _f(5e-7, "AdamW weight decay")
+    beta1: float = _f(0.95, "AdamW beta1")
+    beta2: float = _f(0.999, "AdamW beta2")
+    warmup_epochs: float = _f(1.0, "linear warmup length in epochs (applied per step)")
+    warmup_lr: float = _f(2e-7, "learning rate at step 0")
+    min_lr: float = _f(1e-6, "learning rate at the end of the cosine")
+    decay_epochs: float = _f(0.0, "epochs over which the cosine decays to min_lr (0: --epochs; original: 50)")
+    clip_grad: float = _f(0.0, "clip the gradient's global L2 norm to this (0: off)")
+    precision: str = _f("auto", "auto (bf16 on GPUs that support it, fp32 on CPU) | fp32 | bf16 | fp16 (GradScaler)")
+    seed: int = _f(1234, "seed of all randomness (shuffles, augmentation, dropout, init)")
+    max_steps: int = _f(0, "stop after this many optimizer steps in total (0: run all epochs)")
+    # checkpoints
+    ckpt_every: int = _f(0, "also checkpoint every N optimizer steps (0: only at each epoch's end)")
+    resume: str = _f("", "continue a run: a checkpoint path, or 'latest' for OUT/checkpoints/latest.pt")
+    # evaluation
+    eval_every: int = _f(1, "evaluate on --eval-split every N epochs (0: never)")
+    eval_batch_size: int = _f(16, "samples per rank per evaluation batch")
+    beam_size: int = _f(4, "beam search width")
+    max_gen_steps: int = _f(42, "beam search steps ([CLS] + 40 wordpieces + [SEP]; the original used 1024)")
+    use_java: bool = _f(True, "Java PTB tokenizer + METEOR; --no-use-java: the Python tokenizer, no METEOR")
+    spice_jars: str = _f("", "directory with the Stanford CoreNLP 3.6.0 jars for SPICE/SPIDEr (optional)")
+    # system
+    device: str = _f("auto", "auto | cpu | cuda")
+    dist_timeout_s: int = _f(600, "collective timeout: a rank that stops answering fails the run instead of hanging it")
+    log_every: int = _f(1, "write a metrics.jsonl / TensorBoard line every N optimizer steps")
+    tensorboard: bool = _f(True, "write TensorBoard scalars under OUT/tb")
+    progress: bool = _f(True, "rank-0 tqdm progress bar")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.grad_accum < 1:
+            problems.append(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.epochs < 1:
+            problems.append(f"epochs must be >= 1, got {self.epochs}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            problems.append(f"precision must be auto|fp32|bf16|fp16, got {self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            problems.append(f"device must be auto|cpu|cuda, got {self.device!r}")
+        if self.model not in ("full", "tiny"):
+            problems.append(f"model must be full|tiny, got {self.model!r}")
+        if self.lr <= 0 or self.min_lr < 0 or self.warmup_lr < 0:
+            problems.append(f"learning rates must be positive (lr={self.lr}, min_lr={self.min_lr}, warmup_lr={self.warmup_lr})")
+        if self.clip_grad < 0:
+            problems.append(f"clip_grad must be >= 0, got {self.clip_grad}")
+        if problems:
+            raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+
+def _arg_type(annotation: Any) -> type:
+    # `from __future__ import annotations` makes annotations strings
+    return {"str": str, "int": int, "float": float, "bool": bool}[annotation if isinstance(annotation, str) else annotation.__name__]
+
+
+def build_arg_parser(cls: type = TrainConfig, description: str = "Train the AVCap captioner.") -> argparse.ArgumentParser:
+    """One flag per dataclass field: `--field-name`, its type, its default, its help."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _arg_type(f.type)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=f.metadata.get("help", ""))
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=default, help=f.metadata.get("help", ""))
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    return TrainConfig(**vars(build_arg_parser().parse_args(argv)))
+
+
+# -----------------------------------------------------------------------------
+# distributed
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str = "auto", timeout_s: int = 600) -> DistEnv:
+    """Read torchrun's env vars; start a process group when there is more than one process.
+
+    nccl needs one GPU per process; gloo runs the same collectives on CPU (tests, CPU machines).
+    The timeout turns a rank that never reaches a collective into an error instead of a hang.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s),
+                                **({"device_id": dev} if use_cuda else {}))
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def teardown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from any tuple: stable across processes and Python runs (unlike hash())."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+# -----------------------------------------------------------------------------
+# precision, optimizer, schedule
+
+@dataclass
+class Precision:
+    name: str                      # fp32 | bf16 | fp16
+    autocast_dtype: torch.dtype | None
+
+    def autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs a CUDA device (GradScaler); use fp32 or bf16 on CPU")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("--precision bf16: this GPU does not support bf16; use fp16")
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return Precision(name=name, autocast_dtype=dtype)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the parameters that train; the original also handed frozen ones to AdamW (SPEC §6)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters: --freeze-encoder and --freeze-text froze the whole model")
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class WarmupCosine:
+    """lr multiplier per optimizer step: linear warmup_lr -> lr, then cosine lr -> min_lr, then flat.
+
+    A dataclass (not a lambda) so LambdaLR.state_dict() stores its fields as plain numbers.
+    """
+    lr: float
+    warmup_lr: float
+    min_lr: float
+    warmup_steps: int
+    total_steps: int
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.warmup_lr + (self.lr - self.warmup_lr) * step / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+    def __call__(self, step: int) -> float:
+        return self.lr_at(step) / self.lr
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    decay_epochs = cfg.decay_epochs or cfg.epochs
+    schedule = WarmupCosine(lr=cfg.lr, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
+                            warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+                            total_steps=max(1, round(decay_epochs * steps_per_epoch)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+# -----------------------------------------------------------------------------
+# RNG state as plain types (weights_only-loadable)
+
+def capture_rng_state(device: torch.device) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# training checkpoint state
+
+def resolve_resume_path(resume: str, out: str) -> Path:
+    path = Path(out) / "checkpoints" / "latest.pt" if resume == "latest" else Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {resume!r}: no checkpoint at {path}")
+    return path
+
+
+def _gather_objects(obj: Any, env: DistEnv) -> list[Any]:
+    if not env.enabled:
+        return [obj]
+    gathered: list[Any] = [None] * env.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+@dataclass
+class Position:
+    """Where a run stands: `step` optimizer steps done; in `epoch`, `batch_in_epoch` micro-batches consumed."""
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+def training_state(cfg: TrainConfig, env: DistEnv, pos: Position, optimizer: torch.optim.Optimizer,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler) -> dict[str, Any]:
+    """Everything beyond the weights that a resume needs. Collective: every rank must call it."""
+    rng = _gather_objects(capture_rng_state(env.device), env)
+    return {
+        "format": "avcap-training-state/1",
+        "train_config": dataclasses.asdict(cfg),
+        "world_size": env.world_size,
+        "step": pos.step,
+        "epoch": pos.epoch,
+        "batch_in_epoch": pos.batch_in_epoch,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng,  # one entry per rank
+    }
+
+
+# Changing these between a run and its resume changes the data order or the math: warn, the result is no
+# longer the uninterrupted run's.
+_RESUME_MUST_MATCH = ("data", "train_split", "seed", "batch_size", "grad_accum", "lr", "warmup_epochs", "warmup_lr",
+                      "min_lr", "decay_epochs", "epochs", "noise", "precision", "num_frames", "mode", "shuffle_buffer",
+                      "num_workers", "norm_mean", "norm_std", "model", "freeze_encoder", "freeze_text")
+
+
+def check_resume_config(saved: dict[str, Any], cfg: TrainConfig, saved_world: int, env: DistEnv) -> list[str]:
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(cfg, k)!r}"
+             for k in _RESUME_MUST_MATCH if k in saved and saved[k] != getattr(cfg, k)]
+    if saved_world != env.world_size:
+        diffs.append(f"world size: checkpoint {saved_world} vs now {env.world_size}")
+    return diffs
+
+
+# -----------------------------------------------------------------------------
+# logging
+
+class RunLogger:
+    """Rank 0 only: metrics.jsonl (one JSON object per line, appended across resumes), TensorBoard, tqdm."""
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv, total_steps: int, start_step: int):
+        self.active = env.is_main
+        self.out = Path(cfg.out)
+        self.tb = None
+        self.bar = None
+        if not self.active:
+            return
+        self.jsonl = open(self.out / "metrics.jsonl", "a", buffering=1)
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # slow import: only when asked for
+            self.tb = SummaryWriter(str(self.out / "tb"), purge_step=start_step or None)
+        if cfg.progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        if not self.active:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            prefix = record.get("kind", "train")
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch"):
+                    self.tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def progress(self, n: int, **postfix: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix(**postfix, refresh=False)
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        self.jsonl.close()
+
+
+# -----------------------------------------------------------------------------
+# model and data wiring
+
+def build_model_config(cfg: TrainConfig, tokenizer: Any) -> Any:
+    from avcap.model import AVCapConfig
+    base = AVCapConfig.tiny() if cfg.model == "tiny" else AVCapConfig.full()
+    return dataclasses.replace(base, num_frames=cfg.num_frames, mode=cfg.mode, vocab_size=len(tokenizer),
+                               **_special_ids(base, tokenizer))
+
+
+def _special_ids(model_config: Any, tokenizer: Any) -> dict[str, int]:
+    """Token ids the model config carries, taken from the tokenizer (SPEC §1 'Ours')."""
+    names = {"cls_token_id": tokenizer.cls_token_id, "sep_token_id": tokenizer.sep_token_id,
+             "pad_token_id": tokenizer.pad_token_id}
+    have = {f.name for f in dataclasses.fields(model_config)}
+    return {k: v for k, v in names.items() if k in have}
+
+
+def check_dataset_matches(manifest: Any, model_config: Any, cfg: TrainConfig) -> None:
+    """Refuse a dataset whose frames per clip or fbank parameters disagree with the model, naming both."""
+    frames = int(manifest.frames_per_clip)
+    nf = int(model_config.num_frames)
+    problems = []
+    if nf > frames:
+        problems.append(f"the model takes {nf} frames per sample but the dataset {cfg.data} has {frames} frames per clip")
+    fb = manifest.fbank
+    want = {"target_length": getattr(model_config, "audio_length", 1024),
+            "num_mel_bins": getattr(model_config, "num_mel_bins", 128),
+            "sample_frequency": 16000}
+    for key, expected in want.items():
+        have = fb.get(key) if isinstance(fb, dict) else getattr(fb, key, None)
+        if have is None and key == "sample_frequency":
+            have = fb.get("sample_rate") if isinstance(fb, dict) else getattr(fb, "sample_rate", None)
+        if have is not None and int(have) != int(expected):
+            problems.append(f"fbank {key}: dataset {cfg.data} has {have}, model config expects {expected}")
+    if problems:
+        raise ValueError("dataset does not fit the model: " + "; ".join(problems))
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+@dataclass
+class TrainResult:
+    step: int
+    epoch: int
+    last_loss: float | None
+    best: dict[str, Any] | None
+    checkpoint: str | None
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run (or continue, with cfg.resume) a training run. Call once per process; torchrun starts the processes."""
+    env = setup_distributed(cfg.device, cfg.dist_timeout_s)
+    try:
+        return _train(cfg, env)
+    finally:
+        teardown_distributed()
+
+
+class _DataMismatch(RuntimeError):
+    pass
+
+
+def _agree(env: DistEnv, values: list[float]) -> list[float]:
+    """Sum `values` over ranks (one collective). Used once per optimizer step for logging and the data check."""
+    t = torch.tensor(values, dtype=torch.float64, device=env.device if env.device.type == "cuda" else "cpu")
+    if env.enabled:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
+    from avcap import checkpoint as ckpt_mod
+    from avcap.model import AVCap
+    from avcap.tokenizer import load_tokenizer, tokenizer_from_vocab
+    from shards.manifest import load_dataset_manifest
+
+    out = Path(cfg.out)
+    ckpt_dir = out / "checkpoints"
+    if env.is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+    manifest = load_dataset_manifest(cfg.data)
+    device = env.device
+    precision = resolve_precision(cfg.precision, device)
+
+    # Model: a fresh one from the config, or the one stored in the checkpoint we resume.
+    resume_state: dict[str, Any] | None = None
+    if cfg.resume:
+        resume_path = resolve_resume_path(cfg.resume, cfg.out)
+        loaded = ckpt_mod.load_checkpoint(resume_path)
+        model, model_config = loaded.model, loaded.config
+        tokenizer = tokenizer_from_vocab(loaded.vocab, source=str(resume_path))
+        resume_state = (loaded.extra or {}).get("training")
+        if resume_state is None:
+            raise ValueError(f"--resume {resume_path}: a captioner checkpoint without training state "
+                             "(use --init-from to fine-tune from it)")
+        diffs = check_resume_config(resume_state["train_config"], cfg, resume_state["world_size"], env)
+        if diffs and env.is_main:
+            warnings.warn("resuming with settings that differ from the checkpoint's, the run will not equal an "
+                          "uninterrupted one: " + "; ".join(diffs))
+    else:
+        tokenizer = load_tokenizer(cfg.vocab)
+        model_config = build_model_config(cfg, tokenizer)
+        seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+        model = AVCap(model_config)
+        if cfg.init_from:
+            loaded = ckpt_mod.load_checkpoint(cfg.init_from)
+            model.load_state_dict(loaded.model.state_dict())
+        if cfg.pretrained_encoder:
+            report = ckpt_mod.load_pretrained(model, cfg.pretrained_encoder)
+            if env.is_main:
+                print(f"[train] encoder from {cfg.pretrained_encoder}: {report}")
+        if cfg.pretrained_text:
+            report = ckpt_mod.load_pretrained(model, cfg.pretrained_text)
+            if env.is_main:
+                print(f"[train] text decoder from {cfg.pretrained_text}: {report}")
+    check_dataset_matches(manifest, model_config, cfg)
+    _apply_freeze(model, cfg)
+    model.to(device)
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if env.enabled else model
+
+    loader = _LoaderFactory(cfg, manifest, tokenizer, env)
+    bpe = loader.batches_per_epoch(train=True)
+    steps_per_epoch = math.ceil(bpe / cfg.grad_accum)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.name == "fp16")
+
+    pos = Position()
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        scaler.load_state_dict(resume_state["scaler"])
+        pos = Position(resume_state["step"], resume_state["epoch"], resume_state["batch_in_epoch"])
+        rng = resume_state["rng"]
+        if len(rng) == env.world_size:
+            restore_rng_state(rng[env.rank], device)
+
+    best = _read_best(ckpt_dir)
+    if env.is_main:
+        run_info = {"train_config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model_config),
+                    "world_size": env.world_size, "precision": precision.name, "batches_per_epoch": bpe,
+                    "steps_per_epoch": steps_per_epoch, "dataset": str(cfg.data),
+                    "resumed_from": pos.step if resume_state else None}
+        _atomic_write_text(out / "config.json", json.dumps(run_info, indent=2, default=str))
+
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    logger = RunLogger(cfg, env, total_steps, pos.step)
+
+    def save(name: str, p: Position) -> Path:
+        state = training_state(cfg, env, p, optimizer, scheduler, scaler)  # collective
+        path = ckpt_dir / name
+        if env.is_main:
+            ckpt_mod.save_checkpoint(path, model, model_config, tokenizer, extra={
+                "training": state, "norm_stats": {"mean": cfg.norm_mean, "std": cfg.norm_std},
+                "frames_per_clip": int(manifest.frames_per_clip)})
+        return path
+
+    last_loss: float | None = None
+    last_ckpt: Path | None = None
+    stop = False
+    try:
+        for epoch in range(pos.epoch, cfg.epochs):
+            skip = pos.batch_in_epoch if epoch == pos.epoch else 0
+            pos = Position(pos.step, epoch, skip)
+            batches = loader.open(epoch, train=True)
+            missing = 0
+            for _ in range(skip):
+                if next(batches, None) is None:
+                    missing = 1
+                    break
+            pending = next(batches, None) if pos.batch_in_epoch < bpe and not missing else None
+            missing = missing or int(pos.batch_in_epoch < bpe and pending is None)
+            _check_data(env, _agree(env, [missing])[0], epoch, pos.batch_in_epoch, bpe)
+
+            ddp_model.train()
+            t_last, samples_since = time.perf_counter(), 0
+            while pos.batch_in_epoch < bpe:
+                micro = min(cfg.grad_accum, bpe - pos.batch_in_epoch)
+                loss_sum = torch.zeros((), device=device)
+                n_samples = 0
+                for m in range(micro):
+                    batch = pending
+                    # Dropout and augmentation draw from the global RNG: make them a function of the position.
+                    torch.manual_seed(derive_seed(cfg.seed, "micro", epoch, pos.step, m, env.rank))
+                    audio, visual, tokens, need_predict = loader.prepare(batch, train=True)
+                    sync = ddp_model.no_sync() if env.enabled and m < micro - 1 else nullcontext()
+                    with sync:
+                        with precision.autocast(device):
+                            result = ddp_model(audio, visual, tokens, need_predict)
+                        loss = result["loss"].float() / micro
+                        scaler.scale(loss).backward()
+                    loss_sum += loss.detach()
+                    n_samples += int(tokens.shape[0])
+                    pos.batch_in_epoch += 1
+                    pending = next(batches, None) if pos.batch_in_epoch < bpe else None
+                if cfg.clip_grad > 0:
+                    scaler.unscale_(optimizer)
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad))
+                else:
+                    grad_norm = None
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                lr = optimizer.param_groups[0]["lr"]
+                scheduler.step()
+                pos.step += 1
+
+                # One collective per step: the mean loss for the log and whether any rank ran out of data.
+                missing = int(pos.batch_in_epoch < bpe and pending is None)
+                loss_total, samples_total, missing_total = _agree(env, [float(loss_sum), n_samples, missing])
+                last_loss = loss_total / env.world_size
+                samples_since += int(samples_total)
+                if pos.step % cfg.log_every == 0 or pos.batch_in_epoch >= bpe:
+                    now = time.perf_counter()
+                    rate = samples_since / max(now - t_last, 1e-9)
+                    t_last, samples_since = now, 0
+                    record = {"kind": "train", "step": pos.step, "epoch": epoch, "batch_in_epoch": pos.batch_in_epoch,
+                              "loss": last_loss, "lr": lr, "samples_per_s": rate}
+                    if grad_norm is not None:
+                        record["grad_norm"] = grad_norm
+                    if precision.name == "fp16":
+                        record["loss_scale"] = float(scaler.get_scale())
+                    logger.log(record, pos.step)
+                logger.progress(1, loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", epoch=epoch)
+                _check_data(env, missing_total, epoch, pos.batch_in_epoch, bpe)
+
+                stop = bool(cfg.max_steps) and pos.step >= cfg.max_steps
+                if pos.batch_in_epoch < bpe and (stop or (cfg.ckpt_every and pos.step % cfg.ckpt_every == 0)):
+                    last_ckpt = save("latest.pt", Position(pos.step, epoch, pos.batch_in_epoch))
+                if stop:
+                    break
+            if stop and pos.batch_in_epoch < bpe:
+                break
+
+            # Epoch end: checkpoint first (so a crash in evaluation does not cost the epoch), then evaluate.
+            last_ckpt = save("latest.pt", Position(pos.step, epoch + 1, 0))
+            if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+                best = _evaluate_epoch(cfg, env, model, tokenizer, loader, precision, epoch, pos.step, best,
+                                       last_ckpt, logger)
+            pos = Position(pos.step, epoch + 1, 0)
+            if stop:
+                break
+    finally:
+        logger.close()
+    return TrainResult(step=pos.step, epoch=pos.epoch, last_loss=last_loss, best=best,
+                       checkpoint=str(last_ckpt) if last_ckpt else None)
+
+
+def _check_data(env: DistEnv, missing_total: float, epoch: int, batch: int, bpe: int) -> None:
+    if missing_total:
+        # Every rank sees the same sum, so every rank raises here: no rank is left waiting in a collective.
+        raise _DataMismatch(f"{int(missing_total)} of {env.world_size} rank(s) ran out of batches in epoch {epoch} "
+                            f"after {batch} of the {bpe} batches per epoch that the manifest's counts promise "
+                            f"(rank {env.rank} is {'short' if missing_total else 'fine'}): the shards disagree "
+                            "with manifest.json, or the loader does not honour batches_per_epoch")
+
+
+def _apply_freeze(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    if not (cfg.freeze_encoder or cfg.freeze_text):
+        return
+    freeze = getattr(model, "freeze", None)
+    if freeze is None:
+        raise RuntimeError("avcap.model.AVCap has no freeze(encoder=, text=) method")
+    freeze(encoder=cfg.freeze_encoder, text=cfg.freeze_text)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _read_best(ckpt_dir: Path) -> dict[str, Any] | None:
+    path = ckpt_dir / "best.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _evaluate_epoch(cfg: TrainConfig, env: DistEnv, model: torch.nn.Module, tokenizer: Any, loader: "_LoaderFactory",
+                    precision: Precision, epoch: int, step: int, best: dict[str, Any] | None, latest: Path,
+                    logger: RunLogger) -> dict[str, Any] | None:
+    """Caption the eval split, score on rank 0, keep the best checkpoint by CIDEr-D (SPIDEr when available)."""
+    from avcap.evaluate import caption_split, gather_predictions, score_and_write, selection_metric
+
+    preds, refs = caption_split(model, loader.open(epoch, train=False), loader.prepare_eval, tokenizer, env.device,
+                                precision, cfg.beam_size, cfg.max_gen_steps)
+    merged = gather_predictions(preds, refs, env)
+    is_best = False
+    if env.is_main:
+        assert merged is not None
+        results = Path(cfg.out) / "eval" / f"{cfg.eval_split}-epoch{epoch:03d}.json"
+        scores = score_and_write(*merged, results, cfg.use_java, cfg.spice_jars)
+        name, value = selection_metric(scores)
+        logger.log({"kind": "eval", "step": step, "epoch": epoch, "split": cfg.eval_split, "selection": name,
+                    **{k: v for k, v in scores.items() if isinstance(v, (int, float, str))}}, step)
+        if best is None or best.get("metric") != name or value > best["value"]:
+            # A metric switch (jars added mid-run) restarts the comparison: values of different metrics don't compare.
+            best = {"metric": name, "value": value, "epoch": epoch, "step": step, "results": str(results)}
+            is_best = True
+            tmp = latest.with_name(".best.pt.tmp")
+            import shutil
+            shutil.copyfile(latest, tmp)
+            os.replace(tmp, latest.with_name("best.pt"))
+            _atomic_write_text(latest.with_name("best.json"), json.dumps(best, indent=2))
+    # Every rank keeps the same notion of "best" (only rank 0 uses it, but keep state uniform).
+    return _gather_objects(best, env)[0] if env.enabled else best
+
+
+class _LoaderFactory:
+    """The seam between the training loop and shards.loader / shards.augment."""
+
+    def __init__(self, cfg: TrainConfig, manifest: Any, tokenizer: Any, env: DistEnv):
+        self.cfg, self.manifest, self.tokenizer, self.env = cfg, manifest, tokenizer, env
+
+    def _loader_config(self, train: bool) -> Any:
+        from shards.loader import LoaderConfig
+        cfg = self.cfg
+        return LoaderConfig(data=cfg.data, split=cfg.train_split if train else cfg.eval_split, train=train,
+                            batch_size=cfg.batch_size if train else cfg.eval_batch_size,
+                            num_frames=cfg.num_frames, num_workers=cfg.num_workers,
+                            shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, skip_bad_shards=cfg.skip_bad_shards,
+                            max_caption_tokens=cfg.max_caption_tokens)
+
+    def batches_per_epoch(self, train: bool) -> int:
+        from shards.loader import batches_per_epoch
+        return int(batches_per_epoch(self._loader_config(train), self.env.world_size))
+
+    def open(self, epoch: int, train: bool) -> Iterator[Any]:
+        from shards.loader import make_loader
+        # Worker seeds derive from the global RNG when the loader starts: pin it to (seed, epoch, rank).
+        torch.manual_seed(derive_seed(self.cfg.seed, "loader", epoch, self.env.rank, int(train)))
+        return iter(make_loader(self._loader_config(train), self.env.rank, self.env.world_size, epoch,
+                                tokenizer=self.tokenizer))
+
+    def _augment_config(self, train: bool) -> Any:
+        from shards.augment import AugmentConfig
+        return AugmentConfig(train=train, noise=self.cfg.noise and train, norm_mean=self.cfg.norm_mean,
+                             norm_std=self.cfg.norm_std)
+
+    def prepare(self, batch: Any, train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        from shards.augment import prepare_batch
+        b = prepare_batch(batch, self.env.device, self._augment_config(train))
+        return b.audio, b.visual, b.tokens, b.need_predict
+
+    def prepare_eval(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, list[str], list[list[str]]]:
+        from shards.augment import prepare_batch
+        b = prepare_batch(batch, self.env.device, self._augment_config(False))
+        return b.audio, b.visual, list(b.keys), list(b.captions)

@@ -1,0 +1,23 @@
+"""Train the AVCap captioner from the pipeline's shards.
+
+    python train.py --data DIR --out runs/x ...                       # one process (CPU or one GPU)
+    torchrun --nproc_per_node 8 train.py --data DIR --out runs/x ...  # DDP: nccl on GPUs, gloo on CPU
+    torchrun --nproc_per_node 8 train.py ... --resume latest          # continue exactly where it stopped
+
+Every flag is a field of avcap.training.TrainConfig (`--help` lists them with their defaults).
+"""
+import sys
+
+from avcap.training import config_from_args, train
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = config_from_args(argv)
+    result = train(cfg)
+    print(f"[train] done: step {result.step}, epoch {result.epoch}, last loss {result.last_loss}, "
+          f"best {result.best}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Per-clip status in one SQLite file (`DIR/ledger.sqlite`), one row per (split, key).
+
+The ledger is what makes a rerun cheap and honest: finished clips are skipped, transient failures are tried
+again, permanent ones are kept (unless asked to retry them), and new manifest rows show up as `pending`.
+A `Ledger` is bound to one split; several splits share the file.
+
+Only the orchestrating process writes to it (worker processes return results instead), and a lock serialises
+the download threads, so one connection suffices. WAL keeps readers (audits, a second terminal) from blocking
+the build.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from pipeline.manifest import Clip
+
+OK = "ok"
+PENDING = "pending"
+FAILED_PERMANENT = "failed-permanent"
+FAILED_TRANSIENT = "failed-transient"
+STATUSES = (OK, FAILED_PERMANENT, FAILED_TRANSIENT, PENDING)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS clips (
+    split        TEXT NOT NULL,
+    key          TEXT NOT NULL,
+    youtube_id   TEXT NOT NULL,
+    start_time   INTEGER NOT NULL,
+    status       TEXT NOT NULL CHECK (status IN ('ok', 'failed-permanent', 'failed-transient', 'pending')),
+    stage        TEXT,              -- the stage of the last outcome: download / extract / features / stage
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    reason       TEXT,              -- short machine-readable reason, e.g. http-404, no-audio-stream
+    message      TEXT,              -- tail of the tool's own output
+    media_sha256 TEXT,
+    created_at   REAL NOT NULL,
+    updated_at   REAL NOT NULL,
+    finished_at  REAL,
+    PRIMARY KEY (split, key)
+);
+"""
+# Messages are tool output tails; keep the file small and readable.
+MAX_MESSAGE_CHARS = 2000
+
+
+@dataclass
+class LedgerEntry:
+    split: str
+    key: str
+    youtube_id: str
+    start_time: int
+    status: str
+    stage: str | None
+    attempts: int
+    reason: str | None
+    message: str | None
+    media_sha256: str | None
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+
+
+class Ledger:
+    def __init__(self, path: str | Path, split: str):
+        self.path = Path(path)
+        self.split = split
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def upsert_pending(self, clips: Iterable[Clip]) -> int:
+        """Add clips not yet in the ledger as pending; existing rows keep their status. Returns how many were new."""
+        now = time.time()
+        rows = [(self.split, c.key, c.youtube_id, c.start_time, PENDING, now, now) for c in clips]
+        with self._lock:
+            before = self._count()
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR IGNORE INTO clips (split, key, youtube_id, start_time, status, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            self._db.execute("COMMIT")
+            return self._count() - before
+
+    def record(self, key: str, status: str, reason: str | None = None, message: str | None = None,
+               media_sha256: str | None = None, stage: str | None = None, attempts: int = 1) -> None:
+        """Record the outcome of `attempts` more tries at a clip. `media_sha256=None` keeps the known hash."""
+        if status not in STATUSES:
+            raise ValueError(f"status {status!r} is not one of {STATUSES}")
+        if message is not None and len(message) > MAX_MESSAGE_CHARS:
+            message = "…" + message[-MAX_MESSAGE_CHARS:]
+        now = time.time()
+        finished = now if status in (OK, FAILED_PERMANENT) else None
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE clips SET status=?, reason=?, message=?, stage=?, media_sha256=COALESCE(?, media_sha256),"
+                " attempts=attempts+?, updated_at=?, finished_at=? WHERE split=? AND key=?",
+                (status, reason, message, stage, media_sha256, attempts, now, finished, self.split, key))
+            if cur.rowcount != 1:
+                raise KeyError(f"clip {key!r} is not in the ledger for split {self.split!r}")
+
+    def set_pending(self, keys: Iterable[str]) -> None:
+        """Put clips back to pending (e.g. an `ok` clip whose staged sample is gone)."""
+        now = time.time()
+        with self._lock:
+            self._db.executemany(
+                "UPDATE clips SET status='pending', finished_at=NULL, updated_at=? WHERE split=? AND key=?",
+                [(now, self.split, k) for k in keys])
+
+    def get(self, key: str) -> LedgerEntry | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM clips WHERE split=? AND key=?", (self.split, key)).fetchone()
+        return LedgerEntry(**dict(row)) if row else None
+
+    def entries(self, status: str | None = None) -> list[LedgerEntry]:
+        q, args = "SELECT * FROM clips WHERE split=?", [self.split]
+        if status is not None:
+            q, args = q + " AND status=?", args + [status]
+        with self._lock:
+            rows = self._db.execute(q + " ORDER BY key", args).fetchall()
+        return [LedgerEntry(**dict(r)) for r in rows]
+
+    def keys_to_process(self, retry_permanent: bool = False) -> list[str]:
+        """Pending and transient failures; permanent failures too when asked. Sorted for a stable order."""
+        wanted = [PENDING, FAILED_TRANSIENT] + ([FAILED_PERMANENT] if retry_permanent else [])
+        marks = ",".join("?" * len(wanted))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT key FROM clips WHERE split=? AND status IN ({marks}) ORDER BY key",
+                [self.split, *wanted]).fetchall()
+        return [r["key"] for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        """Clips per status for this split; every status is present (0 when none)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT status, COUNT(*) AS n FROM clips WHERE split=? GROUP BY status", (self.split,)).fetchall()
+        out = {s: 0 for s in STATUSES}
+        out.update({r["status"]: r["n"] for r in rows})
+        return out
+
+    def failures(self) -> list[LedgerEntry]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM clips WHERE split=? AND status IN ('failed-permanent', 'failed-transient')"
+                " ORDER BY key", (self.split,)).fetchall()
+        return [LedgerEntry(**dict(r)) for r in rows]
+
+    def _count(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM clips WHERE split=?", (self.split,)).fetchone()[0]

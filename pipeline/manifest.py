@@ -1,0 +1,196 @@
+"""Read AudioCaps CSVs and the original AVCap JSON into validated clips.
+
+A clip is one 10 s window of one YouTube video: rows that share (youtube_id, start_time) are grouped into one
+clip that carries all their captions and audiocap_ids. Ids and start times are validated here, before any URL or
+path is formed from them: everything downstream builds paths and URLs from `Clip.key` only.
+
+A bad row is reported (file, line, what is wrong) and skipped; the rest of the file goes on. A file that cannot
+be read at all (missing, not UTF-8, wrong header, not a JSON list) raises `ManifestError`.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# YouTube ids are 11 characters of the URL-safe base64 alphabet. Many begin with '-', which is why an id must
+# never be passed where a command-line parser could read it as an option.
+_YOUTUBE_ID = re.compile(r"[A-Za-z0-9_-]{11}")
+_DIGITS = re.compile(r"[0-9]+")
+CSV_HEADER = ("audiocap_id", "youtube_id", "start_time", "caption")
+CLIP_SECONDS = 10
+# Far beyond any real video length; it only stops an absurd number from turning into an absurd path.
+MAX_START_TIME = 10_000_000
+
+
+class ManifestError(ValueError):
+    """The manifest file as a whole cannot be read."""
+
+
+@dataclass
+class RowError:
+    file: str
+    line: int  # CSV: physical line number (header = 1); JSON: 1-based index of the entry in the list
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.message}"
+
+
+@dataclass
+class Clip:
+    youtube_id: str
+    start_time: int
+    captions: list[str] = field(default_factory=list)
+    audiocap_ids: list[int] = field(default_factory=list)
+    split: str = ""
+    sources: list[str] = field(default_factory=list)  # "file:line" of every row that contributed
+
+    @property
+    def key(self) -> str:
+        return clip_key(self.youtube_id, self.start_time)
+
+
+@dataclass
+class ManifestResult:
+    clips: list[Clip]
+    errors: list[RowError]
+
+
+def validate_youtube_id(s: object) -> str:
+    if not isinstance(s, str) or not _YOUTUBE_ID.fullmatch(s):
+        raise ValueError(f"youtube_id {s!r} is not 11 characters of [A-Za-z0-9_-]")
+    return s
+
+
+def validate_start_time(v: object) -> int:
+    """Integer seconds >= 0, given as an int, a string of digits, or an integral float (some JSON writers)."""
+    if isinstance(v, bool):
+        raise ValueError(f"start_time {v!r} is not an integer number of seconds")
+    if isinstance(v, int):
+        t = v
+    elif isinstance(v, float) and v.is_integer():
+        t = int(v)
+    elif isinstance(v, str) and _DIGITS.fullmatch(v.strip()):
+        t = int(v.strip())
+    else:
+        raise ValueError(f"start_time {v!r} is not an integer number of seconds >= 0")
+    if t < 0 or t > MAX_START_TIME:
+        raise ValueError(f"start_time {t} is out of range [0, {MAX_START_TIME}]")
+    return t
+
+
+def clip_key(youtube_id: str, start_time: int) -> str:
+    """`{youtube_id}_{start_ms}_{end_ms}` of the nominal window; validates both parts."""
+    yid = validate_youtube_id(youtube_id)
+    t = validate_start_time(start_time)
+    return f"{yid}_{t * 1000}_{(t + CLIP_SECONDS) * 1000}"
+
+
+def _validate_row(raw: dict) -> tuple[str, int, str, int]:
+    yid = validate_youtube_id(raw.get("youtube_id"))
+    start = validate_start_time(raw.get("start_time"))
+    caption = raw.get("caption")
+    if not isinstance(caption, str) or not caption.strip():
+        raise ValueError(f"caption {caption!r} is empty or not text")
+    acid = raw.get("audiocap_id")
+    if isinstance(acid, str) and _DIGITS.fullmatch(acid.strip()):
+        acid = int(acid.strip())
+    if not isinstance(acid, int) or isinstance(acid, bool) or acid < 0:
+        raise ValueError(f"audiocap_id {raw.get('audiocap_id')!r} is not a non-negative integer")
+    return yid, start, caption.strip(), acid
+
+
+def _csv_rows(path: Path):
+    try:
+        # utf-8-sig: tolerate a BOM; newline="" lets the csv module handle the CRLF line ends.
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                raise ManifestError(f"{path}: empty file, expected header {','.join(CSV_HEADER)}")
+            names = [h.strip() for h in header]
+            missing = [h for h in CSV_HEADER if h not in names]
+            if missing:
+                raise ManifestError(f"{path}: header {names} lacks {missing}; expected {','.join(CSV_HEADER)}")
+            for values in reader:
+                line = reader.line_num
+                if not values or all(not v.strip() for v in values):
+                    continue
+                if len(values) != len(names):
+                    yield line, None, f"expected {len(names)} fields, found {len(values)}"
+                    continue
+                yield line, dict(zip(names, values)), None
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: not UTF-8 text ({e})") from e
+    except csv.Error as e:
+        raise ManifestError(f"{path}: malformed CSV ({e})") from e
+
+
+def _json_rows(path: Path):
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path}: not a JSON document ({e})") from e
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise ManifestError(f"{path}: expected a JSON list of objects with youtube_id, start_time, caption, audiocap_id")
+    for i, entry in enumerate(data, start=1):
+        if not isinstance(entry, dict):
+            yield i, None, f"entry is {type(entry).__name__}, expected an object"
+        else:
+            yield i, entry, None
+
+
+def read_manifest(path: str | Path, split: str) -> ManifestResult:
+    """Read one AudioCaps CSV or AVCap JSON file into clips grouped by (youtube_id, start_time)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: no such file")
+    rows = _json_rows(path) if path.suffix.lower() == ".json" else _csv_rows(path)
+    return _group(rows, str(path), split)
+
+
+def read_manifests(paths: list[str | Path], split: str) -> ManifestResult:
+    """Several files into one split; a clip listed in two files gets the captions of both."""
+    clips: dict[str, Clip] = {}
+    errors: list[RowError] = []
+    for p in paths:
+        r = read_manifest(p, split)
+        errors.extend(r.errors)
+        for c in r.clips:
+            if c.key in clips:
+                _merge(clips[c.key], c.captions, c.audiocap_ids, c.sources)
+            else:
+                clips[c.key] = c
+    return ManifestResult(list(clips.values()), errors)
+
+
+def _merge(clip: Clip, captions: list[str], acids: list[int], sources: list[str]) -> None:
+    for cap, acid, src in zip(captions, acids, sources):
+        if acid in clip.audiocap_ids:  # the same row seen twice adds nothing
+            continue
+        clip.captions.append(cap)
+        clip.audiocap_ids.append(acid)
+        clip.sources.append(src)
+
+
+def _group(rows, file: str, split: str) -> ManifestResult:
+    clips: dict[str, Clip] = {}
+    errors: list[RowError] = []
+    for line, raw, problem in rows:
+        if problem is None:
+            try:
+                yid, start, caption, acid = _validate_row(raw)
+            except ValueError as e:
+                problem = str(e)
+        if problem is not None:
+            errors.append(RowError(file, line, problem))
+            continue
+        key = clip_key(yid, start)
+        clip = clips.setdefault(key, Clip(yid, start, [], [], split, []))
+        _merge(clip, [caption], [acid], [f"{file}:{line}"])
+    return ManifestResult(list(clips.values()), errors)

@@ -1,0 +1,403 @@
+"""Fetch the 10 s window of each clip with yt-dlp, or find it among media the user already has.
+
+Retries live in exactly one layer, this module's exponential backoff: yt-dlp runs with its own retries off and
+the Prefect task that calls us has none. Each attempt runs yt-dlp's Python API in a child process (see
+`_worker_main`) so that a stalled download, including the ffmpeg that yt-dlp starts for the section download,
+can be killed as a whole when the per-clip time limit runs out; the URL travels to it on stdin, never on a
+command line.
+
+Errors are classified from yt-dlp's and ffmpeg's messages into permanent (the video is gone or never will be
+reachable for us: retrying wastes requests and invites throttling), transient (retry later), and the bot wall,
+which ends the download stage at once: every further request would only fail the same way.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlsplit
+
+from pipeline.manifest import Clip, validate_youtube_id
+
+DEFAULT_URL_TEMPLATE = "https://www.youtube.com/watch?v={youtube_id}"
+# The smallest video of at least 224 px (the frames are 224x224 crops) plus the best audio; `?` lets formats of
+# unknown height (direct links) pass. `+res` sorts ascending, so "best" under the filter is the smallest.
+DEFAULT_FORMAT = "bv*[height>=?224]+ba/b[height>=?224]/bv*+ba/b"
+DEFAULT_FORMAT_SORT = ("+res", "+size")
+MEDIA_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".m4a", ".flv", ".avi", ".mp3", ".wav", ".flac", ".ogg", ".opus")
+
+OK = "ok"
+FAILED_PERMANENT = "failed-permanent"
+FAILED_TRANSIENT = "failed-transient"
+
+
+class BotWallError(RuntimeError):
+    """The site answers every request with a bot check; continuing would fail every remaining clip."""
+
+
+@dataclass
+class DownloadConfig:
+    url_template: str = DEFAULT_URL_TEMPLATE
+    cookies: Path | None = None
+    proxy: str | None = None
+    sleep_s: float = 0.0          # minimum gap between two requests, over all workers
+    workers: int = 4
+    timeout_s: float = 300.0      # per attempt; the attempt is killed after it
+    max_retries: int = 3          # transient failures: attempts = 1 + max_retries
+    backoff_base_s: float = 2.0   # delay before retry i (0-based): base * 2**i, jittered to [50%, 100%]
+    backoff_max_s: float = 120.0
+    socket_timeout_s: float = 30.0
+    format: str = DEFAULT_FORMAT
+    format_sort: tuple[str, ...] = DEFAULT_FORMAT_SORT
+    clip_seconds: int = 10
+
+    def __post_init__(self) -> None:
+        validate_url_template(self.url_template)
+        if self.cookies is not None:
+            self.cookies = Path(self.cookies)
+            if not self.cookies.is_file():
+                raise ValueError(f"cookies file {self.cookies} does not exist")
+        if self.workers < 1 or self.max_retries < 0 or self.timeout_s <= 0 or self.sleep_s < 0:
+            raise ValueError(f"invalid download settings: workers={self.workers} max_retries={self.max_retries} "
+                             f"timeout_s={self.timeout_s} sleep_s={self.sleep_s}")
+
+
+@dataclass
+class DownloadResult:
+    status: str                  # ok | failed-permanent | failed-transient
+    path: Path | None = None
+    reason: str | None = None    # e.g. http-404, private, timeout
+    message: str | None = None   # tail of yt-dlp's / ffmpeg's output
+    attempts: int = 0            # 0 when the clip was already on disk
+    media_sha256: str | None = None
+
+
+@dataclass
+class DownloadBatch:
+    results: dict[str, DownloadResult] = field(default_factory=dict)
+    untried: list[str] = field(default_factory=list)   # keys never attempted (left pending) after a bot wall
+    bot_wall: BotWallError | None = None
+
+
+def validate_url_template(template: str) -> str:
+    if "{youtube_id}" not in template:
+        raise ValueError(f"URL template {template!r} has no {{youtube_id}} placeholder")
+    probe = build_url(template, "abcdefghijk", check=False)
+    parts = urlsplit(probe)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"URL template {template!r} does not give an http(s) URL")
+    return template
+
+
+def build_url(template: str, youtube_id: str, check: bool = True) -> str:
+    # str.replace, not str.format: a template may legitimately hold other braces, and only a validated id
+    # may enter the URL.
+    yid = validate_youtube_id(youtube_id) if check else youtube_id
+    return template.replace("{youtube_id}", yid)
+
+
+def is_youtube_template(template: str) -> bool:
+    host = (urlsplit(build_url(template, "abcdefghijk", check=False)).hostname or "").lower()
+    return host == "youtu.be" or host == "youtube.com" or host.endswith(".youtube.com")
+
+
+# (pattern, reason) in order: the first match wins, so specific causes come before generic "unavailable".
+_PERMANENT = [
+    (r"private video|video is private", "private"),
+    (r"removed by the user|account associated with this video has been terminated|video has been removed"
+     r"|no longer available", "removed"),
+    (r"copyright", "copyright"),
+    (r"confirm your age|age[- ]restricted|inappropriate for some users", "age-restricted"),
+    (r"available in your country|blocked it in your country|geo[- ]?restrict", "geo-restricted"),
+    (r"members[- ]only|join this channel", "members-only"),
+    (r"unsupported url", "unsupported-url"),
+    (r"video unavailable|is not available|this video is unavailable", "unavailable"),
+]
+_TRANSIENT = [
+    (r"timed out|timeout", "timeout"),
+    (r"connection (reset|refused|aborted)|remote end closed|broken pipe|incomplete ?read|eof occurred"
+     r"|temporary failure in name resolution|network is unreachable|end of file", "network"),
+]
+_HTTP_STATUS = re.compile(r"(?:http error|server returned) (\d{3})")
+
+
+def classify_error(message: str) -> tuple[str, str]:
+    """(kind, reason) with kind in bot-wall / permanent / transient."""
+    m = message.lower()
+    if "not a bot" in m and "sign in" in m:
+        return "bot-wall", "bot-wall"
+    for pattern, reason in _PERMANENT:
+        if re.search(pattern, m):
+            return "permanent", reason
+    status = _HTTP_STATUS.search(m)
+    if status:
+        code = int(status.group(1))
+        # 404/410: the resource is gone. Everything else (403 from expired signed URLs, 429, 5xx) can pass.
+        return ("permanent" if code in (404, 410) else "transient"), f"http-{code}"
+    for pattern, reason in _TRANSIENT:
+        if re.search(pattern, m):
+            return "transient", reason
+    return "transient", "unknown-error"
+
+
+def backoff_delay(retry: int, cfg: DownloadConfig, rng: random.Random | None = None) -> float:
+    """Full-range jitter on the upper half: spreads workers that failed together without ever waiting ~0."""
+    rng = rng or random
+    ceiling = min(cfg.backoff_max_s, cfg.backoff_base_s * (2 ** retry))
+    return ceiling * rng.uniform(0.5, 1.0)
+
+
+class RequestPacer:
+    """At least `interval_s` between request starts over all threads (the `--sleep` option)."""
+
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        if self.interval_s <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + self.interval_s
+        time.sleep(start - now)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def find_local_media(clip: Clip, media_dir: Path) -> Path | None:
+    """`{youtube_id}_{start_time}.*` (the clip's window) first, else `{youtube_id}.*` (the whole video)."""
+    media_dir = Path(media_dir)
+    yid = validate_youtube_id(clip.youtube_id)  # no glob metacharacters can follow from here
+    for stem in (f"{yid}_{clip.start_time}", yid):
+        hits = sorted(p for p in media_dir.glob(f"{stem}.*")
+                      if p.is_file() and p.suffix.lower() in MEDIA_SUFFIXES and p.stem == stem)
+        if hits:
+            return hits[0].resolve()
+    return None
+
+
+def window_start(clip: Clip, media_path: Path) -> float:
+    """Where the clip's window begins inside a local file: 0 in a cut clip, start_time in a whole video."""
+    return float(clip.start_time) if Path(media_path).stem == clip.youtube_id else 0.0
+
+
+def download_clip(clip: Clip, cfg: DownloadConfig, media_dir: Path, pacer: RequestPacer | None = None,
+                  sleep: Callable[[float], None] = time.sleep) -> DownloadResult:
+    """Download the clip's window to `media_dir/{key}.mp4` (atomic), retrying transient errors with backoff.
+
+    Raises BotWallError on a bot check. A file already at the destination is returned as is."""
+    media_dir = Path(media_dir)
+    final = media_dir / f"{clip.key}.mp4"
+    if final.is_file():
+        return DownloadResult(OK, final, attempts=0, media_sha256=sha256_file(final))
+    url = build_url(cfg.url_template, clip.youtube_id)
+    tmp_root = media_dir / ".tmp"
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    last: DownloadResult | None = None
+    for attempt in range(cfg.max_retries + 1):
+        if attempt:
+            sleep(backoff_delay(attempt - 1, cfg))
+        if pacer is not None:
+            pacer.wait()
+        tmp = Path(tempfile.mkdtemp(prefix=f"{clip.key}-", dir=tmp_root))
+        try:
+            ok, produced, message = _run_attempt(url, clip, cfg, tmp)
+            if ok:
+                _fsync(produced)
+                os.replace(produced, final)  # same filesystem: the finished name appears only when complete
+                _fsync_dir(media_dir)
+                return DownloadResult(OK, final, attempts=attempt + 1, media_sha256=sha256_file(final))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kind, reason = classify_error(message)
+        if kind == "bot-wall":
+            raise BotWallError(f"{url}: the site asks to sign in to confirm this is not a bot; stopping downloads "
+                               f"(pass --cookies FILE from a logged-in browser, or slow down with a sleep). "
+                               f"yt-dlp said: {message.strip()[-300:]}")
+        status = FAILED_PERMANENT if kind == "permanent" else FAILED_TRANSIENT
+        last = DownloadResult(status, None, reason, message[-2000:], attempts=attempt + 1)
+        if kind == "permanent":
+            return last
+    return last
+
+
+def download_many(clips: list[Clip], cfg: DownloadConfig, media_dir: Path,
+                  on_result: Callable[[Clip, DownloadResult], None] | None = None) -> DownloadBatch:
+    """Download with `cfg.workers` threads; `on_result` sees each outcome as it lands (record it right away,
+    so a killed build loses nothing). A bot wall stops new attempts; clips not started stay in `untried`."""
+    batch = DownloadBatch()
+    pacer = RequestPacer(cfg.sleep_s)
+    queue = list(clips)
+    stop = threading.Event()
+    with ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="download") as pool:
+        running: dict[Future, Clip] = {}
+        while queue or running:
+            while queue and len(running) < cfg.workers and not stop.is_set():
+                clip = queue.pop(0)
+                running[pool.submit(download_clip, clip, cfg, media_dir, pacer)] = clip
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                clip = running.pop(fut)
+                try:
+                    result = fut.result()
+                except BotWallError as e:
+                    batch.bot_wall = batch.bot_wall or e
+                    stop.set()
+                    batch.untried.append(clip.key)  # attempted, but it stays pending like the rest
+                    continue
+                batch.results[clip.key] = result
+                if on_result is not None:
+                    on_result(clip, result)
+        batch.untried.extend(c.key for c in queue)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The child process: one yt-dlp attempt.
+
+def _run_attempt(url: str, clip: Clip, cfg: DownloadConfig, tmp: Path) -> tuple[bool, Path | None, str]:
+    job = {
+        "url": url,
+        "tmp": str(tmp.resolve()),
+        "start": clip.start_time,
+        "end": clip.start_time + cfg.clip_seconds,
+        "format": cfg.format,
+        "format_sort": list(cfg.format_sort),
+        "cookies": str(Path(cfg.cookies).resolve()) if cfg.cookies else None,
+        "proxy": cfg.proxy,
+        "socket_timeout": cfg.socket_timeout_s,
+        "extractors": ["youtube"] if is_youtube_template(cfg.url_template) else ["generic"],
+    }
+    # Own session: on timeout the whole group goes, the ffmpeg that yt-dlp started included.
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.download", "--worker"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            cwd=str(Path(__file__).resolve().parent.parent))
+    try:
+        out, err = proc.communicate(json.dumps(job).encode(), timeout=cfg.timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out, err = proc.communicate()
+        return False, None, f"timed out after {cfg.timeout_s:g} s (time limit per clip). {_tail(err)}"
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+    try:
+        answer = json.loads(out.decode().strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return False, None, f"download worker exited {proc.returncode} without an answer: {_tail(err)}"
+    if answer["ok"]:
+        return True, Path(answer["path"]), ""
+    return False, None, answer["message"]
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, 9)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _tail(b: bytes, n: int = 1500) -> str:
+    return b.decode(errors="replace")[-n:]
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Collect:
+    """yt-dlp logger that keeps the messages for classification instead of printing them."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def debug(self, msg: str) -> None:
+        pass
+
+    def info(self, msg: str) -> None:
+        pass
+
+    def warning(self, msg: str) -> None:
+        self.lines.append(msg)
+
+    def error(self, msg: str) -> None:
+        self.lines.append(msg)
+
+
+def _worker_main() -> int:
+    import yt_dlp
+    from yt_dlp.utils import download_range_func
+
+    job = json.loads(sys.stdin.read())
+    tmp = Path(job["tmp"])
+    log = _Collect()
+    opts = {
+        "format": job["format"],
+        "format_sort": job["format_sort"],
+        "download_ranges": download_range_func(None, [(job["start"], job["end"])]),
+        "outtmpl": {"default": str(tmp / "clip.%(ext)s")},
+        "merge_output_format": "mp4",
+        "postprocessors": [{"key": "FFmpegVideoRemuxer", "preferedformat": "mp4"}],
+        # One retry layer: ours. yt-dlp's own retries would multiply with it.
+        "retries": 0, "fragment_retries": 0, "extractor_retries": 0, "file_access_retries": 0,
+        "socket_timeout": job["socket_timeout"],
+        "noplaylist": True,
+        "allowed_extractors": job["extractors"],
+        "cachedir": False,
+        "overwrites": True,
+        "quiet": True, "no_warnings": False, "noprogress": True,
+        "logger": log,
+    }
+    if job["cookies"]:
+        opts["cookiefile"] = job["cookies"]
+    if job["proxy"]:
+        opts["proxy"] = job["proxy"]
+    try:
+        with yt_dlp.YoutubeDL(opts) as ydl:
+            code = ydl.download([job["url"]])
+        produced = sorted(p for p in tmp.glob("clip.*") if p.suffix == ".mp4")
+        if code == 0 and produced:
+            answer = {"ok": True, "path": str(produced[0])}
+        else:
+            answer = {"ok": False, "message": "\n".join(log.lines) or f"yt-dlp finished ({code}) without a file"}
+    except Exception as e:  # noqa: BLE001 - everything yt-dlp raises is reported to the parent for classification
+        answer = {"ok": False, "message": "\n".join(log.lines + [f"{type(e).__name__}: {e}"])}
+    print(json.dumps(answer), flush=True)
+    return 0
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
+    sys.exit(_worker_main())

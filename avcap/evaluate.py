@@ -57,6 +57,8 @@ def caption_split(model: torch.nn.Module, batches: Iterable[Any], prepare: Calla
     try:
         for batch in batches:
             audio, visual, keys, refs = prepare(batch)
+            if not keys:  # a batch of padding only
+                continue
             with precision.autocast(device):
                 tokens, _ = beam_search(model, audio, visual, beam_size=beam_size, max_steps=max_gen_steps,
                                         use_cache=True)
@@ -119,8 +121,7 @@ def selection_metric(scores: dict[str, Any]) -> tuple[str, float]:
 def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any] | None:
     """Caption cfg.split with the checkpoint's model; returns the metrics on rank 0 (None on other ranks)."""
     from avcap.checkpoint import load_checkpoint
-    from avcap.tokenizer import tokenizer_from_vocab
-    from shards.manifest import load_dataset_manifest
+    from shards.loader import load_split
     from avcap.training import TrainConfig, check_dataset_matches
 
     if not cfg.checkpoint or not cfg.data:
@@ -128,18 +129,18 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any] | None:
     env = setup_distributed(cfg.device, cfg.dist_timeout_s)
     try:
         loaded = load_checkpoint(cfg.checkpoint)
-        tokenizer = tokenizer_from_vocab(loaded.vocab, source=cfg.checkpoint)
+        tokenizer = loaded.tokenizer
         model = loaded.model.to(env.device)
-        manifest = load_dataset_manifest(cfg.data)
-        norm = (loaded.extra or {}).get("norm_stats") or {}
+        split = load_split(cfg.data, cfg.split)
+        norm = loaded.norm_stats or {}
         # The loader settings that matter for evaluation; the rest of TrainConfig is irrelevant here.
         tcfg = TrainConfig(data=cfg.data, eval_split=cfg.split, eval_batch_size=cfg.batch_size,
                            num_workers=cfg.num_workers, skip_bad_shards=cfg.skip_bad_shards,
                            num_frames=int(loaded.config.num_frames), mode=str(loaded.config.mode),
                            norm_mean=float(norm.get("mean", TrainConfig.norm_mean)),
                            norm_std=float(norm.get("std", TrainConfig.norm_std)), device=cfg.device)
-        check_dataset_matches(manifest, loaded.config, tcfg)
-        loader = _LoaderFactory(tcfg, manifest, tokenizer, env)
+        check_dataset_matches(split, loaded.config, cfg.data, loaded.frames_per_clip)
+        loader = _LoaderFactory(tcfg, split, env)
         precision = resolve_precision(cfg.precision, env.device)
         preds, refs = caption_split(model, loader.open(0, train=False), loader.prepare_eval, tokenizer, env.device,
                                     precision, cfg.beam_size, cfg.max_gen_steps)

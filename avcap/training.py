@@ -65,7 +65,8 @@ class TrainConfig:
     # model
     model: str = _f("full", "model size preset: full | tiny")
     num_frames: int = _f(1, "video frames per sample fed to the encoder (1, or an even number for Conv3d)")
-    mode: str = _f("audio-visual", "encoder mode: audio-visual | audio | visual")
+    mode: str = _f("av", "encoder mode: av (audio-visual) | audio | visual")
+    model_overrides: str = _f("", "JSON object of avcap.model.AVCapConfig fields overriding the preset, e.g. '{\"depth_a\": 2}'")
     vocab: str = _f("bert-base-uncased", "tokenizer: a local vocab.txt / tokenizer dir, or a hub name")
     max_caption_tokens: int = _f(40, "wordpieces kept per caption (plus [CLS] and [SEP])")
     pretrained_encoder: str = _f("", "CAV-MAE checkpoint (.pth) to initialize the encoder from")
@@ -411,37 +412,48 @@ class RunLogger:
 # model and data wiring
 
 def build_model_config(cfg: TrainConfig, tokenizer: Any) -> Any:
+    """The preset, sized to the tokenizer (vocab size and special ids come from it, SPEC §1 'Ours')."""
     from avcap.model import AVCapConfig
-    base = AVCapConfig.tiny() if cfg.model == "tiny" else AVCapConfig.full()
-    return dataclasses.replace(base, num_frames=cfg.num_frames, mode=cfg.mode, vocab_size=len(tokenizer),
-                               **_special_ids(base, tokenizer))
+    from avcap.tokenizer import special_ids
+    ids = special_ids(tokenizer)
+    fields = dict(cls_id=ids.cls, sep_id=ids.sep, pad_id=ids.pad, vocab_size=len(tokenizer),
+                  num_frames=cfg.num_frames, mode=cfg.mode)
+    if cfg.model_overrides:
+        try:
+            overrides = json.loads(cfg.model_overrides)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--model-overrides is not JSON: {e}") from e
+        if not isinstance(overrides, dict):
+            raise ValueError(f"--model-overrides must be a JSON object, got {cfg.model_overrides!r}")
+        known = {f.name for f in dataclasses.fields(AVCapConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"--model-overrides: {unknown} are not AVCapConfig fields")
+        fields.update(overrides)
+    return AVCapConfig.tiny(**fields) if cfg.model == "tiny" else AVCapConfig.full(**fields)
 
 
-def _special_ids(model_config: Any, tokenizer: Any) -> dict[str, int]:
-    """Token ids the model config carries, taken from the tokenizer (SPEC §1 'Ours')."""
-    names = {"cls_token_id": tokenizer.cls_token_id, "sep_token_id": tokenizer.sep_token_id,
-             "pad_token_id": tokenizer.pad_token_id}
-    have = {f.name for f in dataclasses.fields(model_config)}
-    return {k: v for k, v in names.items() if k in have}
+def check_dataset_matches(split: Any, model_config: Any, data: str, frames_per_clip: int | None = None) -> None:
+    """Refuse a dataset whose frames per clip or fbank parameters disagree with the model, naming both.
 
-
-def check_dataset_matches(manifest: Any, model_config: Any, cfg: TrainConfig) -> None:
-    """Refuse a dataset whose frames per clip or fbank parameters disagree with the model, naming both."""
-    frames = int(manifest.frames_per_clip)
-    nf = int(model_config.num_frames)
+    `split` is shards.loader.SplitInfo (what the manifest says); `frames_per_clip` is what a checkpoint's model
+    was trained with, when known (the eval frame F//2 and the train frame spacing depend on it).
+    """
     problems = []
-    if nf > frames:
-        problems.append(f"the model takes {nf} frames per sample but the dataset {cfg.data} has {frames} frames per clip")
-    fb = manifest.fbank
-    want = {"target_length": getattr(model_config, "audio_length", 1024),
-            "num_mel_bins": getattr(model_config, "num_mel_bins", 128),
-            "sample_frequency": 16000}
-    for key, expected in want.items():
-        have = fb.get(key) if isinstance(fb, dict) else getattr(fb, key, None)
-        if have is None and key == "sample_frequency":
-            have = fb.get("sample_rate") if isinstance(fb, dict) else getattr(fb, "sample_rate", None)
-        if have is not None and int(have) != int(expected):
-            problems.append(f"fbank {key}: dataset {cfg.data} has {have}, model config expects {expected}")
+    nf = int(model_config.num_frames)
+    if nf > split.frames_per_clip:
+        problems.append(f"the model config takes num_frames={nf} per sample but the dataset {data} has "
+                        f"{split.frames_per_clip} frames per clip")
+    if frames_per_clip is not None and int(frames_per_clip) != split.frames_per_clip:
+        problems.append(f"the checkpoint was trained on {frames_per_clip} frames per clip but the dataset {data} "
+                        f"has {split.frames_per_clip}")
+    for name, have, want in (("target_length", split.target_length, model_config.audio_length),
+                             ("num_mel_bins", split.num_mel_bins, model_config.num_mel_bins)):
+        if int(have) != int(want):
+            problems.append(f"fbank {name}: the dataset {data} has {have}, the model config has {want}")
+    rate = split.fbank.get("sample_frequency", split.fbank.get("sample_rate"))
+    if rate is not None and int(rate) != 16000:
+        problems.append(f"fbank sample rate: the dataset {data} has {rate} Hz, the encoder was pretrained on 16000 Hz")
     if problems:
         raise ValueError("dataset does not fit the model: " + "; ".join(problems))
 
@@ -482,26 +494,28 @@ def _agree(env: DistEnv, values: list[float]) -> list[float]:
 def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     from avcap import checkpoint as ckpt_mod
     from avcap.model import AVCap
-    from avcap.tokenizer import load_tokenizer, tokenizer_from_vocab
-    from shards.manifest import load_dataset_manifest
+    from avcap.tokenizer import load_tokenizer, tokenizer_vocab
+    from shards.loader import load_split
 
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
     if env.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
 
-    manifest = load_dataset_manifest(cfg.data)
+    split = load_split(cfg.data, cfg.train_split)
     device = env.device
     precision = resolve_precision(cfg.precision, device)
 
     # Model: a fresh one from the config, or the one stored in the checkpoint we resume.
     resume_state: dict[str, Any] | None = None
+    trained_frames: int | None = None
     if cfg.resume:
         resume_path = resolve_resume_path(cfg.resume, cfg.out)
         loaded = ckpt_mod.load_checkpoint(resume_path)
         model, model_config = loaded.model, loaded.config
-        tokenizer = tokenizer_from_vocab(loaded.vocab, source=str(resume_path))
+        tokenizer = loaded.tokenizer
         resume_state = (loaded.extra or {}).get("training")
+        trained_frames = loaded.frames_per_clip
         if resume_state is None:
             raise ValueError(f"--resume {resume_path}: a captioner checkpoint without training state "
                              "(use --init-from to fine-tune from it)")
@@ -517,21 +531,24 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         if cfg.init_from:
             loaded = ckpt_mod.load_checkpoint(cfg.init_from)
             model.load_state_dict(loaded.model.state_dict())
-        if cfg.pretrained_encoder:
-            report = ckpt_mod.load_pretrained(model, cfg.pretrained_encoder)
-            if env.is_main:
-                print(f"[train] encoder from {cfg.pretrained_encoder}: {report}")
-        if cfg.pretrained_text:
-            report = ckpt_mod.load_pretrained(model, cfg.pretrained_text)
-            if env.is_main:
-                print(f"[train] text decoder from {cfg.pretrained_text}: {report}")
-    check_dataset_matches(manifest, model_config, cfg)
+        for path in (cfg.pretrained_encoder, cfg.pretrained_text):
+            if path:
+                report = ckpt_mod.load_pretrained(model, path)
+                if env.is_main:
+                    print(f"[train] pretrained weights from {path}: {report}", flush=True)
+    check_dataset_matches(split, model_config, cfg.data, trained_frames)
     _apply_freeze(model, cfg)
     model.to(device)
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if env.enabled else model
 
-    loader = _LoaderFactory(cfg, manifest, tokenizer, env)
-    bpe = loader.batches_per_epoch(train=True)
+    # Loader workers tokenize from a vocab file: the run's own copy, so a resume needs no --vocab.
+    vocab_file = out / "vocab.txt"
+    if env.is_main:
+        _atomic_write_text(vocab_file, "".join(t + "\n" for t in tokenizer_vocab(tokenizer)))
+    if env.enabled:
+        dist.barrier()
+    loader = _LoaderFactory(cfg, split, env, vocab_file=str(vocab_file))
+    bpe = loader.batches_per_epoch()
     steps_per_epoch = math.ceil(bpe / cfg.grad_accum)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
@@ -551,8 +568,10 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     if env.is_main:
         run_info = {"train_config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model_config),
                     "world_size": env.world_size, "precision": precision.name, "batches_per_epoch": bpe,
-                    "steps_per_epoch": steps_per_epoch, "dataset": str(cfg.data),
-                    "resumed_from": pos.step if resume_state else None}
+                    "steps_per_epoch": steps_per_epoch, "train_samples": split.num_samples,
+                    "frames_per_clip": split.frames_per_clip, "manifest": split.manifest_url,
+                    "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                    "resumed_at_step": pos.step if resume_state else None}
         _atomic_write_text(out / "config.json", json.dumps(run_info, indent=2, default=str))
 
     total_steps = steps_per_epoch * cfg.epochs
@@ -564,9 +583,9 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         state = training_state(cfg, env, p, optimizer, scheduler, scaler)  # collective
         path = ckpt_dir / name
         if env.is_main:
-            ckpt_mod.save_checkpoint(path, model, model_config, tokenizer, extra={
-                "training": state, "norm_stats": {"mean": cfg.norm_mean, "std": cfg.norm_std},
-                "frames_per_clip": int(manifest.frames_per_clip)})
+            ckpt_mod.save_checkpoint(path, model, model_config, tokenizer_vocab(tokenizer),
+                                     norm_stats={"mean": cfg.norm_mean, "std": cfg.norm_std},
+                                     frames_per_clip=split.frames_per_clip, extra={"training": state})
         return path
 
     last_loss: float | None = None
@@ -574,17 +593,12 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     stop = False
     try:
         for epoch in range(pos.epoch, cfg.epochs):
-            skip = pos.batch_in_epoch if epoch == pos.epoch else 0
-            pos = Position(pos.step, epoch, skip)
-            batches = loader.open(epoch, train=True)
-            missing = 0
-            for _ in range(skip):
-                if next(batches, None) is None:
-                    missing = 1
-                    break
-            pending = next(batches, None) if pos.batch_in_epoch < bpe and not missing else None
-            missing = missing or int(pos.batch_in_epoch < bpe and pending is None)
-            _check_data(env, _agree(env, [missing])[0], epoch, pos.batch_in_epoch, bpe)
+            pos = Position(pos.step, epoch, pos.batch_in_epoch if epoch == pos.epoch else 0)
+            # The loader skips the batches a resumed epoch already consumed (same order, same draws).
+            batches = loader.open(epoch, train=True, start_batch=pos.batch_in_epoch)
+            pending = next(batches, None) if pos.batch_in_epoch < bpe else None
+            _check_data(env, _agree(env, [int(pos.batch_in_epoch < bpe and pending is None)])[0],
+                        epoch, pos.batch_in_epoch, bpe)
 
             ddp_model.train()
             t_last, samples_since = time.perf_counter(), 0
@@ -607,11 +621,10 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
                     n_samples += int(tokens.shape[0])
                     pos.batch_in_epoch += 1
                     pending = next(batches, None) if pos.batch_in_epoch < bpe else None
+                grad_norm = None
                 if cfg.clip_grad > 0:
                     scaler.unscale_(optimizer)
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad))
-                else:
-                    grad_norm = None
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -643,6 +656,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
                     last_ckpt = save("latest.pt", Position(pos.step, epoch, pos.batch_in_epoch))
                 if stop:
                     break
+            del batches  # ends the epoch's worker processes
             if stop and pos.batch_in_epoch < bpe:
                 break
 
@@ -664,18 +678,15 @@ def _check_data(env: DistEnv, missing_total: float, epoch: int, batch: int, bpe:
     if missing_total:
         # Every rank sees the same sum, so every rank raises here: no rank is left waiting in a collective.
         raise _DataMismatch(f"{int(missing_total)} of {env.world_size} rank(s) ran out of batches in epoch {epoch} "
-                            f"after {batch} of the {bpe} batches per epoch that the manifest's counts promise "
-                            f"(rank {env.rank} is {'short' if missing_total else 'fine'}): the shards disagree "
-                            "with manifest.json, or the loader does not honour batches_per_epoch")
+                            f"after {batch} of the {bpe} batches per epoch that the manifest's counts promise: the "
+                            "shards disagree with manifest.json, or the loader does not honour batches_per_epoch")
 
 
 def _apply_freeze(model: torch.nn.Module, cfg: TrainConfig) -> None:
     if not (cfg.freeze_encoder or cfg.freeze_text):
         return
-    freeze = getattr(model, "freeze", None)
-    if freeze is None:
-        raise RuntimeError("avcap.model.AVCap has no freeze(encoder=, text=) method")
-    freeze(encoder=cfg.freeze_encoder, text=cfg.freeze_text)
+    model.freeze_encoder(cfg.freeze_encoder)
+    model.freeze_decoder(cfg.freeze_text)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -722,8 +733,8 @@ def _evaluate_epoch(cfg: TrainConfig, env: DistEnv, model: torch.nn.Module, toke
 class _LoaderFactory:
     """The seam between the training loop and shards.loader / shards.augment."""
 
-    def __init__(self, cfg: TrainConfig, manifest: Any, tokenizer: Any, env: DistEnv):
-        self.cfg, self.manifest, self.tokenizer, self.env = cfg, manifest, tokenizer, env
+    def __init__(self, cfg: TrainConfig, split: Any, env: DistEnv, vocab_file: str | None = None):
+        self.cfg, self.split, self.env, self.vocab_file = cfg, split, env, vocab_file
 
     def _loader_config(self, train: bool) -> Any:
         from shards.loader import LoaderConfig
@@ -732,30 +743,41 @@ class _LoaderFactory:
                             batch_size=cfg.batch_size if train else cfg.eval_batch_size,
                             num_frames=cfg.num_frames, num_workers=cfg.num_workers,
                             shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, skip_bad_shards=cfg.skip_bad_shards,
-                            max_caption_tokens=cfg.max_caption_tokens)
+                            tokenizer=self.vocab_file if train else None,
+                            max_caption_tokens=cfg.max_caption_tokens,
+                            pin_memory=self.env.device.type == "cuda")
 
-    def batches_per_epoch(self, train: bool) -> int:
+    def batches_per_epoch(self) -> int:
         from shards.loader import batches_per_epoch
-        return int(batches_per_epoch(self._loader_config(train), self.env.world_size))
+        return int(batches_per_epoch(self.split, self.env.world_size, self.cfg.num_workers, self.cfg.batch_size,
+                                     train=True))
 
-    def open(self, epoch: int, train: bool) -> Iterator[Any]:
+    def open(self, epoch: int, train: bool, start_batch: int = 0) -> Iterator[Any]:
         from shards.loader import make_loader
         # Worker seeds derive from the global RNG when the loader starts: pin it to (seed, epoch, rank).
         torch.manual_seed(derive_seed(self.cfg.seed, "loader", epoch, self.env.rank, int(train)))
-        return iter(make_loader(self._loader_config(train), self.env.rank, self.env.world_size, epoch,
-                                tokenizer=self.tokenizer))
+        batches, _ = make_loader(self._loader_config(train), self.env.rank, self.env.world_size, epoch,
+                                 start_batch=start_batch)
+        return iter(batches)
 
-    def _augment_config(self, train: bool) -> Any:
+    def _augment_config(self) -> Any:
         from shards.augment import AugmentConfig
-        return AugmentConfig(train=train, noise=self.cfg.noise and train, norm_mean=self.cfg.norm_mean,
-                             norm_std=self.cfg.norm_std)
+        return AugmentConfig(noise=self.cfg.noise, norm_mean=self.cfg.norm_mean, norm_std=self.cfg.norm_std)
 
     def prepare(self, batch: Any, train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Augmentation draws from the global RNG, which the loop reseeds per micro-batch."""
         from shards.augment import prepare_batch
-        b = prepare_batch(batch, self.env.device, self._augment_config(train))
-        return b.audio, b.visual, b.tokens, b.need_predict
+        b = prepare_batch(batch, self._augment_config(), train=train, device=self.env.device)
+        if "tokens" not in b:
+            raise RuntimeError("the train loader produced no tokens (LoaderConfig.tokenizer unset)")
+        return b["audio"], b["visual"], b["tokens"], b["need_predict"]
 
     def prepare_eval(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, list[str], list[list[str]]]:
+        """Eval batches carry padding rows (valid=False) so every worker yields as many batches: drop them."""
         from shards.augment import prepare_batch
-        b = prepare_batch(batch, self.env.device, self._augment_config(False))
-        return b.audio, b.visual, list(b.keys), list(b.captions)
+        b = prepare_batch(batch, self._augment_config(), train=False, device=self.env.device)
+        valid = batch["valid"].tolist()
+        keep = torch.tensor(valid, dtype=torch.bool, device=b["audio"].device)
+        keys = [k for k, v in zip(batch["keys"], valid) if v]
+        refs = [c for c, v in zip(batch["captions"], valid) if v]
+        return b["audio"][keep], b["visual"][keep], keys, refs

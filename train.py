@@ -14,8 +14,9 @@ from avcap.training import config_from_args, train
 def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(argv)
     result = train(cfg)
-    print(f"[train] done: step {result.step}, epoch {result.epoch}, last loss {result.last_loss}, "
-          f"best {result.best}", file=sys.stderr)
+    if result.is_main:
+        print(f"[train] done: step {result.step}, epoch {result.epoch}, last loss {result.last_loss}, "
+              f"best {result.best}", file=sys.stderr)
     return 0
 
 

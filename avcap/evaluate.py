@@ -34,7 +34,8 @@ class EvalConfig:
     num_workers: int = _f(2, "loader worker processes per rank")
     beam_size: int = _f(4, "beam search width")
     max_gen_steps: int = _f(42, "beam search steps")
-    use_java: bool = _f(True, "Java PTB tokenizer + METEOR; --no-use-java: the Python tokenizer, no METEOR")
+    java: str = _f("auto", "metrics with Java (PTB tokenizer, METEOR, SPICE): auto (when found) | yes (required) | "
+                           "no (the Python PTB tokenizer; METEOR/SPICE unavailable)")
     spice_jars: str = _f("", "directory with the Stanford CoreNLP 3.6.0 jars for SPICE/SPIDEr (optional)")
     skip_bad_shards: bool = _f(False, "skip a damaged shard with a warning instead of failing")
     device: str = _f("auto", "auto | cpu | cuda")
@@ -88,23 +89,29 @@ def gather_predictions(predictions: dict[str, str], references: dict[str, list[s
     return merged_p, merged_r
 
 
+JAVA_CHOICES = {"auto": None, "yes": True, "no": False}
+
+
 def score_and_write(predictions: dict[str, str], references: dict[str, list[str]], results_path: Path,
-                    use_java: bool, spice_jars: str = "") -> dict[str, Any]:
-    """COCO results file at results_path, metrics beside it (`<stem>.metrics.json`); returns the metrics."""
+                    java: str = "auto", spice_jars: str = "") -> dict[str, Any]:
+    """COCO results file at results_path, metrics beside it (`<stem>.metrics.json`); returns the metrics.
+
+    Metrics that cannot be computed here (METEOR/SPICE without Java, SPICE without the CoreNLP jars) are None,
+    with the reason under "unavailable".
+    """
     from avcap import metrics as M
 
+    if java not in JAVA_CHOICES:
+        raise ValueError(f"java must be one of {sorted(JAVA_CHOICES)}, got {java!r}")
     if not predictions:
         raise ValueError(f"no predictions to score for {results_path}: the split yielded no clips")
     results_path = Path(results_path)
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    M.write_coco_results(predictions, results_path)
-    kwargs: dict[str, Any] = {"use_java": use_java}
-    if spice_jars:
-        kwargs["spice_jars"] = spice_jars
-    scores = M.score_captions(predictions, references, **kwargs)
-    scores = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
-              for k, v in dict(scores).items()}
+    M.write_coco_results(results_path, predictions)
+    unavailable: dict[str, str] = {}
+    scores: dict[str, Any] = dict(M.score_captions(predictions, references, use_java=JAVA_CHOICES[java],
+                                                   spice_jars=spice_jars or None, unavailable=unavailable))
     scores["num_clips"] = len(predictions)
+    scores["unavailable"] = unavailable
     _atomic_write_text(results_path.with_name(results_path.stem + ".metrics.json"), json.dumps(scores, indent=2))
     return scores
 
@@ -113,7 +120,7 @@ def selection_metric(scores: dict[str, Any]) -> tuple[str, float]:
     """SPIDEr when SPICE ran, otherwise CIDEr-D: what picks the best checkpoint."""
     for name in ("SPIDEr", "CIDEr"):
         value = scores.get(name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value is not None:
             return name, float(value)
     raise KeyError(f"the scores have neither SPIDEr nor CIDEr: {sorted(scores)}")
 
@@ -148,7 +155,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any] | None:
         if merged is None:
             return None
         out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).with_name(f"eval-{cfg.split}.json")
-        scores = score_and_write(*merged, out, cfg.use_java, cfg.spice_jars)
+        scores = score_and_write(*merged, out, cfg.java, cfg.spice_jars)
         print(json.dumps({"split": cfg.split, "results": str(out), **scores}, indent=2))
         return scores
     finally:

@@ -98,7 +98,8 @@ class TrainConfig:
     eval_batch_size: int = _f(16, "samples per rank per evaluation batch")
     beam_size: int = _f(4, "beam search width")
     max_gen_steps: int = _f(42, "beam search steps ([CLS] + 40 wordpieces + [SEP]; the original used 1024)")
-    use_java: bool = _f(True, "Java PTB tokenizer + METEOR; --no-use-java: the Python tokenizer, no METEOR")
+    java: str = _f("auto", "metrics with Java (PTB tokenizer, METEOR, SPICE): auto (when found) | yes (required) | "
+                           "no (the Python PTB tokenizer; METEOR/SPICE unavailable)")
     spice_jars: str = _f("", "directory with the Stanford CoreNLP 3.6.0 jars for SPICE/SPIDEr (optional)")
     # system
     device: str = _f("auto", "auto | cpu | cuda")
@@ -468,6 +469,7 @@ class TrainResult:
     last_loss: float | None
     best: dict[str, Any] | None
     checkpoint: str | None
+    is_main: bool = True
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -671,7 +673,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     finally:
         logger.close()
     return TrainResult(step=pos.step, epoch=pos.epoch, last_loss=last_loss, best=best,
-                       checkpoint=str(last_ckpt) if last_ckpt else None)
+                       checkpoint=str(last_ckpt) if last_ckpt else None, is_main=env.is_main)
 
 
 def _check_data(env: DistEnv, missing_total: float, epoch: int, batch: int, bpe: int) -> None:
@@ -713,10 +715,13 @@ def _evaluate_epoch(cfg: TrainConfig, env: DistEnv, model: torch.nn.Module, toke
     if env.is_main:
         assert merged is not None
         results = Path(cfg.out) / "eval" / f"{cfg.eval_split}-epoch{epoch:03d}.json"
-        scores = score_and_write(*merged, results, cfg.use_java, cfg.spice_jars)
+        scores = score_and_write(*merged, results, cfg.java, cfg.spice_jars)
         name, value = selection_metric(scores)
         logger.log({"kind": "eval", "step": step, "epoch": epoch, "split": cfg.eval_split, "selection": name,
-                    **{k: v for k, v in scores.items() if isinstance(v, (int, float, str))}}, step)
+                    **{k: v for k, v in scores.items() if k != "unavailable"}}, step)
+        if env.is_main and cfg.progress:
+            from avcap.metrics import format_scores
+            print(f"[eval] epoch {epoch} {cfg.eval_split}: {format_scores(scores)}", flush=True)
         if best is None or best.get("metric") != name or value > best["value"]:
             # A metric switch (jars added mid-run) restarts the comparison: values of different metrics don't compare.
             best = {"metric": name, "value": value, "epoch": epoch, "step": step, "results": str(results)}

@@ -1,0 +1,341 @@
+"""Stage 7, Dataset manifest: `DIR/manifest.json` says what was built, from what, with which tools.
+
+One file per output directory; one entry per split under `splits` (building another split into the same DIR adds
+or replaces only that split's entry). Written atomically (temp file, fsync, rename) under a lock file, so two
+splits built at once into one DIR do not lose each other's entry.
+
+Schema (format_version 1); every field is always present:
+
+    {
+      "format_version": 1,
+      "frames_per_clip": 20,            # copies of fingerprint_parts.extract.frames / .fbank, present while all
+      "fbank": {...},                   # splits agree, else null
+      "splits": {
+        "<split>": {
+          "split": "train",
+          "updated_at": "2026-01-01T00:00:00+00:00",       # UTC, when this entry was written
+          "config": {...},              # every build parameter; secrets redacted: credentials inside URLs
+                                        # (proxy "http://user:pw@host" -> "http://***@host") and values of
+                                        # keys named like password/token/secret become "***"; the cookies
+                                        # file PATH is kept, its content never read here
+          "fingerprint": "<sha256>",    # sha256 of the canonical JSON of fingerprint_parts
+          "fingerprint_parts": {        # everything that changes the bytes of a sample, and that the loader and
+            "sample_format": 1,         # the model must agree with:
+            "extract": {"sample_rate", "frames", "size", "jpeg_quality", "jpeg_subsampling", "downmix",
+                        "frame_times", "min_duration_s", "resize"},
+            "fbank": {all FbankConfig fields: sample_frequency, num_mel_bins, frame_length, frame_shift,
+                      window_type, htk_compat, use_energy, dither, preemphasis_coefficient, remove_dc_offset,
+                      round_to_power_of_two, low_freq, high_freq, snip_edges, subtract_mean, target_length, dtype}
+          },
+          "tool_versions": {"python", "platform", "torch", "torchaudio", "ffmpeg", "yt-dlp", "webdataset",
+                            "pillow", "numpy", "soundfile", "libsndfile", "ffmpeg-python"},
+          "inputs": [{"path": "...", "sha256": "...", "bytes": 123}],     # the CSV/JSON files read
+          "samples_per_shard": 256,     # the setting at the split's first build
+          "num_shards": 4,              # fixed at the split's first build; later builds reuse it
+          "num_samples": 1000,          # samples in the shards (= counts["ok"] after a full build)
+          "shards": [{"path": "shards/train/train-00000.tar", "sha256": "...", "bytes": 1, "num_samples": 1}],
+          "counts": {"ok": 1000, "failed-permanent": 3, "failed-transient": 0, "pending": 0},
+          "failures": [{"key": "...", "status": "failed-permanent", "reason": "unavailable", "message": "..."}],
+          "norm_stats": {"mean": -4.3, "std": 4.3, "count": 1234, "over": "real-frames"},  # or null
+          "changes": {"added": 0, "removed": 0, "retried": 0,
+                      "shards_written": ["shards/train/train-00003.tar"], "shards_unchanged": 3,
+                      "shards_removed": []}
+        }
+      }
+    }
+
+`norm_stats` is the mean/std of fbank values over the real (unpadded) frames of every sample of the split (the
+fbank as stored: float16); padding rows are excluded because their amount depends on clip lengths, not audio.
+The loader normalizes with the train split's pair only when told to (its default is the AudioCaps pair from
+SPEC.md, for checkpoint compatibility).
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import platform
+import re
+import subprocess
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from shards.writer import ShardBuildResult, atomic_write_bytes, file_sha256, num_shards_for, validate_split
+
+FORMAT_VERSION = 1
+SAMPLE_FORMAT_VERSION = 1   # bump when the member layout of a sample changes
+MANIFEST_NAME = "manifest.json"
+STATUSES = ("ok", "failed-permanent", "failed-transient", "pending")
+_SECRET_KEY_RE = re.compile(r"pass(word)?|secret|token|api[_-]?key|credential|auth", re.IGNORECASE)
+_URL_USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^@/\s]+)@")
+
+
+@dataclass
+class ShardEntry:
+    path: str
+    sha256: str
+    bytes: int
+    num_samples: int
+
+
+@dataclass
+class InputFile:
+    path: str
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class Failure:
+    key: str
+    status: str
+    reason: str
+    message: str
+
+
+@dataclass
+class NormStats:
+    mean: float
+    std: float
+    count: int
+    over: str = "real-frames"
+
+
+@dataclass
+class Changes:
+    added: int = 0
+    removed: int = 0
+    retried: int = 0
+    shards_written: list[str] = field(default_factory=list)
+    shards_unchanged: int = 0
+    shards_removed: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SplitManifest:
+    split: str
+    config: dict
+    fingerprint: str
+    fingerprint_parts: dict
+    tool_versions: dict
+    inputs: list[InputFile]
+    samples_per_shard: int
+    num_shards: int
+    num_samples: int
+    shards: list[ShardEntry]
+    counts: dict[str, int]
+    failures: list[Failure]
+    norm_stats: NormStats | None
+    changes: Changes
+    updated_at: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "manifest") -> "SplitManifest":
+        names = {f.name for f in fields(cls)}
+        missing = names - set(d)
+        if missing:
+            raise ValueError(f"{where}: split entry lacks fields {sorted(missing)}")
+        d = {k: d[k] for k in names}
+        d["inputs"] = [InputFile(**x) for x in d["inputs"]]
+        d["shards"] = [ShardEntry(**x) for x in d["shards"]]
+        d["failures"] = [Failure(**x) for x in d["failures"]]
+        d["norm_stats"] = NormStats(**d["norm_stats"]) if d["norm_stats"] is not None else None
+        d["changes"] = Changes(**d["changes"])
+        return cls(**d)
+
+
+@dataclass
+class DatasetManifest:
+    format_version: int = FORMAT_VERSION
+    splits: dict[str, SplitManifest] = field(default_factory=dict)
+    # Dataset-wide copies of what the loader needs, present while every split agrees (else null: read the
+    # split's fingerprint_parts).
+    frames_per_clip: int | None = None
+    fbank: dict | None = None
+
+    def refresh_shared(self) -> None:
+        frames = {s.fingerprint_parts["extract"]["frames"] for s in self.splits.values()}
+        fbanks = {json.dumps(s.fingerprint_parts["fbank"], sort_keys=True) for s in self.splits.values()}
+        self.frames_per_clip = frames.pop() if len(frames) == 1 else None
+        self.fbank = json.loads(fbanks.pop()) if len(fbanks) == 1 else None
+
+    def to_json(self) -> bytes:
+        return (json.dumps(asdict(self), indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "manifest") -> "DatasetManifest":
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{where}: format_version {version!r} is not supported (this code reads "
+                             f"{FORMAT_VERSION}); rebuild the dataset or use a matching version of this code")
+        splits = d.get("splits")
+        if not isinstance(splits, dict):
+            raise ValueError(f"{where}: 'splits' must be an object")
+        return cls(version, {name: SplitManifest.from_dict(s, f"{where} split {name!r}") for name, s in splits.items()},
+                   frames_per_clip=d.get("frames_per_clip"), fbank=d.get("fbank"))
+
+
+# ---------------------------------------------------------------- config parts
+
+def redact(obj: Any) -> Any:
+    """Copy of a config with secrets removed: URL credentials and values of secret-looking keys."""
+    if isinstance(obj, dict):
+        return {k: ("***" if _SECRET_KEY_RE.search(str(k)) and obj[k] not in (None, "") else redact(v))
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        return _URL_USERINFO_RE.sub(lambda m: f"{m.group('scheme')}***@", obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def fingerprint_parts(extract_cfg, fbank_cfg) -> dict:
+    """What changes sample bytes, from an ExtractConfig and a FbankConfig."""
+    return {"sample_format": SAMPLE_FORMAT_VERSION, "extract": extract_cfg.fingerprint_parts(),
+            "fbank": fbank_cfg.fingerprint_parts()}
+
+
+def fingerprint(parts: dict) -> str:
+    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def _pkg_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not-installed"
+
+
+def ffmpeg_version(ffmpeg_bin: str = "ffmpeg") -> str:
+    """'5.1.9-0+deb12u1' from the first line of `ffmpeg -version`."""
+    try:
+        out = subprocess.run([ffmpeg_bin, "-version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RuntimeError(f"cannot run {ffmpeg_bin!r} -version: {e}") from e
+    m = re.match(r"\S+ version (\S+)", out)
+    return m.group(1) if m else out.splitlines()[0] if out else "unknown"
+
+
+def tool_versions(ffmpeg_bin: str = "ffmpeg") -> dict:
+    import soundfile
+    return {"python": platform.python_version(), "platform": platform.platform(),
+            "torch": _pkg_version("torch"), "torchaudio": _pkg_version("torchaudio"),
+            "ffmpeg": ffmpeg_version(ffmpeg_bin), "yt-dlp": _pkg_version("yt-dlp"),
+            "webdataset": _pkg_version("webdataset"), "pillow": _pkg_version("pillow"),
+            "numpy": _pkg_version("numpy"), "soundfile": _pkg_version("soundfile"),
+            "libsndfile": soundfile.__libsndfile_version__, "ffmpeg-python": _pkg_version("ffmpeg-python")}
+
+
+def input_file(path: Path) -> InputFile:
+    path = Path(path)
+    return InputFile(path=str(path), sha256=file_sha256(path), bytes=path.stat().st_size)
+
+
+def _failure(x: Any) -> Failure:
+    get = (lambda k: x.get(k)) if isinstance(x, dict) else (lambda k: getattr(x, k, None))
+    return Failure(key=str(get("key")), status=str(get("status")), reason=str(get("reason") or ""),
+                   message=str(get("message") or ""))
+
+
+def make_split_manifest(*, split: str, config: dict, extract_cfg, fbank_cfg, inputs: list[Path],
+                        samples_per_shard: int, num_shards: int, build: ShardBuildResult,
+                        counts: dict[str, int], failures: list, changes: Changes | None = None,
+                        ffmpeg_bin: str = "ffmpeg") -> SplitManifest:
+    """Assemble one split's entry from the build's parts (failures: dicts or objects with key/status/reason/
+    message, e.g. the ledger's rows)."""
+    validate_split(split)
+    parts = fingerprint_parts(extract_cfg, fbank_cfg)
+    changes = changes or Changes()
+    changes.shards_written = list(build.written)
+    changes.shards_unchanged = len(build.unchanged)
+    changes.shards_removed = list(build.removed)
+    stats = build.stats
+    norm = NormStats(mean=stats.mean, std=stats.std, count=stats.count) if stats.count else None
+    return SplitManifest(
+        split=split, config=redact(config), fingerprint=fingerprint(parts), fingerprint_parts=parts,
+        tool_versions=tool_versions(ffmpeg_bin), inputs=[input_file(p) for p in inputs],
+        samples_per_shard=samples_per_shard, num_shards=num_shards, num_samples=build.num_samples,
+        shards=[ShardEntry(**asdict(s)) for s in build.shards],
+        counts={s: int(counts.get(s, 0)) for s in STATUSES} | {k: int(v) for k, v in counts.items()},
+        failures=sorted((_failure(f) for f in failures), key=lambda f: f.key), norm_stats=norm, changes=changes,
+        updated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+# ---------------------------------------------------------------- read / write
+
+def _manifest_location(dir_or_url: str | Path) -> str:
+    s = str(dir_or_url)
+    if s.endswith(".json"):
+        return s
+    return s.rstrip("/") + "/" + MANIFEST_NAME
+
+
+def load_dataset_manifest(dir_or_url: str | Path) -> DatasetManifest:
+    """Read `DIR/manifest.json` (a local directory, the file itself, or any fsspec URL)."""
+    location = _manifest_location(dir_or_url)
+    if "://" in location:
+        import fsspec
+        with fsspec.open(location, "rb") as f:
+            raw = f.read()
+    else:
+        p = Path(location)
+        if not p.is_file():
+            raise FileNotFoundError(f"no dataset manifest at {p}")
+        raw = p.read_bytes()
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"dataset manifest {location} is not valid JSON: {e}") from e
+    return DatasetManifest.from_dict(data, where=location)
+
+
+@contextmanager
+def _locked(out_dir: Path):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".manifest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def write_dataset_manifest(out_dir: Path, entry: SplitManifest) -> DatasetManifest:
+    """Add or replace `entry`'s split in `DIR/manifest.json`, keeping the other splits; atomic."""
+    out_dir = Path(out_dir)
+    with _locked(out_dir):
+        path = out_dir / MANIFEST_NAME
+        manifest = load_dataset_manifest(path) if path.exists() else DatasetManifest()
+        manifest.splits[entry.split] = entry
+        manifest.splits = dict(sorted(manifest.splits.items()))
+        manifest.refresh_shared()
+        atomic_write_bytes(path, manifest.to_json())
+    return manifest
+
+
+@dataclass
+class ShardPlan:
+    num_shards: int
+    samples_per_shard: int
+    recorded: bool      # True: taken from the manifest (an earlier build of this split)
+
+
+def shard_plan(out_dir: Path, split: str, num_clips: int, samples_per_shard: int = 256) -> ShardPlan:
+    """The split's shard count: the one recorded at its first build, else max(1, ceil(clips/per_shard)).
+
+    Keeping it fixed is what makes adding or removing a clip rewrite only that clip's shard."""
+    path = Path(out_dir) / MANIFEST_NAME
+    if path.exists():
+        entry = load_dataset_manifest(path).splits.get(split)
+        if entry is not None:
+            return ShardPlan(entry.num_shards, entry.samples_per_shard, recorded=True)
+    return ShardPlan(num_shards_for(num_clips, samples_per_shard), samples_per_shard, recorded=False)

@@ -1,0 +1,394 @@
+"""Stage 6, Shards: one staged sample per clip, then deterministic, atomic WebDataset shards.
+
+Sample members (webdataset naming, `{key}.{member}` inside the tar):
+  fbank.npy      float16 [1024, 128] unnormalized Kaldi fbank (np.save bytes)
+  flac           the 16 kHz mono int16 waveform the fbank was computed from
+  frame00.jpg .. frame{F-1:02d}.jpg   224x224 JPEG
+  json           captions, audiocap_ids, youtube_id, start_time, split, duration, media_sha256, key, ...
+
+Staging: `DIR/staging/{split}/{key}.tar` holds one finished sample (written atomically), so a killed build
+keeps every sample it finished and a rerun only extracts the rest.
+
+Shards: `DIR/shards/{split}/{split}-{i:05d}.tar`, sample i goes to shard `shard_index(key, num_shards)` =
+sha256(key) mod num_shards. `num_shards` is fixed at a split's first build (`num_shards_for`) and recorded in the
+manifest, so adding or removing a clip changes exactly one shard. Inside a shard samples are sorted by key and
+members by name; tar headers are normalized (mtime 0, uid/gid 0, empty user/group names, mode 0644), so the same
+samples always give the same bytes. A shard is written to `.{name}.tmp-*` (never matching the shard name
+pattern), fsynced and renamed over the old file; a shard whose bytes would not change is left untouched.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import secrets
+import tarfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import soundfile as sf
+import webdataset as wds
+
+from pipeline.features import FbankStats
+
+KEY_RE = re.compile(r"^[A-Za-z0-9_-]{11}_\d+_\d+$")
+SPLIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+FRAME_MEMBER_RE = re.compile(r"^frame\d{2,}\.jpg$")
+# Tar header normalization: what makes two builds byte-identical.
+TAR_MTIME = 0
+TAR_MODE = 0o644
+
+
+def validate_key(key: str) -> str:
+    if not isinstance(key, str) or not KEY_RE.match(key):
+        raise ValueError(f"bad sample key {key!r}: expected '{{youtube_id}}_{{start_ms}}_{{end_ms}}'")
+    return key
+
+
+def validate_split(split: str) -> str:
+    if not isinstance(split, str) or not SPLIT_RE.match(split):
+        raise ValueError(f"bad split name {split!r}: letters, digits, '_', '-', '.' only (it names files)")
+    return split
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}.tar"
+
+
+def shard_name_re(split: str) -> re.Pattern:
+    return re.compile(rf"^{re.escape(split)}-(\d{{5}})\.tar$")
+
+
+def shard_index(key: str, num_shards: int) -> int:
+    """Stable shard of a sample: sha256 of the key, as an integer, modulo num_shards."""
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest(), "big") % num_shards
+
+
+def num_shards_for(num_samples: int, samples_per_shard: int = 256) -> int:
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    return max(1, math.ceil(num_samples / samples_per_shard))
+
+
+# ---------------------------------------------------------------- atomic files
+
+class _HashingFile:
+    """File wrapper that hashes and counts what is written (tarfile's stream mode only calls write)."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tmp_path(path: Path) -> Path:
+    # Leading dot + suffix after ".tar": no glob or regex for finished files can match a half-written one.
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+@contextmanager
+def atomic_writer(path: Path) -> Iterator[_HashingFile]:
+    """Write `path` via a temp file in the same directory: fsync, rename, fsync the directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            hf = _HashingFile(f)
+            yield hf
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_writer(path) as f:
+        f.write(data)
+
+
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Delete temp files a killed writer left behind in `directory` (only ours: `.{name}.tmp-*`)."""
+    removed = []
+    if Path(directory).is_dir():
+        for p in Path(directory).iterdir():
+            if p.name.startswith(".") and ".tmp-" in p.name and p.is_file():
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- sample encoding
+
+def encode_flac(waveform: np.ndarray, sample_rate: int) -> bytes:
+    """Lossless FLAC of an int16 mono waveform; libsndfile's encoder is deterministic for the same samples."""
+    waveform = np.asarray(waveform)
+    if waveform.dtype != np.int16 or waveform.ndim != 1:
+        raise ValueError(f"encode_flac wants a 1-D int16 waveform, got {waveform.dtype} {waveform.shape}")
+    buf = io.BytesIO()
+    sf.write(buf, waveform, sample_rate, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def decode_flac(data: bytes) -> tuple[np.ndarray, int]:
+    wav, sr = sf.read(io.BytesIO(data), dtype="int16", always_2d=False)
+    return wav, sr
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_json(obj: dict) -> bytes:
+    # Sorted keys and fixed separators: same content, same bytes.
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def encode_sample(*, fbank: np.ndarray, waveform: np.ndarray, sample_rate: int, frames: list[bytes],
+                  meta: dict) -> dict[str, bytes]:
+    """The members of one sample; `meta` becomes the json member and must hold `key`."""
+    validate_key(meta.get("key", ""))
+    if not frames:
+        raise ValueError(f"sample {meta['key']}: no frames")
+    members = {"fbank.npy": encode_npy(fbank), "flac": encode_flac(waveform, sample_rate)}
+    width = max(2, len(str(len(frames) - 1)))
+    for i, jpg in enumerate(frames):
+        members[f"frame{i:0{width}d}.jpg"] = bytes(jpg)
+    members["json"] = encode_json(meta)
+    return members
+
+
+@dataclass
+class Sample:
+    key: str
+    members: dict[str, bytes]
+
+    @property
+    def meta(self) -> dict:
+        return json.loads(self.members["json"])
+
+    @property
+    def fbank(self) -> np.ndarray:
+        return np.load(io.BytesIO(self.members["fbank.npy"]), allow_pickle=False)
+
+    @property
+    def frames(self) -> list[bytes]:
+        return [self.members[k] for k in sorted(self.members) if FRAME_MEMBER_RE.match(k)]
+
+
+def _tar_writer(stream) -> wds.TarWriter:
+    return wds.TarWriter(stream, user="", group="", mode=TAR_MODE, mtime=TAR_MTIME, encoder=False)
+
+
+def _write_samples(stream, samples) -> int:
+    n = 0
+    with _tar_writer(stream) as tw:
+        for s in samples:
+            tw.write({"__key__": s.key, **s.members})
+            n += 1
+    return n
+
+
+def write_staged_sample(path: Path, sample: Sample) -> None:
+    """Write one finished sample as a small tar, atomically (a killed worker never leaves a readable half)."""
+    validate_key(sample.key)
+    if Path(path).name != f"{sample.key}.tar":
+        raise ValueError(f"staged sample {sample.key} must be written to '{sample.key}.tar', not {path}")
+    with atomic_writer(Path(path)) as f:
+        _write_samples(f, [sample])
+
+
+def read_staged_sample(path: Path) -> Sample:
+    path = Path(path)
+    key = path.name[: -len(".tar")] if path.name.endswith(".tar") else path.name
+    members: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for ti in tf:
+                if not ti.isfile():
+                    raise ValueError(f"{path}: unexpected tar entry {ti.name!r}")
+                k, _, member = ti.name.partition(".")
+                if k != key:
+                    raise ValueError(f"{path}: member {ti.name!r} does not belong to sample {key!r}")
+                members[member] = tf.extractfile(ti).read()
+    except tarfile.TarError as e:
+        raise ValueError(f"staged sample {path} is not a readable tar: {e}") from e
+    for required in ("fbank.npy", "flac", "json"):
+        if required not in members:
+            raise ValueError(f"staged sample {path} lacks member {required!r}")
+    return Sample(key, members)
+
+
+def staged_path(out_dir: Path, split: str, key: str) -> Path:
+    return Path(out_dir) / "staging" / validate_split(split) / f"{validate_key(key)}.tar"
+
+
+def stage_clip(media_path: Path, start_time: int, meta: dict, out_path: Path, extract_cfg=None, fbank_cfg=None,
+               duration: float = 10.0) -> Sample:
+    """Media file -> extract (one ffmpeg decode) -> fbank -> encoded sample written to `out_path`.
+
+    `meta` carries the clip fields (key, youtube_id, start_time, split, captions, audiocap_ids, media_sha256);
+    the measured fields (duration, fbank_frames, frames, decoded_frames, frame_times, sample_rate) are added here.
+    Raises pipeline.extract.ExtractError for a bad clip (nothing is written then).
+    """
+    from pipeline.extract import ExtractConfig, extract_clip
+    from pipeline.features import FbankConfig, compute_fbank, num_fbank_frames
+
+    extract_cfg = extract_cfg or ExtractConfig()
+    fbank_cfg = fbank_cfg or FbankConfig()
+    if extract_cfg.sample_rate != int(fbank_cfg.sample_frequency):
+        raise ValueError(f"extract sample_rate {extract_cfg.sample_rate} != fbank sample_frequency "
+                         f"{fbank_cfg.sample_frequency}")
+    ex = extract_clip(media_path, start_time, extract_cfg, duration=duration)
+    fbank = compute_fbank(ex.waveform, fbank_cfg)
+    full = dict(meta)
+    full.update(duration=round(ex.duration, 6), sample_rate=ex.sample_rate, num_samples=int(len(ex.waveform)),
+                fbank_frames=min(num_fbank_frames(len(ex.waveform), fbank_cfg), fbank_cfg.target_length),
+                frames=len(ex.frames), decoded_frames=ex.decoded_frames,
+                frame_times=[round(t, 6) for t in ex.frame_times])
+    sample = Sample(full["key"], encode_sample(fbank=fbank, waveform=ex.waveform, sample_rate=ex.sample_rate,
+                                               frames=ex.frames, meta=full))
+    write_staged_sample(out_path, sample)
+    return sample
+
+
+# ---------------------------------------------------------------- shards
+
+@dataclass
+class ShardInfo:
+    path: str          # relative to the output directory, posix
+    sha256: str
+    bytes: int
+    num_samples: int
+
+
+@dataclass
+class ShardBuildResult:
+    shards: list[ShardInfo]
+    written: list[str] = field(default_factory=list)    # shard files whose bytes changed (or are new)
+    unchanged: list[str] = field(default_factory=list)  # left untouched: same bytes as before
+    removed: list[str] = field(default_factory=list)    # shards that became empty
+    stats: FbankStats = field(default_factory=FbankStats)
+    num_samples: int = 0
+
+
+def write_shard(path: Path, samples: list[Sample]) -> tuple[str, int, bool]:
+    """Write `samples` (sorted here by key) as one shard; returns (sha256, bytes, written).
+
+    When `path` already holds exactly these bytes it is left untouched (written=False).
+    """
+    path = Path(path)
+    samples = sorted(samples, key=lambda s: s.key)
+    keys = [s.key for s in samples]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"shard {path.name}: duplicate sample keys")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _write_shard_stream(path, samples)
+
+
+class _LazySamples:
+    """Iterate staged samples one at a time so a shard never has to fit in memory."""
+
+    def __init__(self, paths: list[Path], stats: FbankStats):
+        self.paths, self.stats = paths, stats
+
+    def __iter__(self):
+        for p in self.paths:
+            s = read_staged_sample(p)
+            self.stats.add(s.fbank, int(s.meta.get("fbank_frames", s.fbank.shape[0])))
+            yield s
+
+
+def build_shards(out_dir: Path, split: str, num_shards: int, keys: list[str] | None = None) -> ShardBuildResult:
+    """(Re)write `DIR/shards/{split}/` from `DIR/staging/{split}/`: the staged samples of `keys` (default: all).
+
+    Deterministic: same staged samples -> same shard bytes. Shards whose bytes do not change are not rewritten;
+    shards left without samples are deleted. Also returns the fbank stats over real frames of all samples.
+    """
+    out_dir = Path(out_dir)
+    validate_split(split)
+    staging = out_dir / "staging" / split
+    shards_dir = out_dir / "shards" / split
+    if keys is None:
+        keys = sorted(p.name[: -len(".tar")] for p in staging.glob("*.tar") if not p.name.startswith("."))
+    missing = [k for k in keys if not (staging / f"{validate_key(k)}.tar").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} samples of split {split!r} have no staged file in {staging}, "
+                                f"e.g. {missing[:3]}")
+    groups: dict[int, list[str]] = {}
+    for k in sorted(set(keys)):
+        groups.setdefault(shard_index(k, num_shards), []).append(k)
+
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(shards_dir)
+    result = ShardBuildResult(shards=[])
+    # Stream each shard straight from its staged files, in key order (groups are built from sorted keys).
+    for idx in sorted(groups):
+        name = shard_name(split, idx)
+        lazy = _LazySamples([staging / f"{k}.tar" for k in groups[idx]], result.stats)
+        sha, size, written = _write_shard_stream(shards_dir / name, lazy)
+        rel = (shards_dir / name).relative_to(out_dir).as_posix()
+        result.shards.append(ShardInfo(path=rel, sha256=sha, bytes=size, num_samples=len(groups[idx])))
+        (result.written if written else result.unchanged).append(rel)
+        result.num_samples += len(groups[idx])
+    pattern = shard_name_re(split)
+    for p in sorted(shards_dir.iterdir()):
+        m = pattern.match(p.name)
+        if m and int(m.group(1)) not in groups:
+            p.unlink()
+            result.removed.append(p.relative_to(out_dir).as_posix())
+    if result.removed:
+        _fsync_dir(shards_dir)
+    return result
+
+
+def _write_shard_stream(path: Path, samples) -> tuple[str, int, bool]:
+    """Write samples (already in key order) to a temp file; rename over `path` only if the bytes differ."""
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            hf = _HashingFile(f)
+            _write_samples(hf, samples)
+            f.flush()
+            os.fsync(f.fileno())
+        sha, size = hf.sha.hexdigest(), hf.size
+        if path.exists() and path.stat().st_size == size and file_sha256(path) == sha:
+            return sha, size, False
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        return sha, size, True
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -144,12 +144,13 @@ def load_split(data: str, split: str) -> SplitInfo:
         if "path" not in s and "url" not in s or "num_samples" not in s:
             raise ValueError(f"dataset manifest {url}: split {split!r} shard #{i} lacks path/url or num_samples: {s}")
         shards.append(ShardInfo(_resolve(url, s.get("url") or s["path"]), int(s["num_samples"])))
-    frames = raw.get("frames_per_clip", (raw.get("config") or {}).get("frames_per_clip"))
+    # Two manifest shapes: the pipeline's (shards.manifest: per split, fingerprint_parts.extract/fbank) and a
+    # flat one (top-level frames_per_clip / fbank) that hand-made test datasets use.
+    parts = entry.get("fingerprint_parts", {}) if isinstance(entry, dict) else {}
+    frames = (parts.get("extract") or {}).get("frames", raw.get("frames_per_clip"))
     if frames is None:
-        frames = ((raw.get("config") or {}).get("extract") or {}).get("frames")
-    if frames is None:
-        raise ValueError(f"dataset manifest {url} does not say frames_per_clip")
-    fbank = raw.get("fbank") or (raw.get("config") or {}).get("fbank") or {}
+        raise ValueError(f"dataset manifest {url}: split {split!r} does not say its frames per clip")
+    fbank = parts.get("fbank") or raw.get("fbank") or {}
     return SplitInfo(split=split, shards=shards, frames_per_clip=int(frames), manifest_url=url, fbank=dict(fbank),
                      target_length=int(fbank.get("target_length", 1024)),
                      num_mel_bins=int(fbank.get("num_mel_bins", 128)))
@@ -160,9 +161,10 @@ def open_url(url: str) -> IO[bytes]:
     scheme = urlparse(url).scheme
     if scheme in ("", "file"):
         return open(urlparse(url).path if scheme == "file" else url, "rb")
-    import webdataset as wds
-    if scheme in wds.gopen.gopen_schemes:
-        return wds.gopen.gopen(url, "rb")
+    import importlib
+    wds_gopen = importlib.import_module("webdataset.gopen")   # the package re-exports a function of that name
+    if scheme in wds_gopen.gopen_schemes:
+        return wds_gopen.gopen(url, "rb")
     import fsspec
     return fsspec.open(url, "rb").open()
 

@@ -22,7 +22,7 @@ def _jpeg(level: int, size: int) -> bytes:
 
 
 def clip_key(c: int) -> str:
-    return f"clip{c:04d}xxxx_{c * 1000}_{c * 1000 + 10000}"
+    return f"clip{c:04d}xxx_{c * 1000}_{c * 1000 + 10000}"   # an 11-character id, as YouTube's
 
 
 def build_dataset(root: Path, shard_sizes: dict[str, list[int]], frames: int = 20, size: int = 224,

@@ -1,0 +1,164 @@
+"""shards.loader on small real shards: batch counts per rank, exact-once eval, resume, damaged shards, URLs."""
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+
+import pytest
+import torch
+
+from shards.loader import LoaderConfig, ShardError, batches_per_epoch, load_split, make_loader
+from tests.fixtures_loader import build_dataset, clip_number, tiny_shards  # noqa: F401  (fixture)
+
+TRAIN_CLIPS = set(range(0, 16))   # shards of 5, 2, 9 clips
+VAL_CLIPS = set(range(16, 23))    # one shard of 7 clips
+
+
+def run_epoch(cfg: LoaderConfig, world_size: int, epoch: int = 0, start_batch: int = 0) -> list[list[dict]]:
+    out = []
+    for rank in range(world_size):
+        it, n = make_loader(cfg, rank, world_size, epoch, start_batch=start_batch)
+        batches = list(it)
+        assert len(batches) == n - start_batch, f"rank {rank} yielded {len(batches)} of {n - start_batch} batches"
+        out.append(batches)
+    return out
+
+
+def check_batch_content(b: dict, F: int = 20) -> None:
+    """Each sample's data is its own: fbank value = clip number, pixel level = 10 x frame index."""
+    for i, key in enumerate(b["keys"]):
+        c = clip_number(key)
+        assert float(b["fbank"][i, 0, 0]) == c and float(b["fbank"][i, -1, -1]) == c
+        for j in range(b["frames"].shape[1]):
+            level = float(b["frames"][i, j].float().mean())
+            assert abs(level - 10 * (int(b["frame_index"][i]) + j)) < 3, (key, j, level)
+        assert b["caption"][i] in b["captions"][i]
+        assert b["captions"][i][0] == f"clip {c} caption 0"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_uneven_shards_every_rank_same_batch_count(tiny_shards, workers):
+    cfg = LoaderConfig(data=str(tiny_shards), split="train", batch_size=3, num_workers=workers, seed=7,
+                       shuffle_buffer=4)
+    per_rank = run_epoch(cfg, world_size=2)
+    # 16 clips over 2 ranks x batch 3: 2 batches each, although the ranks' shards hold different counts
+    assert [len(r) for r in per_rank] == [2, 2]
+    seen = set()
+    for batches in per_rank:
+        for b in batches:
+            assert b["fbank"].dtype == torch.float16 and b["fbank"].shape == (3, 1024, 128)
+            assert b["frames"].dtype == torch.uint8 and b["frames"].shape == (3, 1, 3, 224, 224)
+            assert b["valid"].all()
+            assert all(0 <= f <= 19 for f in b["frame_index"].tolist())
+            check_batch_content(b)
+            seen |= {clip_number(k) for k in b["keys"]}
+    assert seen <= TRAIN_CLIPS
+
+
+def test_train_more_ranks_than_shards_wraps_around_without_hanging(tiny_shards):
+    # 3 shards, 4 ranks x 2 workers = 8 slots: slots share shards sample by sample; counts still agree
+    cfg = LoaderConfig(data=str(tiny_shards), split="train", batch_size=2, num_workers=0, shuffle_buffer=2)
+    per_rank = run_epoch(cfg, world_size=4)
+    assert {len(r) for r in per_rank} == {2}
+
+
+def test_train_shuffle_is_deterministic_per_seed_and_epoch(tiny_shards):
+    cfg = LoaderConfig(data=str(tiny_shards), split="train", batch_size=4, num_workers=0, seed=3, shuffle_buffer=8)
+    keys = lambda epoch: [b["keys"] for b in run_epoch(cfg, 1, epoch)[0]]  # noqa: E731
+    frames = lambda epoch: [b["frame_index"].tolist() for b in run_epoch(cfg, 1, epoch)[0]]  # noqa: E731
+    assert keys(0) == keys(0) and frames(0) == frames(0)
+    assert keys(0) != keys(1)
+
+
+def test_resume_mid_epoch_yields_the_rest_of_the_same_epoch(tiny_shards):
+    cfg = LoaderConfig(data=str(tiny_shards), split="train", batch_size=1, num_workers=2, seed=5, shuffle_buffer=3)
+    full = run_epoch(cfg, world_size=1, epoch=2)[0]
+    assert len(full) == 16
+    resumed = run_epoch(cfg, world_size=1, epoch=2, start_batch=5)[0]   # odd: the workers' roles rotate
+    assert [b["keys"] for b in resumed] == [b["keys"] for b in full[5:]]
+    assert [b["frame_index"].tolist() for b in resumed] == [b["frame_index"].tolist() for b in full[5:]]
+    assert [b["caption"] for b in resumed] == [b["caption"] for b in full[5:]]
+    assert all(torch.equal(a["frames"], b["frames"]) for a, b in zip(resumed, full[5:]))
+
+
+@pytest.mark.parametrize("world_size,workers,num_frames", [(2, 2, 1), (3, 0, 4)])
+def test_eval_reads_every_clip_exactly_once(tiny_shards, world_size, workers, num_frames):
+    # val has 1 shard for 4 slots (by-sample assignment); train has 3 shards for 3 slots (by-shard assignment)
+    for split, clips in (("val", VAL_CLIPS), ("train", TRAIN_CLIPS)):
+        cfg = LoaderConfig(data=str(tiny_shards), split=split, batch_size=2, num_workers=workers, train=False,
+                           num_frames=num_frames)
+        per_rank = run_epoch(cfg, world_size)
+        assert len({len(r) for r in per_rank}) == 1, "every rank yields as many eval batches"
+        got = Counter(clip_number(k) for r in per_rank for b in r for k, v in zip(b["keys"], b["valid"]) if v)
+        assert set(got) == clips and set(got.values()) == {1}, got
+        for r in per_rank:
+            for b in r:
+                # eval frame: F//2 for one frame, (F - nf)//2 as the window start
+                assert b["frame_index"].tolist() == [10 if num_frames == 1 else 8] * len(b["keys"])
+                assert b["frames"].shape[1] == num_frames
+                check_batch_content(b)
+
+
+def _damaged_copy(src, tmp_path):
+    root = tmp_path / "damaged"
+    shutil.copytree(src, root)
+    bad = root / "shards" / "train" / "train-00002.tar"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2 + 100])   # cut mid-member
+    return root, bad
+
+
+@pytest.mark.timeout(120)
+def test_truncated_shard_is_named_or_skipped_never_hangs(tiny_shards, tmp_path):
+    root, bad = _damaged_copy(tiny_shards, tmp_path)
+    cfg = LoaderConfig(data=str(root), split="train", batch_size=2, num_workers=0, shuffle_buffer=2)
+    with pytest.raises(ShardError, match="train-00002.tar.*truncated"):
+        run_epoch(cfg, world_size=1)
+    # with workers the error crosses the process boundary and still names the shard
+    with pytest.raises(Exception, match="train-00002.tar"):
+        run_epoch(LoaderConfig(**{**cfg.__dict__, "num_workers": 2}), world_size=1)
+    skipping = LoaderConfig(**{**cfg.__dict__, "skip_bad_shards": True})
+    with pytest.warns(UserWarning, match="train-00002.tar"):
+        per_rank = run_epoch(skipping, world_size=2)   # the rank holding the bad shard wraps around its rest
+    assert [len(r) for r in per_rank] == [4, 4]
+    for r in per_rank:
+        for b in r:
+            check_batch_content(b)
+
+
+def test_shard_with_fewer_samples_than_manifest_says_is_an_error(tiny_shards, tmp_path):
+    root = tmp_path / "wrongcount"
+    shutil.copytree(tiny_shards, root)
+    m = json.loads((root / "manifest.json").read_text())
+    m["splits"]["val"]["shards"][0]["num_samples"] = 8
+    (root / "manifest.json").write_text(json.dumps(m))
+    cfg = LoaderConfig(data=str(root), split="val", batch_size=4, num_workers=0, train=False)
+    with pytest.raises(ShardError, match="val-00000.tar: holds 7 samples, the manifest says 8"):
+        run_epoch(cfg, world_size=1)
+
+
+def test_pipe_urls_and_manifest_path(tiny_shards, tmp_path):
+    """Shards given as `pipe:` URLs (a non-seekable stream) and --data as the manifest's path."""
+    m = json.loads((tiny_shards / "manifest.json").read_text())
+    for s in m["splits"]["val"]["shards"]:
+        s["path"] = f"pipe:cat {tiny_shards / s['path']}"
+    manifest = tmp_path / "piped.json"
+    manifest.write_text(json.dumps(m))
+    cfg = LoaderConfig(data=str(manifest), split="val", batch_size=3, num_workers=0, train=False)
+    (batches,) = run_epoch(cfg, world_size=1)
+    assert sorted(clip_number(k) for b in batches for k, v in zip(b["keys"], b["valid"]) if v) == sorted(VAL_CLIPS)
+    for b in batches:
+        check_batch_content(b)
+
+
+def test_bad_manifest_inputs_are_named(tiny_shards, tmp_path):
+    with pytest.raises(ValueError, match="no split 'test'.*splits: \\['train', 'val'\\]"):
+        load_split(str(tiny_shards), "test")
+    with pytest.raises(FileNotFoundError, match="manifest.json does not exist"):
+        load_split(str(tmp_path / "nowhere"), "train")
+    info = load_split(str(tiny_shards), "train")
+    assert (info.num_samples, info.frames_per_clip, info.target_length) == (16, 20, 1024)
+    assert batches_per_epoch(info, world_size=2, num_workers=2, batch_size=3, train=True) == 2
+    with pytest.raises(ValueError, match="num_frames=21 but the dataset has 20"):
+        make_loader(LoaderConfig(data=str(tiny_shards), num_frames=21, num_workers=0))

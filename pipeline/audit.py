@@ -1,0 +1,457 @@
+"""Reproducibility audit of a finished build (DIR/manifest.json + DIR/shards + DIR/media).
+
+Checks, each reported by name with the file or clip it concerns:
+- `shard-sha256`, `shard-size`, `shard-samples`, `shard-missing`: every shard against the manifest.
+- `fbank`: the fbank of sampled clips recomputed from their stored flac with the manifest's fbank config.
+  Bitwise when the platform and tool versions recorded in the manifest match this machine (same code, same
+  libraries: any difference is a real change); otherwise within `fbank_tolerance` (float16 storage plus
+  different BLAS/FFT kernels move values by a few 1e-3), and the report says which comparison was made.
+- `waveform`, `frame`, `frame-count`, `media`, `extract`: sampled clips re-extracted from DIR/media with the
+  manifest's extract config, waveform and per-frame hashes compared with the stored sample.
+- `tool-version`: every tool version recorded in the manifest against this machine's.
+
+A tool-version difference is reported as a mismatch: the build is not reproducible here as recorded, and the
+waveform/frame comparisons that follow are only meaningful when the tools match.
+
+The report is written to DIR/audit/audit-<UTC timestamp>.json. `audit_flow` wraps run_audit for Prefect and
+publishes the report as a markdown artifact; it fails (after writing the report and artifact) on any mismatch,
+so a scheduled audit that finds a problem shows up as a failed run.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import random
+import tarfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from prefect import flow
+
+_CHUNK = 1 << 20
+
+
+class AuditError(RuntimeError):
+    """The audit could not run at all (no manifest, unreadable manifest)."""
+
+
+class AuditFailed(RuntimeError):
+    """The audit ran and found mismatches (raised by audit_flow so the Prefect run is marked failed)."""
+
+
+@dataclass
+class AuditConfig:
+    out_dir: Path
+    sample: int = 8             # clips to recompute/re-extract; 0 skips those checks, -1 audits every clip
+    seed: int = 0
+    fbank_tolerance: float = 2e-2  # max abs difference allowed when the platform differs (float16 fbank, dB-like scale)
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        if self.sample < -1:
+            raise ValueError(f"AuditConfig.sample={self.sample}: use a count >= 0, or -1 for every clip")
+        if not self.fbank_tolerance >= 0:
+            raise ValueError(f"AuditConfig.fbank_tolerance={self.fbank_tolerance} must be >= 0")
+
+
+@dataclass
+class Mismatch:
+    check: str     # e.g. "shard-sha256", "fbank", "frame", "tool-version"
+    target: str    # the shard path, clip key (with member) or tool name concerned
+    message: str
+
+    def __str__(self) -> str:
+        return f"[{self.check}] {self.target}: {self.message}"
+
+
+@dataclass
+class AuditReport:
+    out_dir: str
+    started_at: str
+    finished_at: str = ""
+    shards_checked: int = 0
+    samples_counted: int = 0
+    clips_sampled: list[str] = field(default_factory=list)
+    fbank_comparison: str = ""          # "bitwise" or "tolerance 0.02 (...why...)"
+    tool_versions_manifest: dict[str, dict[str, str]] = field(default_factory=dict)  # by split
+    tool_versions_here: dict[str, str] = field(default_factory=dict)
+    mismatches: list[Mismatch] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    report_path: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+    def to_markdown(self) -> str:
+        status = "PASSED" if self.ok else f"FAILED ({len(self.mismatches)} mismatches)"
+        lines = [
+            f"# Audit {status}",
+            "",
+            f"- build: `{self.out_dir}`",
+            f"- shards checked: {self.shards_checked} ({self.samples_counted} samples)",
+            f"- clips re-computed and re-extracted: {len(self.clips_sampled)}",
+            f"- fbank comparison: {self.fbank_comparison}",
+            f"- report: `{self.report_path}`",
+            "",
+        ]
+        if self.mismatches:
+            lines += ["| check | target | message |", "|---|---|---|"]
+            lines += [f"| {m.check} | `{m.target}` | {m.message.replace('|', '/')} |" for m in self.mismatches]
+            lines.append("")
+        if self.notes:
+            lines += ["## Notes", ""] + [f"- {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sha256(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def _decode_flac(data: bytes, where: str) -> np.ndarray:
+    import soundfile as sf
+    try:
+        wav, _sr = sf.read(io.BytesIO(data), dtype="int16", always_2d=False)
+    except Exception as e:  # soundfile raises its own LibsndfileError/RuntimeError
+        raise ValueError(f"{where}: stored flac does not decode: {e}") from e
+    return np.ascontiguousarray(wav)
+
+
+def _decode_npy(data: bytes, where: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:
+        raise ValueError(f"{where}: stored fbank.npy does not load: {e}") from e
+
+
+def _frame_members(sample: dict[str, bytes]) -> list[str]:
+    return sorted(s for s in sample if s.startswith("frame") and s.endswith(".jpg"))
+
+
+def _config_from(cls, recorded: dict, where: str):
+    """The config dataclass `cls` with the manifest's recorded values. Recorded keys that are not fields
+    (descriptive ones such as extract's "resize") are checked by the caller through fingerprint_parts()."""
+    import dataclasses
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{k: v for k, v in recorded.items() if k in names})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: recorded {cls.__name__} is not valid here: {e}") from e
+
+
+def _diff_dicts(recorded: dict, here: dict) -> list[str]:
+    keys = sorted(set(recorded) | set(here))
+    return [f"{k}: manifest {recorded.get(k, '(absent)')!r}, here {here.get(k, '(absent)')!r}"
+            for k in keys if recorded.get(k, "(absent)") != here.get(k, "(absent)")]
+
+
+# Versions that decide whether a recomputed fbank must be bitwise identical: the same Python/numpy/torch
+# build on the same platform runs the same kernels.
+BITWISE_TOOLS = ("platform", "python", "numpy", "torch", "torchaudio")
+
+
+@dataclass
+class _SplitPlan:
+    split: str
+    extract_cfg: object
+    fbank_cfg: object
+    bitwise: bool
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+def check_shards(out: Path, split, report: AuditReport) -> dict[str, str]:
+    """sha256, size and sample count of every shard of one split; returns key -> shard path for readable shards."""
+    where: dict[str, str] = {}
+    for s in split.shards:
+        path = out / s.path
+        if not path.is_file():
+            report.mismatches.append(Mismatch("shard-missing", s.path, "listed in the manifest but not on disk"))
+            continue
+        report.shards_checked += 1
+        size = path.stat().st_size
+        if size != s.bytes:
+            report.mismatches.append(Mismatch("shard-size", s.path, f"{size} bytes, manifest says {s.bytes}"))
+        got = _sha256_file(path)
+        if got != s.sha256:
+            report.mismatches.append(Mismatch("shard-sha256", s.path,
+                                              f"sha256 {got} does not match manifest {s.sha256}"))
+        try:
+            keys = _tar_keys(path)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            report.mismatches.append(Mismatch("shard-samples", s.path, f"not a readable tar: {e}"))
+            continue
+        report.samples_counted += len(keys)
+        if len(keys) != s.num_samples:
+            report.mismatches.append(Mismatch("shard-samples", s.path,
+                                              f"holds {len(keys)} samples, manifest says {s.num_samples}"))
+        for k in keys:
+            where[k] = s.path
+    return where
+
+
+def _tar_keys(path: Path) -> list[str]:
+    keys: dict[str, None] = {}
+    with tarfile.open(path, "r") as tf:
+        for m in tf:
+            if m.isfile():
+                keys[m.name.rsplit("/", 1)[-1].partition(".")[0]] = None
+    return list(keys)
+
+
+def _read_samples(path: Path, wanted: set[str]) -> dict[str, dict[str, bytes]]:
+    """key -> {member suffix: bytes} for the wanted keys (webdataset grouping: key = name up to the first dot)."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path, "r") as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            key, _, suffix = m.name.rsplit("/", 1)[-1].partition(".")
+            if key in wanted:
+                f = tf.extractfile(m)
+                samples.setdefault(key, {})[suffix] = f.read() if f else b""
+    return samples
+
+
+def check_tool_versions(split_name: str, recorded: dict, here: dict, report: AuditReport) -> None:
+    for name in sorted(set(recorded) | set(here)):
+        a, b = recorded.get(name, "(not recorded)"), here.get(name, "(unknown here)")
+        if a != b:
+            report.mismatches.append(Mismatch("tool-version", name,
+                                              f"split {split_name}: manifest {a!r}, here {b!r}"))
+
+
+def check_fbank(key: str, sample: dict[str, bytes], plan: _SplitPlan, tol: float, report: AuditReport) -> None:
+    """Recompute the fbank from the stored flac with the manifest's fbank config and compare."""
+    from pipeline.features import compute_fbank
+    if "flac" not in sample or "fbank.npy" not in sample:
+        missing = [m for m in ("flac", "fbank.npy") if m not in sample]
+        report.mismatches.append(Mismatch("sample-members", key, f"sample lacks {missing}"))
+        return
+    try:
+        wav = _decode_flac(sample["flac"], key)
+        stored = _decode_npy(sample["fbank.npy"], key)
+        fresh = compute_fbank(wav, plan.fbank_cfg)
+    except ValueError as e:
+        report.mismatches.append(Mismatch("fbank", f"{key}.fbank.npy", str(e)))
+        return
+    if stored.shape != fresh.shape or stored.dtype != fresh.dtype:
+        report.mismatches.append(Mismatch("fbank", f"{key}.fbank.npy",
+                                          f"stored {stored.dtype}{list(stored.shape)}, recomputed with the "
+                                          f"manifest's fbank config {fresh.dtype}{list(fresh.shape)}"))
+        return
+    diff = np.abs(stored.astype(np.float32) - fresh.astype(np.float32))
+    max_diff = float(np.nanmax(diff)) if diff.size else 0.0
+    if plan.bitwise:
+        if stored.tobytes() != fresh.tobytes():
+            n = int(np.count_nonzero(stored.view(np.uint16) != fresh.view(np.uint16)))
+            report.mismatches.append(Mismatch("fbank", f"{key}.fbank.npy",
+                                              f"not bitwise equal to the fbank recomputed from the stored flac: "
+                                              f"{n} values differ, max abs diff {max_diff:.4g}"))
+    elif not max_diff <= tol:
+        report.mismatches.append(Mismatch("fbank", f"{key}.fbank.npy",
+                                          f"recomputed fbank differs by up to {max_diff:.4g} (tolerance {tol:g})"))
+
+
+def _locate_media(out: Path, key: str) -> Path | None:
+    hits = sorted(p for p in (out / "media").glob(f"{key}.*") if p.is_file() and not p.name.startswith("."))
+    return hits[0] if hits else None
+
+
+def check_reextract(out: Path, key: str, sample: dict[str, bytes], plan: _SplitPlan, report: AuditReport) -> None:
+    """Re-extract the clip from DIR/media/{key}.* and compare waveform and frame hashes with the stored sample."""
+    from pipeline.extract import ExtractError, extract_clip
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        report.mismatches.append(Mismatch("sample-members", f"{key}.json", f"not valid JSON: {e}"))
+        return
+    media = _locate_media(out, key)
+    if media is None:
+        report.mismatches.append(Mismatch("media", key, f"no cached media {out / 'media' / key}.* to re-extract from"))
+        return
+    if meta.get("media_sha256") and _sha256_file(media) != meta["media_sha256"]:
+        report.mismatches.append(Mismatch("media", str(media.relative_to(out)),
+                                          "sha256 differs from the sample's media_sha256: the cached media changed"))
+    # DIR/media holds the clip's window cut out of the video, so the window starts at 0 in it.
+    start = float(meta.get("media_start", 0.0))
+    try:
+        ex = extract_clip(media, start, plan.extract_cfg, duration=10.0)
+    except ExtractError as e:
+        report.mismatches.append(Mismatch("extract", key, f"re-extraction failed: {e}"))
+        return
+    if "flac" in sample:
+        try:
+            stored = _decode_flac(sample["flac"], key)
+        except ValueError as e:
+            report.mismatches.append(Mismatch("waveform", f"{key}.flac", str(e)))
+        else:
+            if _sha256(stored.tobytes()) != _sha256(ex.waveform.tobytes()):
+                detail = f"{len(stored)} stored samples vs {len(ex.waveform)} re-extracted"
+                if len(stored) == len(ex.waveform):
+                    d = np.abs(stored.astype(np.int32) - ex.waveform.astype(np.int32))
+                    detail = f"{int(np.count_nonzero(d))} of {len(d)} samples differ, max abs diff {int(d.max())}"
+                report.mismatches.append(Mismatch("waveform", f"{key}.flac",
+                                                  f"waveform hash differs from re-extraction: {detail}"))
+    stored_frames = _frame_members(sample)
+    if len(stored_frames) != len(ex.frames):
+        report.mismatches.append(Mismatch("frame-count", key, f"{len(stored_frames)} stored frames, "
+                                                              f"{len(ex.frames)} re-extracted"))
+    fresh = {_sha256(b): i for i, b in reversed(list(enumerate(ex.frames)))}
+    for i, name in enumerate(stored_frames[: len(ex.frames)]):
+        h = _sha256(sample[name])
+        if h == _sha256(ex.frames[i]):
+            continue
+        j = fresh.get(h)
+        hint = f"; it is re-extracted frame {j:02d} (frames out of order)" if j is not None else ""
+        report.mismatches.append(Mismatch("frame", f"{key}.{name}",
+                                          f"hash differs from re-extracted frame {i:02d}{hint}"))
+
+
+def check_config(split_name: str, part: str, recorded: dict, cfg, report: AuditReport) -> None:
+    """The recorded fingerprint part against what this code's config would record for the same values."""
+    for d in _diff_dicts(recorded, cfg.fingerprint_parts()):
+        report.mismatches.append(Mismatch("config", f"{split_name}.{part}", d))
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+def run_audit(cfg: AuditConfig) -> AuditReport:
+    """Audit the build in cfg.out_dir; write DIR/audit/audit-<timestamp>.json and return the report."""
+    from pipeline.extract import ExtractConfig
+    from pipeline.features import FbankConfig
+    from shards.manifest import fingerprint, load_dataset_manifest, tool_versions
+
+    out = cfg.out_dir
+    if not (out / "manifest.json").is_file():
+        raise AuditError(f"{out}: no manifest.json; audit needs a finished build (--out DIR)")
+    try:
+        manifest = load_dataset_manifest(out)
+    except ValueError as e:
+        raise AuditError(str(e)) from e
+
+    started = datetime.now(timezone.utc)
+    report = AuditReport(out_dir=str(out), started_at=started.isoformat(timespec="seconds"))
+    here = tool_versions()
+    report.tool_versions_here = here
+
+    plans: dict[str, _SplitPlan] = {}
+    key_shard: dict[str, tuple[str, str]] = {}  # key -> (split, shard path)
+    comparisons: set[str] = set()
+    for name, split in manifest.splits.items():
+        report.tool_versions_manifest[name] = dict(split.tool_versions)
+        check_tool_versions(name, split.tool_versions, here, report)
+        parts = split.fingerprint_parts
+        if fingerprint(parts) != split.fingerprint:
+            report.mismatches.append(Mismatch("fingerprint", name, "recorded fingerprint is not the sha256 of the "
+                                                                  "recorded fingerprint_parts: the manifest was edited"))
+        try:
+            extract_cfg = _config_from(ExtractConfig, parts.get("extract", {}), f"split {name} extract")
+            fbank_cfg = _config_from(FbankConfig, parts.get("fbank", {}), f"split {name} fbank")
+        except ValueError as e:
+            report.mismatches.append(Mismatch("config", name, str(e)))
+            continue
+        check_config(name, "extract", parts.get("extract", {}), extract_cfg, report)
+        check_config(name, "fbank", parts.get("fbank", {}), fbank_cfg, report)
+        same_platform = all(split.tool_versions.get(t) == here.get(t) for t in BITWISE_TOOLS)
+        plans[name] = _SplitPlan(name, extract_cfg, fbank_cfg, bitwise=same_platform)
+        if same_platform:
+            comparisons.add(f"split {name}: bitwise (platform and {', '.join(BITWISE_TOOLS[1:])} match the manifest)")
+        else:
+            differ = [t for t in BITWISE_TOOLS if split.tool_versions.get(t) != here.get(t)]
+            comparisons.add(f"split {name}: within tolerance {cfg.fbank_tolerance:g} (differs from the manifest: "
+                            f"{', '.join(differ)})")
+        for k, shard in check_shards(out, split, report).items():
+            key_shard[k] = (name, shard)
+    report.fbank_comparison = "; ".join(sorted(comparisons))
+
+    keys = sorted(k for k, (split, _) in key_shard.items() if split in plans)
+    n = len(keys) if cfg.sample < 0 else min(cfg.sample, len(keys))
+    chosen = sorted(random.Random(cfg.seed).sample(keys, n))
+    report.clips_sampled = chosen
+    by_shard: dict[str, set[str]] = {}
+    for k in chosen:
+        by_shard.setdefault(key_shard[k][1], set()).add(k)
+    for shard, wanted in sorted(by_shard.items()):
+        try:
+            samples = _read_samples(out / shard, wanted)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            report.mismatches.append(Mismatch("shard-samples", shard, f"cannot read sampled clips: {e}"))
+            continue
+        for key in sorted(wanted):
+            plan = plans[key_shard[key][0]]
+            check_fbank(key, samples[key], plan, cfg.fbank_tolerance, report)
+            check_reextract(out, key, samples[key], plan, report)
+
+    report.finished_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    audit_dir = out / "audit"
+    audit_dir.mkdir(exist_ok=True)
+    path = audit_dir / f"audit-{started.strftime('%Y%m%dT%H%M%S%fZ')}.json"
+    report.report_path = str(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    tmp.replace(path)
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ Prefect + CLI
+
+# A decorated module-level function, so a deployment's entrypoint ("pipeline/audit.py:audit_flow") loads the flow.
+@flow(name="avcap-audit", log_prints=True)
+def audit_flow(out_dir: str, sample: int = 8, seed: int = 0, fbank_tolerance: float = 2e-2) -> dict:
+    """Audit a build, publish the report as a markdown artifact, fail the run on any mismatch."""
+    from prefect.artifacts import create_markdown_artifact
+    report = run_audit(AuditConfig(Path(out_dir), sample=sample, seed=seed, fbank_tolerance=fbank_tolerance))
+    create_markdown_artifact(markdown=report.to_markdown(), key="avcap-audit",
+                             description=f"Reproducibility audit of {out_dir}")
+    if not report.ok:
+        raise AuditFailed(f"audit of {out_dir} found {len(report.mismatches)} mismatches: "
+                          + "; ".join(str(m) for m in report.mismatches[:5]))
+    return report.to_json()
+
+
+
+
+def add_audit_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--out", required=True, type=Path, help="build directory holding manifest.json")
+    parser.add_argument("--sample", type=int, default=8,
+                        help="clips whose fbank is recomputed and which are re-extracted (-1: all, 0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the clip sample")
+    parser.add_argument("--fbank-tolerance", type=float, default=2e-2,
+                        help="max abs fbank difference allowed when the platform differs from the manifest's")
+    return parser
+
+
+def audit_main(args: argparse.Namespace) -> int:
+    """Run the audit from parsed CLI arguments; print the findings; 0 when clean, 1 on any mismatch."""
+    report = run_audit(AuditConfig(args.out, sample=args.sample, seed=args.seed,
+                                   fbank_tolerance=args.fbank_tolerance))
+    print(f"audit {'passed' if report.ok else 'FAILED'}: {report.shards_checked} shards, "
+          f"{len(report.clips_sampled)} clips re-checked; fbank {report.fbank_comparison}")
+    for m in report.mismatches:
+        print(f"  {m}")
+    print(f"report: {report.report_path}")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(audit_main(add_audit_arguments(argparse.ArgumentParser(description=__doc__)).parse_args()))

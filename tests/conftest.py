@@ -22,4 +22,8 @@ REFERENCE_DIR = SHARED / "reference"
 # Fixture modules: each area of the project keeps its fixtures in its own file.
 pytest_plugins = [
     "tests.fixtures_media",
+    "tests.fixtures_model",
+    "tests.fixtures_loader",
+    "tests.fixtures_train",
+    "tests.fixtures_ops",
 ]

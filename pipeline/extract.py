@@ -144,7 +144,7 @@ def build_command(media_path: Path, start: float, cfg: ExtractConfig, duration: 
     audio_opts = {"format": "s16le", "acodec": "pcm_s16le", "ar": cfg.sample_rate}
     audio_stream = inp["a:0"]
     if cfg.downmix == "first":
-        audio_stream = audio_stream.filter("pan", "mono|c0=c0")
+        audio_stream = audio_stream.filter("channelmap", map="0", channel_layout="mono")
     else:
         audio_opts["ac"] = 1
     audio = audio_stream.output("pipe:1", **audio_opts)

@@ -178,8 +178,15 @@ def encode_json(obj: dict) -> bytes:
 
 def encode_sample(*, fbank: np.ndarray, waveform: np.ndarray, sample_rate: int, frames: list[bytes],
                   meta: dict) -> dict[str, bytes]:
-    """The members of one sample; `meta` becomes the json member and must hold `key`."""
+    """The members of one sample; `meta` becomes the json member.
+
+    `meta` must hold `key`, `duration` (real seconds) and `fbank_frames` (real, unpadded fbank rows: the
+    normalization stats and the loader's masks depend on it); `stage_clip` fills the measured ones.
+    """
     validate_key(meta.get("key", ""))
+    missing = [k for k in ("duration", "fbank_frames") if k not in meta]
+    if missing:
+        raise ValueError(f"sample {meta['key']}: json lacks {missing}")
     if not frames:
         raise ValueError(f"sample {meta['key']}: no frames")
     members = {"fbank.npy": encode_npy(fbank), "flac": encode_flac(waveform, sample_rate)}
@@ -327,7 +334,7 @@ class _LazySamples:
     def __iter__(self):
         for p in self.paths:
             s = read_staged_sample(p)
-            self.stats.add(s.fbank, int(s.meta.get("fbank_frames", s.fbank.shape[0])))
+            self.stats.add(s.fbank, int(s.meta["fbank_frames"]))
             yield s
 
 

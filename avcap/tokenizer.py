@@ -195,7 +195,11 @@ def build_wordpiece_vocab(captions: Iterable[str], path: str | Path, vocab_size:
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                         special_tokens=list(SPECIAL_TOKENS), show_progress=False)
     model.train_from_iterator(captions, trainer)
-    vocab = [t for t, _ in sorted(model.get_vocab().items(), key=lambda kv: kv[1])]
+    # The trainer breaks frequency ties in hash order, so its ids change from run to run; ids carry no meaning
+    # for WordPiece (greedy longest match), so sort the learned pieces to make the file reproducible.
+    learned = sorted((t for t in model.get_vocab() if t not in SPECIAL_TOKENS),
+                     key=lambda t: (t.startswith("##"), t))
+    vocab = list(SPECIAL_TOKENS) + learned
     _check_vocab(vocab, "trained vocab")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -76,11 +76,11 @@ def augment_audio(fbank: torch.Tensor, cfg: AugmentConfig, train: bool,
             if cfg.timem > 0:
                 spec = torchaudio.transforms.TimeMasking(cfg.timem, iid_masks=True)(spec)
         x = spec.squeeze(1).transpose(1, 2)
-    x = (x - cfg.norm_mean) / cfg.norm_std
+    x = (x - cfg.norm_mean).div_(cfg.norm_std)
     if train and cfg.noise:
         B, T, M = x.shape
         scale = torch.rand(B, 1, 1, device=x.device, generator=generator) / 10
-        x = x + torch.rand(B, T, M, device=x.device, generator=generator) * scale
+        x.add_(torch.rand(B, T, M, device=x.device, generator=generator).mul_(scale))
         # torch.roll(x_b, s_b, dims=0) per sample: out[t] = x[(t - s) mod T]
         shift = torch.randint(-T, T, (B, 1), device=x.device, generator=generator)
         idx = (torch.arange(T, device=x.device).unsqueeze(0) - shift) % T
@@ -96,7 +96,7 @@ def normalize_frames(frames: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
         raise ValueError(f"frames must be uint8 (as decoded), got {frames.dtype}")
     mean = torch.tensor(cfg.image_mean, device=frames.device).view(1, 1, 3, 1, 1) * 255
     std = torch.tensor(cfg.image_std, device=frames.device).view(1, 1, 3, 1, 1) * 255
-    x = (frames.float() - mean) / std
+    x = (frames.float() - mean).div_(std)
     if x.shape[1] == 1:
         return x[:, 0].contiguous()
     return x.permute(0, 2, 1, 3, 4).contiguous()               # Conv3d layout [B,3,nf,H,W]

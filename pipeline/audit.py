@@ -175,6 +175,14 @@ class _SplitPlan:
     extract_cfg: object
     fbank_cfg: object
     bitwise: bool
+    media_dir: Path | None = None     # the build's --media-dir, when it read media from the user's directory
+
+
+def _rel(path: Path, out: Path) -> str:
+    try:
+        return path.relative_to(out).as_posix()
+    except ValueError:
+        return str(path)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -272,9 +280,24 @@ def check_fbank(key: str, sample: dict[str, bytes], plan: _SplitPlan, tol: float
                                           f"recomputed fbank differs by up to {max_diff:.4g} (tolerance {tol:g})"))
 
 
-def _locate_media(out: Path, key: str) -> Path | None:
+def locate_media(out: Path, meta: dict, media_dir: Path | None) -> tuple[Path, float] | None:
+    """Where the build read the clip from, and where its window starts in that file.
+
+    DIR/media/{key}.* is what the downloader leaves (the window cut out: starts at 0); a build from the user's
+    --media-dir (recorded in the manifest config) read `{youtube_id}_{start_time}.*` or the whole `{youtube_id}.*`.
+    """
+    from pipeline.download import find_local_media, window_start
+    from pipeline.manifest import Clip
+    key = meta["key"]
     hits = sorted(p for p in (out / "media").glob(f"{key}.*") if p.is_file() and not p.name.startswith("."))
-    return hits[0] if hits else None
+    if hits:
+        return hits[0], 0.0
+    if media_dir is not None and "youtube_id" in meta and "start_time" in meta:
+        clip = Clip(youtube_id=meta["youtube_id"], start_time=int(meta["start_time"]))
+        found = find_local_media(clip, media_dir)
+        if found is not None:
+            return found, window_start(clip, found)
+    return None
 
 
 def check_reextract(out: Path, key: str, sample: dict[str, bytes], plan: _SplitPlan, report: AuditReport) -> None:
@@ -285,15 +308,16 @@ def check_reextract(out: Path, key: str, sample: dict[str, bytes], plan: _SplitP
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         report.mismatches.append(Mismatch("sample-members", f"{key}.json", f"not valid JSON: {e}"))
         return
-    media = _locate_media(out, key)
-    if media is None:
-        report.mismatches.append(Mismatch("media", key, f"no cached media {out / 'media' / key}.* to re-extract from"))
+    meta.setdefault("key", key)
+    located = locate_media(out, meta, plan.media_dir)
+    if located is None:
+        where = f"{out / 'media' / key}.*" + (f" or {plan.media_dir}" if plan.media_dir else "")
+        report.mismatches.append(Mismatch("media", key, f"no cached media ({where}) to re-extract from"))
         return
+    media, start = located
     if meta.get("media_sha256") and _sha256_file(media) != meta["media_sha256"]:
-        report.mismatches.append(Mismatch("media", str(media.relative_to(out)),
+        report.mismatches.append(Mismatch("media", _rel(media, out),
                                           "sha256 differs from the sample's media_sha256: the cached media changed"))
-    # DIR/media holds the clip's window cut out of the video, so the window starts at 0 in it.
-    start = float(meta.get("media_start", 0.0))
     try:
         ex = extract_clip(media, start, plan.extract_cfg, duration=10.0)
     except ExtractError as e:
@@ -335,6 +359,13 @@ def check_config(split_name: str, part: str, recorded: dict, cfg, report: AuditR
 
 # ------------------------------------------------------------------------------------------------ driver
 
+def sample_clips(keys: list[str], sample: int, seed: int) -> list[str]:
+    """`sample` keys (all when -1) chosen by `seed`, independent of the order keys were found in; sorted."""
+    keys = sorted(set(keys))
+    n = len(keys) if sample < 0 else min(sample, len(keys))
+    return sorted(random.Random(seed).sample(keys, n))
+
+
 def run_audit(cfg: AuditConfig) -> AuditReport:
     """Audit the build in cfg.out_dir; write DIR/audit/audit-<timestamp>.json and return the report."""
     from pipeline.extract import ExtractConfig
@@ -373,7 +404,9 @@ def run_audit(cfg: AuditConfig) -> AuditReport:
         check_config(name, "extract", parts.get("extract", {}), extract_cfg, report)
         check_config(name, "fbank", parts.get("fbank", {}), fbank_cfg, report)
         same_platform = all(split.tool_versions.get(t) == here.get(t) for t in BITWISE_TOOLS)
-        plans[name] = _SplitPlan(name, extract_cfg, fbank_cfg, bitwise=same_platform)
+        media_dir = split.config.get("media_dir") if isinstance(split.config, dict) else None
+        plans[name] = _SplitPlan(name, extract_cfg, fbank_cfg, bitwise=same_platform,
+                                 media_dir=Path(media_dir) if media_dir else None)
         if same_platform:
             comparisons.add(f"split {name}: bitwise (platform and {', '.join(BITWISE_TOOLS[1:])} match the manifest)")
         else:
@@ -384,9 +417,7 @@ def run_audit(cfg: AuditConfig) -> AuditReport:
             key_shard[k] = (name, shard)
     report.fbank_comparison = "; ".join(sorted(comparisons))
 
-    keys = sorted(k for k, (split, _) in key_shard.items() if split in plans)
-    n = len(keys) if cfg.sample < 0 else min(cfg.sample, len(keys))
-    chosen = sorted(random.Random(cfg.seed).sample(keys, n))
+    chosen = sample_clips([k for k, (split, _) in key_shard.items() if split in plans], cfg.sample, cfg.seed)
     report.clips_sampled = chosen
     by_shard: dict[str, set[str]] = {}
     for k in chosen:

@@ -1,9 +1,8 @@
 """A small finished build (media, staging, shards, manifest.json) for the audit, publish and schedule tests.
 
-The build is made by the real stages: clips encoded with ffmpeg (tests.media.make_media) and cached as
-DIR/media/{key}.mp4 the way the downloader leaves them (the window cut out, so it starts at 0), staged with
-shards.writer.stage_clip (one ffmpeg decode + Kaldi fbank), sharded with build_shards and described with
-shards.manifest. Session-scoped and read-only: a test that corrupts something copies it first (`copy_build`).
+The build is made by the real pipeline (pipeline.build.run_build) from clips encoded with ffmpeg
+(tests.media.make_media) and cached as DIR/media/{key}.mp4 the way the downloader leaves them (the window cut
+out, so it starts at 0 in the file). Session-scoped and read-only: a test that corrupts something copies it first (`copy_build`).
 
 Register in tests/conftest.py: `pytest_plugins = [..., "tests.fixtures_ops"]`.
 """
@@ -22,7 +21,6 @@ from tests.media import MediaSpec, make_media
 OPS_CLIPS = [("opsAudit001", 0, 300.0), ("-opsAudit02", 30, 600.0), ("--opsAudit4", 0, 1200.0),
              ("opsAudit006", 20, 900.0)]
 OPS_SPLIT = "test"
-OPS_NUM_SHARDS = 2
 
 
 @dataclass
@@ -36,31 +34,25 @@ def clip_key(youtube_id: str, start: int) -> str:
     return f"{youtube_id}_{start * 1000}_{(start + 10) * 1000}"
 
 
-def make_build(out: Path, clips=OPS_CLIPS, split: str = OPS_SPLIT, num_shards: int = OPS_NUM_SHARDS) -> OpsBuild:
-    from pipeline.download import sha256_file
-    from pipeline.extract import ExtractConfig
-    from pipeline.features import FbankConfig
-    from shards.manifest import make_split_manifest, write_dataset_manifest
-    from shards.writer import build_shards, stage_clip, staged_path
+def make_build(out: Path, clips=OPS_CLIPS, split: str = OPS_SPLIT) -> OpsBuild:
+    """A build by pipeline.build.run_build from media already cached in DIR/media (no network is touched:
+    the downloader returns a cached file as is; the URL template points at a closed port to make sure)."""
+    from pipeline.build import BuildConfig, run_build
+    from pipeline.download import DownloadConfig
 
-    extract_cfg, fbank_cfg = ExtractConfig(), FbankConfig()
+    rows = ["audiocap_id,youtube_id,start_time,caption"]
     keys = []
-    for yid, start, tone in clips:
+    for i, (yid, start, tone) in enumerate(clips):
         key = clip_key(yid, start)
-        media = make_media(out / "media" / f"{key}.mp4", MediaSpec(10, width=160, height=120, tone_hz=tone))
-        meta = {"key": key, "youtube_id": yid, "start_time": start, "split": split,
-                "captions": [f"a tone of {tone:g} hertz"], "audiocap_ids": [len(keys) + 1],
-                "media_sha256": sha256_file(media)}
-        out_path = staged_path(out, split, key)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        stage_clip(media, 0, meta, out_path, extract_cfg, fbank_cfg)
+        make_media(out / "media" / f"{key}.mp4", MediaSpec(10, width=160, height=120, tone_hz=tone))
+        rows.append(f"{900000 + i},{yid},{start},a steady tone of {tone:g} hertz")
         keys.append(key)
-    result = build_shards(out, split, num_shards)
-    entry = make_split_manifest(split=split, config={"out": str(out), "num_shards": num_shards},
-                                extract_cfg=extract_cfg, fbank_cfg=fbank_cfg, inputs=[],
-                                samples_per_shard=256, num_shards=num_shards, build=result,
-                                counts={"ok": len(keys)}, failures=[])
-    write_dataset_manifest(out, entry)
+    csv_path = out.parent / f"{out.name}-{split}.csv"
+    csv_path.write_bytes(("\r\n".join(rows) + "\r\n").encode())
+    result = run_build(BuildConfig(csv=[csv_path], split=split, out=out, samples_per_shard=2,
+                                   download=DownloadConfig(url_template="http://127.0.0.1:9/{youtube_id}.mp4",
+                                                           max_retries=0, workers=1)))
+    assert result.ok and result.counts["ok"] == len(clips), result
     return OpsBuild(out, sorted(keys), split)
 
 

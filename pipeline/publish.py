@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,20 +24,12 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-MANIFEST_NAME = "manifest.json"
+from shards.manifest import MANIFEST_NAME, DatasetManifest, ShardEntry
 _CHUNK = 1 << 20
 
 
 class PublishError(RuntimeError):
     """The build cannot be published as it stands (missing or corrupt shard, bad manifest, failed upload)."""
-
-
-@dataclass
-class ShardEntry:
-    """One file the manifest promises: path relative to the build root, its sha256 and size in bytes."""
-    path: str
-    sha256: str
-    size: int | None = None
 
 
 @dataclass
@@ -68,39 +61,13 @@ def _sha256_remote(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return h.hexdigest()
 
 
-def manifest_shard_entries(manifest: dict, manifest_path: str = MANIFEST_NAME) -> list[ShardEntry]:
-    """The shard files a manifest.json (parsed) lists, with their checksums.
-
-    Accepts the shards.manifest schema: a top-level "shards" list of objects carrying the shard's path
-    (relative to the build root) as "path", its "sha256" and "size"/"bytes"; split sections are also read
-    when shards are listed per split ("splits": {name: {"shards": [...]}}).
-    """
-    raw: list[dict] = []
-    if isinstance(manifest.get("shards"), list):
-        raw.extend(manifest["shards"])
-    splits = manifest.get("splits")
-    if isinstance(splits, dict):
-        for split in splits.values():
-            if isinstance(split, dict) and isinstance(split.get("shards"), list):
-                raw.extend(split["shards"])
-    if not raw:
-        raise PublishError(f"{manifest_path}: lists no shards (expected a 'shards' list)")
-    entries: list[ShardEntry] = []
-    seen: set[str] = set()
-    for i, s in enumerate(raw):
-        if not isinstance(s, dict):
-            raise PublishError(f"{manifest_path}: shard entry {i} is not an object: {s!r}")
-        path = s.get("path") or s.get("file") or s.get("name")
-        sha = s.get("sha256")
-        if not isinstance(path, str) or not isinstance(sha, str) or len(sha) != 64:
-            raise PublishError(f"{manifest_path}: shard entry {i} lacks a path or a 64-hex sha256: {s!r}")
-        if Path(path).is_absolute() or ".." in Path(path).parts:
-            raise PublishError(f"{manifest_path}: shard path {path!r} must be relative to the build root")
-        if path in seen:
-            continue
-        seen.add(path)
-        size = s.get("size", s.get("bytes"))
-        entries.append(ShardEntry(path=path, sha256=sha, size=int(size) if size is not None else None))
+def manifest_shard_entries(manifest: DatasetManifest) -> list[ShardEntry]:
+    """Every shard file the manifest lists, over all splits, in a stable order."""
+    entries = [s for name in sorted(manifest.splits) for s in manifest.splits[name].shards]
+    for s in entries:
+        p = Path(s.path)
+        if p.is_absolute() or ".." in p.parts:
+            raise PublishError(f"manifest shard path {s.path!r} must be relative to the build root")
     return entries
 
 
@@ -108,19 +75,27 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-def _put_atomic(fs: fsspec.AbstractFileSystem, local: Path, dest: str) -> None:
+def _put_atomic(fs: fsspec.AbstractFileSystem, dest: str, *, local: Path | None = None,
+                data: bytes | None = None) -> None:
+    """Write a local file or bytes to `dest` so that a reader never sees a partial file."""
     fs.makedirs(fs._parent(dest), exist_ok=True)
     if _is_local(fs):
-        tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
+        parent, name = dest.rsplit("/", 1)
+        tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex}"  # hidden, and never matches a shard name
         try:
-            fs.put_file(str(local), tmp)
-            fs.mv(tmp, dest)  # os.replace underneath: atomic on one filesystem
+            if local is not None:
+                fs.put_file(str(local), tmp)
+            else:
+                fs.pipe_file(tmp, data)
+            os.replace(tmp, dest)  # atomic on one filesystem; fails rather than moving into a directory
         finally:
             if fs.exists(tmp):
                 fs.rm_file(tmp)
-    else:
-        # Object stores expose an object only once the upload completed.
+    elif local is not None:
+        # Object stores expose an object only once its upload completed.
         fs.put_file(str(local), dest)
+    else:
+        fs.pipe_file(dest, data)
 
 
 def _already_there(fs: fsspec.AbstractFileSystem, dest: str, entry: ShardEntry, size: int) -> bool:
@@ -145,11 +120,15 @@ def publish(out_dir: str | Path, url: str, *, prune: bool = False,
     manifest_path = out / MANIFEST_NAME
     if not manifest_path.is_file():
         raise PublishError(f"{out}: no {MANIFEST_NAME}; is this a finished build?")
+    # The bytes read here are the ones published: a manifest rewritten meanwhile cannot slip in unchecked.
+    manifest_bytes = manifest_path.read_bytes()
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
-        raise PublishError(f"{manifest_path}: not valid JSON: {e}") from e
-    entries = manifest_shard_entries(manifest, str(manifest_path))
+        manifest = DatasetManifest.from_dict(json.loads(manifest_bytes), where=str(manifest_path))
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError) as e:
+        raise PublishError(f"{manifest_path}: not a dataset manifest: {e}") from e
+    entries = manifest_shard_entries(manifest)
+    if not entries:
+        raise PublishError(f"{manifest_path}: lists no shards; nothing to publish")
 
     sizes: dict[str, int] = {}
     for e in entries:
@@ -157,8 +136,8 @@ def publish(out_dir: str | Path, url: str, *, prune: bool = False,
         if not local.is_file():
             raise PublishError(f"{local}: listed in {manifest_path} but missing")
         sizes[e.path] = local.stat().st_size
-        if e.size is not None and sizes[e.path] != e.size:
-            raise PublishError(f"{local}: {sizes[e.path]} bytes, manifest says {e.size}")
+        if sizes[e.path] != e.bytes:
+            raise PublishError(f"{local}: {sizes[e.path]} bytes, manifest says {e.bytes}")
         got = sha256_file(local)
         if got != e.sha256:
             raise PublishError(f"{local}: sha256 {got} does not match manifest {e.sha256}")
@@ -171,7 +150,10 @@ def publish(out_dir: str | Path, url: str, *, prune: bool = False,
         if _already_there(fs, dest, e, sizes[e.path]):
             report.skipped.append(e.path)
             continue
-        _put_atomic(fs, out / e.path, dest)
+        try:
+            _put_atomic(fs, dest, local=out / e.path)
+        except OSError as err:
+            raise PublishError(f"{url}: uploading {e.path} failed ({err}); manifest not published") from err
         # Confirm the upload before the manifest can point at it.
         if fs.info(dest).get("size") != sizes[e.path]:
             raise PublishError(f"{url}: uploaded {e.path} has the wrong size; manifest not published")
@@ -179,16 +161,12 @@ def publish(out_dir: str | Path, url: str, *, prune: bool = False,
         report.bytes_uploaded += sizes[e.path]
 
     manifest_dest = f"{root}/{MANIFEST_NAME}"
-    local_bytes = manifest_path.read_bytes()
-    same = False
-    if fs.exists(manifest_dest):
-        same = fs.cat_file(manifest_dest) == local_bytes
-    if same:
+    if fs.exists(manifest_dest) and fs.cat_file(manifest_dest) == manifest_bytes:
         report.skipped.append(MANIFEST_NAME)
     else:
-        _put_atomic(fs, manifest_path, manifest_dest)
+        _put_atomic(fs, manifest_dest, data=manifest_bytes)
         report.manifest_uploaded = True
-        report.bytes_uploaded += len(local_bytes)
+        report.bytes_uploaded += len(manifest_bytes)
 
     if prune:
         report.pruned = _prune(fs, root, entries)
@@ -209,3 +187,25 @@ def _prune(fs: fsspec.AbstractFileSystem, root: str, entries: list[ShardEntry]) 
             fs.rm_file(p)
             pruned.append(p[len(root) + 1:])
     return pruned
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(description="Publish a finished build (shards, then manifest.json) via fsspec.")
+    p.add_argument("--out", required=True, type=Path, help="build directory holding manifest.json")
+    p.add_argument("--publish", required=True, metavar="URL", help="destination: a path or fsspec URL")
+    p.add_argument("--prune", action="store_true", help="delete destination shards the manifest no longer lists")
+    args = p.parse_args(argv)
+    try:
+        report = publish(args.out, args.publish, prune=args.prune)
+    except PublishError as e:
+        print(f"publish failed: {e}")
+        return 1
+    print(f"published {args.out} to {args.publish}: {len(report.uploaded)} shards uploaded, "
+          f"{len(report.skipped)} files already there, manifest {'uploaded' if report.manifest_uploaded else 'unchanged'}"
+          + (f", {len(report.pruned)} stale shards pruned" if report.pruned else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,389 @@
+"""The build: AudioCaps CSV -> media -> staged samples -> shards + manifest.json, without Prefect.
+
+`run_build(cfg)` chains the stage functions below; each is usable on its own. `flows.build_flow` runs the same
+stage functions as Prefect tasks by passing a `stage_runner` (so there is one implementation of the build).
+
+Stages and where their state lives (all under `cfg.out`, nothing is written elsewhere):
+  load_clips      the CSV/JSON rows -> validated clips (bad rows reported with file and line)
+  prepare_ledger  ledger.sqlite: new clips become pending; the clips this run must do
+  download_stage  media/{key}.mp4 (or the user's --media-dir); download failures recorded as they land
+  process_stage   staging/{split}/{key}.tar via shards.writer.stage_clip (extract + fbank + encode), one
+                  clip per CPU worker; outcomes recorded as they land
+  shard_stage     shards/{split}/*.tar from the ok clips (deterministic, only changed shards rewritten)
+  manifest_stage  manifest.json entry of the split
+Every finished clip is recorded before the next one starts, so a killed build loses at most the clips in flight.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import shutil
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.download import (DownloadConfig, download_many, find_local_media, sha256_file, window_start)
+from pipeline.extract import ExtractConfig, ExtractError
+from pipeline.features import FbankConfig
+from pipeline.ledger import FAILED_PERMANENT, FAILED_TRANSIENT, OK, PENDING, Ledger
+from pipeline.manifest import Clip, ManifestError, ManifestResult, read_manifests
+from shards import manifest as dataset_manifest
+from shards.writer import ShardBuildResult, build_shards, stage_clip, staged_path, validate_split
+
+log = logging.getLogger("avcap.build")
+
+LEDGER_NAME = "ledger.sqlite"
+
+
+class BuildError(RuntimeError):
+    """The build could not run or finish; the message says what to fix."""
+
+
+@dataclass
+class BuildConfig:
+    csv: list[Path]
+    split: str
+    out: Path
+    media_dir: Path | None = None          # build from media on disk instead of downloading
+    limit: int | None = None               # the first N clips of the manifest
+    cpu_workers: int = 1
+    samples_per_shard: int = 256
+    retry_permanent: bool = False
+    max_failure_rate: float = 0.5
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    fbank: FbankConfig = field(default_factory=FbankConfig)
+
+    def __post_init__(self) -> None:
+        self.csv = [Path(p) for p in ([self.csv] if isinstance(self.csv, (str, Path)) else self.csv)]
+        self.out = Path(self.out)
+        self.media_dir = Path(self.media_dir) if self.media_dir is not None else None
+        validate_split(self.split)
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if self.cpu_workers < 1 or self.samples_per_shard < 1:
+            raise ValueError(f"cpu_workers ({self.cpu_workers}) and samples_per_shard ({self.samples_per_shard}) "
+                             "must be >= 1")
+        if not 0.0 <= self.max_failure_rate <= 1.0:
+            raise ValueError(f"max_failure_rate must be in [0, 1], got {self.max_failure_rate}")
+
+    def as_record(self) -> dict:
+        """Every parameter, as plain JSON values (the manifest redacts secrets from it)."""
+        d = asdict(self)
+        return _plain(d)
+
+
+@dataclass
+class MediaRef:
+    clip: Clip
+    path: Path
+    offset: float                     # where the window starts in the file
+    media_sha256: str | None = None
+
+
+@dataclass
+class DownloadStageResult:
+    media: list[MediaRef]
+    failed: int = 0
+    bot_wall: str | None = None       # the message, when the site put up a bot check
+
+
+@dataclass
+class ProcessJob:
+    key: str
+    media_path: str
+    offset: float
+    meta: dict
+    out_path: str
+    extract: ExtractConfig
+    fbank: FbankConfig
+    media_sha256: str | None = None
+
+
+@dataclass
+class ProcessOutcome:
+    key: str
+    status: str
+    reason: str | None = None
+    message: str | None = None
+    media_sha256: str | None = None
+    duration: float | None = None
+
+
+@dataclass
+class BuildResult:
+    split: str
+    out: Path
+    total: int                         # clips of the split in this manifest (after --limit)
+    counts: dict[str, int]
+    failure_rate: float
+    row_errors: list[str]
+    shards: list[dict] = field(default_factory=list)
+    manifest_path: Path | None = None
+    bot_wall: str | None = None
+    too_many_failures: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.bot_wall is None and not self.too_many_failures
+
+
+StageRunner = Callable[..., Any]
+
+
+def _direct(name: str, fn: Callable, *args, **kwargs):
+    return fn(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stages
+
+def check_tools() -> None:
+    missing = [t for t in ("ffmpeg", "ffprobe") if shutil.which(t) is None]
+    if missing:
+        raise BuildError(f"{' and '.join(missing)} not found on PATH: install ffmpeg (scripts/setup.sh does it "
+                         "on Debian) and run again")
+
+
+def load_clips(cfg: BuildConfig) -> ManifestResult:
+    try:
+        result = read_manifests(cfg.csv, cfg.split)
+    except ManifestError as e:
+        raise BuildError(f"cannot read the clip list: {e}") from e
+    for err in result.errors:
+        log.warning("skipping bad row %s", err)
+    if cfg.limit is not None:
+        result.clips = result.clips[: cfg.limit]
+    if not result.clips:
+        raise BuildError(f"no valid rows in {', '.join(map(str, cfg.csv))} ({len(result.errors)} bad rows)")
+    return result
+
+
+def prepare_ledger(cfg: BuildConfig, clips: list[Clip]) -> list[Clip]:
+    """Register new clips as pending; return the clips this run must do (pending, transient, maybe permanent)."""
+    with Ledger(cfg.out / LEDGER_NAME, cfg.split) as ledger:
+        new = ledger.upsert_pending(clips)
+        # An ok clip without its staged sample (deleted by hand, or an older layout) has to be made again.
+        lost = [e.key for e in ledger.entries(OK) if not staged_path(cfg.out, cfg.split, e.key).is_file()]
+        if lost:
+            log.warning("%d ok clips have no staged sample; they are built again", len(lost))
+            ledger.set_pending(lost)
+        todo = set(ledger.keys_to_process(cfg.retry_permanent))
+    chosen = [c for c in clips if c.key in todo]
+    log.info("ledger: %d clips, %d new, %d to do this run", len(clips), new, len(chosen))
+    return chosen
+
+
+def download_stage(cfg: BuildConfig, clips: list[Clip]) -> DownloadStageResult:
+    """Media for each clip: the user's --media-dir, else a download into DIR/media/. Failures go to the ledger."""
+    result = DownloadStageResult(media=[])
+    progress = _Progress("download", len(clips))
+    with Ledger(cfg.out / LEDGER_NAME, cfg.split) as ledger:
+        if cfg.media_dir is not None:
+            for clip in clips:
+                path = find_local_media(clip, cfg.media_dir)
+                if path is None:
+                    # Transient: adding the file and running again is exactly how a user fixes it.
+                    ledger.record(clip.key, FAILED_TRANSIENT, "media-not-found",
+                                  f"no {clip.youtube_id}_{clip.start_time}.* or {clip.youtube_id}.* in "
+                                  f"{cfg.media_dir}", stage="download")
+                    result.failed += 1
+                else:
+                    result.media.append(MediaRef(clip, path, window_start(clip, path)))
+                progress.step(ok=path is not None)
+            return result
+
+        def on_result(clip: Clip, r) -> None:
+            if r.status == OK:
+                result.media.append(MediaRef(clip, r.path, 0.0, r.media_sha256))
+            else:
+                ledger.record(clip.key, r.status, r.reason, r.message, stage="download", attempts=r.attempts)
+                result.failed += 1
+            progress.step(ok=r.status == OK)
+
+        batch = download_many(clips, cfg.download, cfg.out / "media", on_result)
+        if batch.bot_wall is not None:
+            result.bot_wall = str(batch.bot_wall)
+            log.error("download stopped: %s (%d clips left pending)", batch.bot_wall, len(batch.untried))
+    return result
+
+
+def process_stage(cfg: BuildConfig, media: list[MediaRef]) -> dict[str, int]:
+    """Extract + fbank + staged sample for each clip, `cfg.cpu_workers` clips at a time. Returns outcome counts."""
+    jobs = [_job(cfg, m) for m in sorted(media, key=lambda m: m.clip.key)]
+    progress = _Progress("process", len(jobs))
+    counts = {OK: 0, FAILED_PERMANENT: 0, FAILED_TRANSIENT: 0}
+    with Ledger(cfg.out / LEDGER_NAME, cfg.split) as ledger:
+        def land(o: ProcessOutcome) -> None:
+            ledger.record(o.key, o.status, o.reason, o.message, media_sha256=o.media_sha256,
+                          stage="process" if o.status == OK else "extract")
+            counts[o.status] += 1
+            progress.step(ok=o.status == OK)
+
+        if cfg.cpu_workers == 1 or len(jobs) <= 1:
+            for job in jobs:
+                land(process_clip(job))
+        else:
+            # spawn: the parent runs threads (downloads, Prefect), which fork would copy mid-flight.
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(cfg.cpu_workers, mp_context=ctx, initializer=_worker_init) as pool:
+                for fut in as_completed([pool.submit(process_clip, j) for j in jobs]):
+                    land(fut.result())
+    return counts
+
+
+def process_clip(job: ProcessJob) -> ProcessOutcome:
+    """One clip to one staged sample; every failure becomes an outcome, never an exception."""
+    try:
+        sha = job.media_sha256 or sha256_file(Path(job.media_path))
+        meta = dict(job.meta, media_sha256=sha)
+        with _one_torch_thread():
+            sample = stage_clip(Path(job.media_path), job.offset, meta, Path(job.out_path), job.extract, job.fbank)
+        return ProcessOutcome(job.key, OK, media_sha256=sha, duration=sample.meta["duration"])
+    except ExtractError as e:
+        status = FAILED_TRANSIENT if e.reason == "timeout" else FAILED_PERMANENT
+        return ProcessOutcome(job.key, status, e.reason, e.message, media_sha256=job.media_sha256)
+    except Exception as e:  # noqa: BLE001 - recorded with its traceback; a bug shows up as failures, loudly
+        return ProcessOutcome(job.key, FAILED_TRANSIENT, "internal-error",
+                              f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}")
+
+
+def shard_stage(cfg: BuildConfig, clips: list[Clip]) -> tuple[ShardBuildResult, int]:
+    """Shards from the ok clips of this manifest; the shard count is the one fixed at the split's first build."""
+    plan = dataset_manifest.shard_plan(cfg.out, cfg.split, len(clips), cfg.samples_per_shard)
+    wanted = {c.key for c in clips}
+    with Ledger(cfg.out / LEDGER_NAME, cfg.split) as ledger:
+        keys = sorted(e.key for e in ledger.entries(OK) if e.key in wanted)
+    result = build_shards(cfg.out, cfg.split, plan.num_shards, keys)
+    log.info("shards: %d samples in %d shards (%d written, %d unchanged, %d removed)", result.num_samples,
+             len(result.shards), len(result.written), len(result.unchanged), len(result.removed))
+    return result, plan.num_shards
+
+
+def manifest_stage(cfg: BuildConfig, clips: list[Clip], shards: ShardBuildResult, num_shards: int) -> Path:
+    counts, failures = _split_status(cfg, clips)
+    plan = dataset_manifest.shard_plan(cfg.out, cfg.split, len(clips), cfg.samples_per_shard)
+    entry = dataset_manifest.make_split_manifest(
+        split=cfg.split, config=cfg.as_record(), extract_cfg=cfg.extract, fbank_cfg=cfg.fbank, inputs=cfg.csv,
+        samples_per_shard=plan.samples_per_shard, num_shards=num_shards, build=shards, counts=counts,
+        failures=failures)
+    dataset_manifest.write_dataset_manifest(cfg.out, entry)
+    return cfg.out / dataset_manifest.MANIFEST_NAME
+
+
+def check_fingerprint(cfg: BuildConfig) -> None:
+    """A split is built with one set of sample settings: mixing them in one DIR would mix sample formats."""
+    path = cfg.out / dataset_manifest.MANIFEST_NAME
+    if not path.exists():
+        return
+    entry = dataset_manifest.load_dataset_manifest(path).splits.get(cfg.split)
+    if entry is None:
+        return
+    want = dataset_manifest.fingerprint(dataset_manifest.fingerprint_parts(cfg.extract, cfg.fbank))
+    if entry.fingerprint != want:
+        raise BuildError(f"{cfg.out}: split {cfg.split!r} was built with other sample settings (frames, fbank or "
+                         f"extract parameters; fingerprint {entry.fingerprint[:12]} != {want[:12]}); build into "
+                         "a new --out directory")
+
+
+def run_build(cfg: BuildConfig, stage_runner: StageRunner = _direct) -> BuildResult:
+    """All stages in order. Raises BuildError when the build cannot run; per-clip failures, a bot wall and
+    too many failures are reported in the result (`result.ok`)."""
+    t0 = time.monotonic()
+    check_tools()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    check_fingerprint(cfg)
+    loaded = stage_runner("manifest", load_clips, cfg)
+    clips = loaded.clips
+    todo = stage_runner("ledger", prepare_ledger, cfg, clips)
+    downloaded = stage_runner("download", download_stage, cfg, todo)
+    stage_runner("process", process_stage, cfg, downloaded.media)
+    shards, num_shards = stage_runner("shards", shard_stage, cfg, clips)
+    manifest_path = stage_runner("dataset-manifest", manifest_stage, cfg, clips, shards, num_shards)
+
+    counts, _ = _split_status(cfg, clips)
+    failed = counts[FAILED_PERMANENT] + counts[FAILED_TRANSIENT]
+    rate = failed / len(clips)
+    result = BuildResult(split=cfg.split, out=cfg.out, total=len(clips), counts=counts, failure_rate=rate,
+                         row_errors=[str(e) for e in loaded.errors],
+                         shards=[asdict(s) for s in shards.shards], manifest_path=manifest_path,
+                         bot_wall=downloaded.bot_wall, too_many_failures=rate > cfg.max_failure_rate)
+    log.info("build of %s: %s, failure rate %.1f%% in %.1f s", cfg.split, counts, 100 * rate,
+             time.monotonic() - t0)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers
+
+def _job(cfg: BuildConfig, m: MediaRef) -> ProcessJob:
+    c = m.clip
+    meta = {"key": c.key, "youtube_id": c.youtube_id, "start_time": c.start_time, "split": cfg.split,
+            "captions": list(c.captions), "audiocap_ids": list(c.audiocap_ids)}
+    return ProcessJob(key=c.key, media_path=str(Path(m.path).absolute()), offset=m.offset, meta=meta,
+                      out_path=str(staged_path(cfg.out, cfg.split, c.key)), extract=cfg.extract, fbank=cfg.fbank,
+                      media_sha256=m.media_sha256)
+
+
+def _split_status(cfg: BuildConfig, clips: list[Clip]) -> tuple[dict[str, int], list]:
+    """Counts and failures over this manifest's clips (the ledger may also hold clips since removed)."""
+    wanted = {c.key for c in clips}
+    with Ledger(cfg.out / LEDGER_NAME, cfg.split) as ledger:
+        entries = [e for e in ledger.entries() if e.key in wanted]
+    counts = {s: 0 for s in (OK, FAILED_PERMANENT, FAILED_TRANSIENT, PENDING)}
+    for e in entries:
+        counts[e.status] += 1
+    failures = [e for e in entries if e.status in (FAILED_PERMANENT, FAILED_TRANSIENT)]
+    return counts, failures
+
+
+def _worker_init() -> None:
+    # One clip per core: torch's intra-op threads would only fight the other workers.
+    import torch
+    torch.set_num_threads(1)
+
+
+@contextmanager
+def _one_torch_thread():
+    """The fbank's float32 sums come out differently with 1 and with several torch threads (last-bit
+    differences that survive the float16 rounding in ~0.5% of values): pinning one thread makes a sample's
+    bytes independent of the machine's core count and of --cpu-workers."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+class _Progress:
+    """Log lines per stage (about 20 per stage, whatever its size): readable in a terminal and in Prefect's log."""
+
+    def __init__(self, stage: str, total: int):
+        self.stage, self.total, self.done, self.failed = stage, total, 0, 0
+        self.every = max(1, total // 20)
+        self.t0 = time.monotonic()
+        log.info("%s: %d clips", stage, total)
+
+    def step(self, ok: bool) -> None:
+        self.done += 1
+        self.failed += 0 if ok else 1
+        if self.done % self.every == 0 or self.done == self.total:
+            rate = self.done / max(1e-9, time.monotonic() - self.t0)
+            log.info("%s: %d/%d done, %d failed (%.2f clips/s)", self.stage, self.done, self.total, self.failed,
+                     rate)

@@ -1,0 +1,210 @@
+"""End to end: generated clips under real AudioCaps ids -> yt-dlp over HTTP -> ffmpeg -> fbank -> shards.
+
+One reference build (plain Python, module scope) is checked in depth; a second build through the CLI and its
+Prefect flow must give byte-identical shards, and so must a CLI build killed with SIGKILL and run again.
+"""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+import flows
+from pipeline.build import BuildConfig, run_build
+from pipeline.download import DownloadConfig
+from pipeline.features import FbankConfig, compute_fbank
+from pipeline.ledger import Ledger
+from tests.media import Route
+
+REPO = Path(__file__).resolve().parent.parent
+FRAMES = 4  # fewer frames than the default keeps the test quick; the default is covered by engineer B's tests
+
+
+def _config(media, out, **kw):
+    download = DownloadConfig(url_template=kw.pop("url_template", media.url_template), backoff_base_s=0.01,
+                              max_retries=1, timeout_s=60, workers=3)
+    from pipeline.extract import ExtractConfig
+    return BuildConfig(csv=[media.csv_path], split="test", out=out, cpu_workers=2, samples_per_shard=4,
+                       download=download, extract=ExtractConfig(frames=FRAMES), **kw)
+
+
+def _cli(media, out, *extra):
+    return [sys.executable, "flows.py", "build", "--csv", str(media.csv_path), "--split", "test", "--out",
+            str(out), "--url-template", media.url_template, "--samples-per-shard", "4", "--frames", str(FRAMES),
+            "--cpu-workers", "1", "--download-workers", "2", "--max-retries", "1", "--backoff", "0.01", *extra]
+
+
+def _shard_bytes(out):
+    return {p.name: p.read_bytes() for p in sorted((out / "shards" / "test").glob("*.tar"))}
+
+
+def _samples(out):
+    for shard in sorted((out / "shards" / "test").glob("*.tar")):
+        with tarfile.open(shard) as tf:
+            members = {}
+            for ti in tf:
+                key, _, name = ti.name.partition(".")
+                members.setdefault(key, {})[name] = tf.extractfile(ti).read()
+        yield from members.items()
+
+
+def _fbank_one_thread(wav):
+    # The pipeline computes fbanks with one torch thread (pipeline.build._one_torch_thread): several threads
+    # change the last bits of some float32 sums, which can flip a float16 rounding.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return compute_fbank(wav, FbankConfig())
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def reference(audiocaps_media, tmp_path_factory):
+    out = tmp_path_factory.mktemp("build_ref")
+    result = run_build(_config(audiocaps_media, out))
+    return out, result
+
+
+def test_build_outcomes_reasons_and_manifest(reference, audiocaps_media):
+    out, result = reference
+    cases = audiocaps_media.cases
+    ok_keys = {c.key for c in audiocaps_media.ok_cases()}
+    assert result.ok and result.total == len(cases)
+    assert result.counts == {"ok": len(ok_keys), "failed-permanent": len(cases) - len(ok_keys),
+                             "failed-transient": 0, "pending": 0}
+    assert result.row_errors == [f"{audiocaps_media.csv_path}:{audiocaps_media.bad_row_line}: youtube_id "
+                                 "'not-an-id!' is not 11 characters of [A-Za-z0-9_-]"]
+    with Ledger(out / "ledger.sqlite", "test") as ledger:
+        for case in cases.values():
+            e = ledger.get(case.key)
+            assert (e.status, e.reason) == (case.status, case.reason), case.kind
+            assert e.attempts == 1
+            if case.status == "ok":
+                assert len(e.media_sha256) == 64
+                assert (out / "media" / f"{case.key}.mp4").is_file()  # kept for audits
+            else:
+                assert e.message, case.kind  # the tool's own words are kept
+    manifest = json.loads((out / "manifest.json").read_text())["splits"]["test"]
+    assert manifest["counts"] == result.counts
+    assert {f["key"]: f["reason"] for f in manifest["failures"]} == {
+        c.key: c.reason for c in cases.values() if c.status != "ok"}
+    assert manifest["num_shards"] == 4 and manifest["fingerprint_parts"]["extract"]["frames"] == FRAMES
+    assert manifest["norm_stats"]["count"] > 0
+    for s in manifest["shards"]:
+        data = (out / s["path"]).read_bytes()
+        assert len(data) == s["bytes"]
+    assert sum(s["num_samples"] for s in manifest["shards"]) == len(ok_keys)
+    # Nothing outside the layout.
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} <= {
+        "ledger.sqlite", "ledger.sqlite-shm", "ledger.sqlite-wal", "manifest.json", "media", "shards", "staging"}
+    assert not [p for p in (out / "shards").rglob("*") if p.name.startswith(".")]
+
+
+def test_every_sample_is_self_consistent_and_carries_its_captions(reference, audiocaps_media):
+    out, _ = reference
+    seen = set()
+    for key, m in _samples(out):
+        case = audiocaps_media.cases[key]
+        meta = json.loads(m["json"])
+        assert meta["captions"] == case.captions and len(meta["captions"]) == 5
+        assert meta["audiocap_ids"] == case.audiocap_ids
+        assert (meta["youtube_id"], meta["start_time"], meta["split"]) == (case.youtube_id, case.start_time, "test")
+        assert abs(meta["duration"] - case.duration) < 0.1, (case.kind, meta["duration"])
+        wav, sr = sf.read(io.BytesIO(m["flac"]), dtype="int16")
+        assert sr == 16000 and wav.ndim == 1 and abs(len(wav) / sr - case.duration) < 0.1
+        fbank = np.load(io.BytesIO(m["fbank.npy"]))
+        assert fbank.shape == (1024, 128) and fbank.dtype == np.float16
+        np.testing.assert_array_equal(fbank, _fbank_one_thread(wav))
+        frames = sorted(n for n in m if n.startswith("frame"))
+        assert frames == [f"frame{i:02d}.jpg" for i in range(FRAMES)]
+        assert Image.open(io.BytesIO(m[frames[0]])).size == (224, 224)
+        seen.add(key)
+    assert seen == {c.key for c in audiocaps_media.ok_cases()}
+
+
+def test_rerun_skips_finished_clips_and_retries_permanent_only_when_asked(reference, audiocaps_media):
+    out, _ = reference
+    server = audiocaps_media.server
+    before_bytes = _shard_bytes(out)
+    before_hits = dict(server.hits)
+    again = run_build(_config(audiocaps_media, out))
+    assert again.counts == reference[1].counts
+    assert dict(server.hits) == before_hits  # nothing downloaded again, permanent failures not retried
+    assert _shard_bytes(out) == before_bytes
+    manifest = json.loads((out / "manifest.json").read_text())["splits"]["test"]
+    assert manifest["changes"]["shards_written"] == []
+    retried = run_build(_config(audiocaps_media, out, retry_permanent=True))
+    assert server.hits["/v/3MoF8myFs8Y.mp4"] == before_hits["/v/3MoF8myFs8Y.mp4"] + 1
+    with Ledger(out / "ledger.sqlite", "test") as ledger:
+        assert ledger.get("3MoF8myFs8Y_0_10000").attempts == 2
+    assert retried.counts == reference[1].counts
+
+
+def test_second_build_through_the_cli_is_byte_identical(reference, audiocaps_media, tmp_path):
+    out = tmp_path / "second"
+    proc = subprocess.run(_cli(audiocaps_media, out), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "download:" in proc.stderr and "process:" in proc.stderr  # progress per stage
+    ref = _shard_bytes(reference[0])
+    assert ref and _shard_bytes(out) == ref
+
+
+def test_build_killed_with_sigkill_and_rerun_gives_the_same_shards(reference, audiocaps_media, tmp_path):
+    out = tmp_path / "killed"
+    staging = out / "staging" / "test"
+    proc = subprocess.Popen(_cli(audiocaps_media, out), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if staging.is_dir() and any(p.name.endswith(".tar") for p in staging.iterdir()):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the build finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the flow, its Prefect server and any worker: all at once
+    proc.wait()
+    shards_dir = out / "shards" / "test"
+    assert not list(shards_dir.glob("test-*.tar")) if shards_dir.exists() else True  # killed before shards
+    rerun = subprocess.run(_cli(audiocaps_media, out), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert _shard_bytes(out) == _shard_bytes(reference[0])
+
+
+def test_media_dir_builds_without_downloading(audiocaps_media, tmp_path):
+    hits = sum(audiocaps_media.server.hits.values())
+    result = run_build(_config(audiocaps_media, tmp_path, media_dir=audiocaps_media.media_dir))
+    assert sum(audiocaps_media.server.hits.values()) == hits
+    with Ledger(tmp_path / "ledger.sqlite", "test") as ledger:
+        reasons = {c.kind: ledger.get(c.key).reason for c in audiocaps_media.cases.values()}
+    assert reasons["404"] == "media-not-found" and reasons["html"] == "undecodable"
+    assert reasons["no-audio"] == "no-audio-stream" and reasons["48k-stereo"] is None
+    assert result.counts["ok"] == len(audiocaps_media.ok_cases())
+
+
+def test_exit_codes(audiocaps_media, media_server, tmp_path, monkeypatch):
+    base = ["build", "--no-prefect", "--split", "test", "--frames", "2", "--max-retries", "0"]
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("not,a,header\n")
+    assert flows.main(base + ["--csv", str(bad_csv), "--out", str(tmp_path / "a")]) == flows.EXIT_ERROR
+    # A wrong template fails every clip: that must not pass quietly.
+    wrong = media_server.url_template("/nowhere/")
+    assert flows.main(base + ["--csv", str(audiocaps_media.csv_path), "--out", str(tmp_path / "b"),
+                              "--url-template", wrong, "--limit", "3"]) == flows.EXIT_FAILURE_RATE
+    media_server.routes["/wall/7fmOlUlwoNg.mp4"] = Route(status=429, reason="Sign in to confirm you're not a bot")
+    assert flows.main(base + ["--csv", str(audiocaps_media.csv_path), "--out", str(tmp_path / "c"),
+                              "--url-template", media_server.url_template("/wall/"), "--limit", "3",
+                              "--download-workers", "1"]) == flows.EXIT_BOT_WALL
+    with Ledger(tmp_path / "c" / "ledger.sqlite", "test") as ledger:
+        assert ledger.counts()["pending"] == 3
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert flows.main(base + ["--csv", str(audiocaps_media.csv_path), "--out", str(tmp_path / "d")]) == flows.EXIT_ERROR

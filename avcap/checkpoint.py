@@ -71,6 +71,9 @@ class LoadReport:
     unexpected: list[KeyNote] = field(default_factory=list)   # in the file, matching nothing (error when strict)
     not_covered: list[str] = field(default_factory=list)      # model keys this layout never holds
 
+    def __str__(self) -> str:
+        return self.summary()
+
     def summary(self) -> str:
         lines = [f"{self.path} ({self.kind}): loaded {len(self.loaded)}, skipped {len(self.skipped)}, "
                  f"missing {len(self.missing)}, unexpected {len(self.unexpected)}, "
@@ -127,9 +130,11 @@ def read_checkpoint_file(path: str | Path, map_location: str | torch.device = "c
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        # weights_only refuses arbitrary objects; a legitimate checkpoint never needs them.
-        raise CheckpointError(f"{path}: not loadable with weights_only=True (holds objects other than tensors "
-                              f"and plain Python types, or is not a torch checkpoint): {e}") from e
+        if "Weights only load failed" in str(e):
+            # weights_only refuses arbitrary objects; a legitimate checkpoint never needs them.
+            raise CheckpointError(f"{path}: not loadable with weights_only=True (holds objects other than "
+                                  f"tensors and plain Python types): {e}") from e
+        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt?): {e}") from e
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt?): "
                               f"{type(e).__name__}: {e}") from e
@@ -362,21 +367,22 @@ def load_pretrained(model: nn.Module, path: str | Path, kind: str = "auto", stri
 
 # --------------------------------------------------------------------------------------------- our own format
 
-_PLAIN = (str, int, float, bool, type(None))
-_ALLOWED_LEAVES = _PLAIN + (torch.Tensor, torch.Size, torch.dtype, torch.device)
+# Exact types: numpy scalars subclass float but torch.load(weights_only=True) refuses them.
+_PLAIN = {str, int, float, bool, type(None), bytes, complex}
+_TORCH_LEAVES = (torch.Tensor, torch.Size, torch.dtype, torch.device)
 
 
 def _check_loadable(obj: Any, where: str) -> None:
     """Refuse at save time what torch.load(weights_only=True) would refuse at load time."""
-    if isinstance(obj, _ALLOWED_LEAVES):
+    if type(obj) in _PLAIN or isinstance(obj, _TORCH_LEAVES):
         return
-    if isinstance(obj, (dict, OrderedDict)):
+    if type(obj) in (dict, OrderedDict):
         for k, v in obj.items():
-            if not isinstance(k, _PLAIN):
+            if type(k) not in _PLAIN:
                 raise TypeError(f"{where}: key {k!r} is a {type(k).__name__}; use str/int keys")
             _check_loadable(v, f"{where}[{k!r}]")
         return
-    if isinstance(obj, (list, tuple)):
+    if type(obj) in (list, tuple, set):
         for i, v in enumerate(obj):
             _check_loadable(v, f"{where}[{i}]")
         return

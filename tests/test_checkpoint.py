@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -228,6 +229,16 @@ def test_truncated_file_names_the_file(original_checkpoints, tmp_path, tiny_conf
     bad.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated.pt"):
         load_pretrained(fresh(tiny_config), bad)
+    # the legacy (pre-zip) serialization fails differently inside torch; same kind of message here
+    legacy = tmp_path / "legacy.pth"
+    torch.save(torch.load(original_checkpoints["cav_mae"], weights_only=True), legacy,
+               _use_new_zipfile_serialization=False)
+    legacy.write_bytes(legacy.read_bytes()[:100_000])
+    with pytest.raises(CheckpointError, match=r"legacy\.pth: cannot read checkpoint \(truncated or corrupt"):
+        load_pretrained(fresh(tiny_config), legacy)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty.pt"):
+        load_pretrained(fresh(tiny_config), tmp_path / "empty.pt")
 
 
 def test_checkpoint_missing_keys_names_file_and_keys(original_checkpoints, tmp_path, tiny_config):
@@ -356,6 +367,8 @@ def test_save_refuses_inconsistent_or_unloadable_input(tiny_config, caption_voca
         _save(tmp_path / "b.pt", model, AVCapConfig.tiny(text_layers=3), bert_layout_vocab)
     with pytest.raises(TypeError, match=r"extra\['paths'\]\[0\].*PosixPath"):
         _save(tmp_path / "c.pt", model, tiny_config, bert_layout_vocab, extra={"paths": [tmp_path]})
+    with pytest.raises(TypeError, match=r"extra\['lr'\] is a float64"):  # numpy scalars fail weights_only loads
+        _save(tmp_path / "c.pt", model, tiny_config, bert_layout_vocab, extra={"lr": np.float64(1e-4)})
     with pytest.raises(ValueError, match="reserved"):
         _save(tmp_path / "d.pt", model, tiny_config, bert_layout_vocab, extra={"config": {}})
     with pytest.raises(ValueError, match="frames_per_clip"):

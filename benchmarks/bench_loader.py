@@ -10,6 +10,8 @@ Per clip: 10 s of 16 kHz audio, 20 frames 224x224 JPEG (q90). Measured, all sing
 - ours + batched augmentation: the same plus shards.augment.prepare_batch(train=True, noise=True) on the CPU
   (on a GPU this step leaves the loader's core);
 - bare decode: np.load of the fbank bytes and torchvision decode_jpeg of the used frame(s), from memory.
+Times are this process's CPU time (time.process_time), i.e. per-core cost: on a shared, loaded machine wall
+time would mostly measure the other processes.
 """
 from __future__ import annotations
 
@@ -91,7 +93,7 @@ def original_style(root: Path, n: int, nf: int, rng: np.random.Generator) -> flo
     freqm, timem = torchaudio.transforms.FrequencyMasking(48), torchaudio.transforms.TimeMasking(192)
     tf = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
                     T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     for c in range(n):
         wave, _ = sf.read(root / "wav" / f"{c}.wav", dtype="int16")
         fb = fbank_of(wave)
@@ -104,7 +106,7 @@ def original_style(root: Path, n: int, nf: int, rng: np.random.Generator) -> flo
         frames = [tf(Image.open(root / "jpg" / f"{c}_{start + j}.jpg").convert("RGB")) for j in range(nf)]
         visual = frames[0] if nf == 1 else torch.stack(frames, dim=1)
         assert fb.shape == (1024, 128) and visual.shape[-1] == 224
-    return (time.perf_counter() - t0) / n
+    return (time.process_time() - t0) / n
 
 
 def ours(root: Path, nf: int, batch_size: int, augment: bool) -> tuple[float, int]:
@@ -112,25 +114,25 @@ def ours(root: Path, nf: int, batch_size: int, augment: bool) -> tuple[float, in
                        shuffle_buffer=64, seed=0)
     it, nb = make_loader(cfg, 0, 1, epoch=0)
     aug = AugmentConfig(noise=True)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     count = 0
     for batch in it:
         if augment:
             out = prepare_batch(batch, aug, train=True, device="cpu")
             assert out["audio"].shape[0] == batch_size
         count += len(batch["keys"])
-    return (time.perf_counter() - t0) / count, count
+    return (time.process_time() - t0) / count, count
 
 
 def bare_decode(clips: list[dict], nf: int) -> float:
     from torchvision.io import ImageReadMode, decode_jpeg
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     for s in clips:
         fb = np.load(io.BytesIO(s["fbank.npy"]))
         imgs = [decode_jpeg(torch.frombuffer(bytearray(s[f"frame{10 + j - nf // 2:02d}.jpg"]), dtype=torch.uint8),
                             mode=ImageReadMode.RGB) for j in range(nf)]
         assert fb.shape == (1024, 128) and imgs[0].shape == (3, 224, 224)
-    return (time.perf_counter() - t0) / len(clips)
+    return (time.process_time() - t0) / len(clips)
 
 
 def main() -> None:

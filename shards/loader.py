@@ -234,7 +234,7 @@ class TarSampleReader:
             if len(hdr) != TAR_BLOCK:
                 raise ShardError(f"shard {self.url}: truncated tar (partial header at offset {self.offset})")
             self.offset += TAR_BLOCK
-            if hdr.count(0) == TAR_BLOCK:
+            if hdr[0] == 0 and hdr.count(0) == TAR_BLOCK:   # a member name never starts with NUL
                 return None
             # A misaligned or corrupt read shows as a missing ustar magic; only headers without it (old v7 tars)
             # pay for the checksum (the header's byte sum with the checksum field read as spaces).

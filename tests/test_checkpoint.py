@@ -170,6 +170,18 @@ def test_loading_keeps_freezing(tiny_config, original_checkpoints):
     assert not model.textual.embedding.words.weight.requires_grad
 
 
+def test_single_modality_model_still_loads_every_parameter(original_checkpoints, reference_inputs,
+                                                           reference_expected):
+    # An audio-only model holds (and loads) the visual branch too, only marked not trainable, so the same
+    # weights can later run in another mode.
+    model = fresh(AVCapConfig.tiny(mode="audio", dropout=0.0, attention_dropout=0.0))
+    report = load_pretrained(model, original_checkpoints["avcap_original"])
+    assert len(report.loaded) == len(model.state_dict())
+    assert not model.av_encoder.patch_embed_v.proj.weight.requires_grad
+    with torch.no_grad():
+        assert_close(model.encode(None, reference_inputs["visual"], "visual"), reference_expected["features_visual"])
+
+
 # ------------------------------------------------------------------------------ full size, shapes only (meta)
 
 def _meta(shapes: dict[str, list[int]], prefix: str = "") -> dict[str, torch.Tensor]:

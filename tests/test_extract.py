@@ -36,7 +36,18 @@ def media(tmp_path_factory) -> dict[str, Path]:
     out["rotated"] = d / "rotated.mp4"
     subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(raw), "-c", "copy",
                     "-metadata:s:v:0", "rotate=90", str(out["rotated"])], check=True)
+    if "rotation" not in _probe_rotation(out["rotated"]):
+        # ffmpeg >= 6 ignores the rotate tag on output; it takes a display rotation on the input instead.
+        subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-display_rotation:v:0", "90", "-i", str(raw),
+                        "-c", "copy", str(out["rotated"])], check=True)
+    assert "rotation" in _probe_rotation(out["rotated"]), "could not make a rotated test video"
     return out
+
+
+def _probe_rotation(path: Path) -> str:
+    return subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
+                           "stream_side_data=rotation", "-of", "default=nw=1", str(path)],
+                          capture_output=True, text=True).stdout
 
 
 def _rgb(jpeg: bytes) -> np.ndarray:

@@ -9,7 +9,6 @@ Works as a single process or under torchrun (`torchrun --nproc_per_node N -m avc
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from dataclasses import dataclass

@@ -11,8 +11,13 @@ The pieces, top to bottom:
 Exact resume. All randomness that matters is a function of (seed, epoch, step, rank): the loader's shard and
 sample shuffles are seeded by (seed, epoch), and the global torch RNG is reseeded before every micro-batch
 from (seed, epoch, step, micro, rank), which drives on-device augmentation and dropout. A resumed run rebuilds
-the epoch's loader, skips the batches already consumed and so sees the same data and the same random draws.
-RNG states are also saved (per rank) for anything outside that scheme.
+the epoch's loader from the batch it stopped at (shards.loader's start_batch: same order, same frame and caption
+draws) and so sees the same data and the same random draws. RNG states are also saved (per rank) for anything
+outside that scheme.
+
+Uneven data never hangs DDP: every rank runs the manifest-derived batches_per_epoch, and the one all-reduce per
+step (loss for the log) also carries "did any rank run out of batches", so every rank raises together instead of
+one waiting in a collective; a rank that dies outright is bounded by --dist-timeout-s and torchrun's teardown.
 """
 from __future__ import annotations
 
@@ -25,8 +30,6 @@ import math
 import os
 import random
 import time
-import types
-import typing
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field

@@ -66,7 +66,11 @@ class CachedStepper:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         for i, layer in enumerate(layers):
-            q, k, v = layer.qkv(x)
+            last = i + 1 == len(layers)
+            if last:  # the last layer's prefix outputs are never read: text only needs its prefix K/V
+                k, v = layer.kv(x)
+            else:
+                q, k, v = layer.qkv(x)
             heads, dh = k.shape[1], k.shape[3]
             kbuf = k.new_empty(B, heads, P + beam * max_len, dh)
             vbuf = torch.empty_like(kbuf)
@@ -74,7 +78,7 @@ class CachedStepper:
             vbuf[:, :, :P] = v
             self.keys.append(kbuf)
             self.values.append(vbuf)
-            if i + 1 < len(layers):  # the last layer's prefix outputs are never read: text only needs its K/V
+            if not last:
                 x = layer.finish(x, layer.attend(q, k, v, None))
         # beam query j may see every prefix slot and the text slots (s, j) of its own beam
         slot_beam = torch.arange(beam * max_len, device=features.device) % beam

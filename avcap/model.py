@@ -366,6 +366,11 @@ class TextLayer(nn.Module):
         sa = self.attention.self
         return self.split_heads(sa.query(x)), self.split_heads(sa.key(x)), self.split_heads(sa.value(x))
 
+    def kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values only, for tokens whose own output is never read."""
+        sa = self.attention.self
+        return self.split_heads(sa.key(x)), self.split_heads(sa.value(x))
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None) -> torch.Tensor:
         """SDPA; mask is boolean, True = may attend. Returns [B, heads, Nq, H/heads]."""

@@ -52,7 +52,7 @@ def _check_vocab(vocab: Sequence[str], source: str) -> dict[str, int]:
             duplicates.append(f"{token!r} (lines {index[token] + 1} and {i + 1})")
         index[token] = i
     if duplicates:
-        # Duplicates would make ids ambiguous and change every later id with respect to the line number.
+        # A duplicated token has two ids; BERT's vocab loader silently keeps the last, so one line's id is dead.
         raise ValueError(f"{source}: duplicate vocab tokens: {', '.join(duplicates[:10])}")
     absent = [t for t in SPECIAL_TOKENS if t not in index]
     if absent:

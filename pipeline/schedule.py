@@ -8,15 +8,55 @@ process with `prefect.serve`, which polls the API for scheduled and manually tri
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from prefect import Flow, serve
+from prefect import Flow, flow, serve, task
+from prefect.cache_policies import NO_CACHE
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 REBUILD_DEPLOYMENT = "rebuild"
 AUDIT_DEPLOYMENT = "audit"
+
+
+def _as_task(name: str, fn, *args, **kwargs):
+    # One Prefect task per build stage, as flows.build_flow does; NO_CACHE because the ledger, not Prefect,
+    # decides what is left to do, and retries stay in pipeline.download's backoff.
+    return task(fn, name=name, retries=0, cache_policy=NO_CACHE, log_prints=True)(*args, **kwargs)
+
+
+# A module-level flow with JSON parameters: deployments store parameters as JSON and load the flow from its
+# entrypoint ("pipeline/schedule.py:rebuild_flow"), which flows.build_flow (a closure over a BuildConfig) cannot be.
+@flow(name="avcap-rebuild", log_prints=True)
+def rebuild_flow(out_dir: str, csv: list[str], split: str, media_dir: str | None = None,
+                 url_template: str | None = None, cpu_workers: int = 1, samples_per_shard: int = 256,
+                 retry_permanent: bool = False, max_failure_rate: float = 0.5,
+                 publish_url: str | None = None) -> dict:
+    """Incremental rebuild of one split into out_dir (only new/changed clips are processed: the ledger and the
+    fixed shard count do that), then publish to publish_url when given. Fails the run on a bot wall or too many
+    failures, so a scheduled rebuild that went wrong shows up as failed."""
+    from pipeline.build import BuildConfig, run_build
+    from pipeline.download import DownloadConfig
+
+    download = DownloadConfig(url_template=url_template) if url_template else DownloadConfig()
+    cfg = BuildConfig(csv=[Path(c) for c in csv], split=split, out=Path(out_dir),
+                      media_dir=Path(media_dir) if media_dir else None, cpu_workers=cpu_workers,
+                      samples_per_shard=samples_per_shard, retry_permanent=retry_permanent,
+                      max_failure_rate=max_failure_rate, download=download)
+    result = run_build(cfg, stage_runner=_as_task)
+    summary = {"split": result.split, "total": result.total, "counts": result.counts,
+               "failure_rate": result.failure_rate, "shards": len(result.shards),
+               "manifest": str(result.manifest_path)}
+    if not result.ok:
+        why = f"bot wall: {result.bot_wall}" if result.bot_wall else \
+            f"{100 * result.failure_rate:.1f}% of clips failed (limit {100 * max_failure_rate:g}%)"
+        raise RuntimeError(f"rebuild of {out_dir} ({split}) did not finish: {why}")
+    if publish_url:
+        from pipeline.publish import publish
+        summary["publish"] = _as_task("publish", publish, out_dir, publish_url).to_json()
+    return summary
 
 
 @dataclass
@@ -42,8 +82,9 @@ def make_deployments(rebuild_flow: Flow | None, audit_flow: Flow | None,
                      cfg: ScheduleConfig) -> list[RunnerDeployment]:
     """Deployments of the rebuild and audit flows, parameterised with cfg.out_dir and scheduled by cron.
 
-    Either flow may be None to deploy only the other. The rebuild flow must accept `out_dir` plus the keys of
-    cfg.rebuild_parameters; the audit flow is pipeline.audit.audit_flow (out_dir, sample, seed).
+    Either flow may be None to deploy only the other. The rebuild flow (normally `rebuild_flow` above) must
+    accept `out_dir` plus the keys of cfg.rebuild_parameters (for rebuild_flow: csv and split at least); the
+    audit flow is pipeline.audit.audit_flow (out_dir, sample, seed).
     """
     deployments: list[RunnerDeployment] = []
     if rebuild_flow is not None:

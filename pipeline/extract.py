@@ -6,8 +6,9 @@ ffmpeg makes frame-accurate by decoding from the previous keyframe and discardin
 - audio: the first audio stream, resampled to `sample_rate` and downmixed to mono by ffmpeg (`-ac 1`, swresample's
   matrix: for stereo exactly (L+R)/2; for more channels ffmpeg's standard downmix), as s16le on stdout;
 - frames: the first real video stream (`V`: attached cover pictures are not video), through
-  `setpts=PTS-step/2/TB,fps=F/duration:round=down` (step = duration/F), which picks for frame i the picture on
-  screen at t_i = (i + 0.5) * step (the last decoded frame with pts <= t_i, duplicating sparse video), then
+  `setpts=PTS-step/2/TB,fps=F/duration:start_time=-step:round=down` (step = duration/F), which picks for frame i
+  the picture on screen at t_i = (i + 0.5) * step (the last decoded frame with pts < t_i; sparse video is
+  duplicated, a video stream that starts late repeats its first frame in the slots before it), then
   scaled so the shorter side is `size` (bicubic, ffmpeg's default) and center-cropped to size x size, as raw
   RGB to a temporary file. ffmpeg's default autorotate applies the rotation metadata of phone videos.
 
@@ -132,12 +133,15 @@ def build_command(media_path: Path, start: float, cfg: ExtractConfig, duration: 
     """The ffmpeg argument list for one clip: audio s16le on stdout, raw RGB frames to `frames_path`."""
     inp = ffmpeg.input(str(media_path), ss=f"{start:.3f}", t=f"{duration:.3f}", threads=cfg.threads)
     rate = Fraction(cfg.frames) / Fraction(duration).limit_denominator(1000)
-    # Shifting pts back by half a frame step and rounding down makes slot i hold the last frame with
-    # pts <= (i + 0.5) * step: the picture on screen at the centre of the i-th step.
-    half_step = duration / cfg.frames / 2
+    # The fps filter fills output slot k with the last frame whose pts (in units of step, rounded down) is below
+    # k + 1. Shifting pts back by half a step puts the slot boundaries at (k + 0.5) * step, and start_time = -step
+    # makes the first slot k = -1, so output i holds the last frame with pts < (i + 0.5) * step: the picture on
+    # screen at the centre of the i-th step. A video stream that starts late pads its first slots with its first
+    # frame instead of shifting every later frame to an earlier slot.
+    step = duration / cfg.frames
     video = (inp["V:0"]
-             .setpts(f"PTS-{half_step:.6f}/TB")
-             .filter("fps", fps=f"{rate.numerator}/{rate.denominator}", round="down")
+             .setpts(f"PTS-{step / 2:.6f}/TB")
+             .filter("fps", fps=f"{rate.numerator}/{rate.denominator}", start_time=f"{-step:.6f}", round="down")
              .filter("scale", cfg.size, cfg.size, force_original_aspect_ratio="increase", flags="bicubic")
              .filter("crop", cfg.size, cfg.size)
              .output(str(frames_path), format="rawvideo", pix_fmt="rgb24"))

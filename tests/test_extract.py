@@ -33,6 +33,12 @@ def media(tmp_path_factory) -> dict[str, Path]:
                     "color=c=red:s=160x240:r=10:d=2[l];color=c=blue:s=160x240:r=10:d=2[r];[l][r]hstack",
                     "-f", "lavfi", "-i", "sine=d=2", "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
                     "-c:a", "aac", str(raw)], check=True)
+    # Video stream starting 1 s after the audio (no frame duplication by the muxer: passthrough timestamps).
+    out["late"] = d / "late.mp4"
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-itsoffset", "1", "-f", "lavfi", "-i",
+                    "testsrc2=s=320x240:r=25:d=9", "-f", "lavfi", "-i", "sine=d=10", "-map", "0:v", "-map", "1:a",
+                    "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac",
+                    "-fps_mode", "passthrough", str(out["late"])], check=True)
     out["rotated"] = d / "rotated.mp4"
     subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(raw), "-c", "copy",
                     "-metadata:s:v:0", "rotate=90", str(out["rotated"])], check=True)
@@ -59,9 +65,14 @@ def _rgb(jpeg: bytes) -> np.ndarray:
 def _all_frames(path: Path, start: float) -> np.ndarray:
     """Every frame of the window, scaled/cropped like the pipeline: the reference for frame timing."""
     out = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-ss", str(start), "-t", "10", "-i", str(path),
-                          "-map", "0:V:0", "-vf", "scale=224:224:force_original_aspect_ratio=increase,crop=224:224",
+                          "-map", "0:V:0", "-fps_mode", "passthrough",
+                          "-vf", "scale=224:224:force_original_aspect_ratio=increase,crop=224:224",
                           "-f", "rawvideo", "-pix_fmt", "rgb24", "-"], capture_output=True, check=True).stdout
     return np.frombuffer(out, np.uint8).reshape(-1, 224, 224, 3).astype(np.float32)
+
+
+def _nearest(ref: np.ndarray, jpeg: bytes) -> int:
+    return int(np.argmin(((ref - _rgb(jpeg).astype(np.float32)) ** 2).mean(axis=(1, 2, 3))))
 
 
 def test_full_clip_waveform_frames_and_timing(media):
@@ -73,10 +84,20 @@ def test_full_clip_waveform_frames_and_timing(media):
     # Frame i is the picture on screen at (i + 0.5) * 0.5 s: the last 25 fps frame with pts <= t_i.
     ref = _all_frames(media["main"], 1)
     for i, jpg in enumerate(ex.frames):
-        got = np.argmin(((ref - _rgb(jpg).astype(np.float32)) ** 2).mean(axis=(1, 2, 3)))
-        assert got == int(np.floor((i + 0.5) * 0.5 * 25 + 1e-6)), f"frame {i}"
+        # pts < t_i strictly: at 25 fps t_i = (i + 0.5) * 0.5 s falls between frames, never on one.
+        assert _nearest(ref, jpg) == int(np.floor((i + 0.5) * 0.5 * 25)), f"frame {i}"
     # The audio is the tone the media carries, not silence.
     assert np.abs(ex.waveform.astype(np.float32)).max() > 3000
+
+
+def test_video_starting_late_keeps_frames_on_their_times(media):
+    # Video frames exist from 1.0 s: slots at 0.25 and 0.75 s show the first frame, slot i >= 2 the frame on
+    # screen at (i + 0.5) * 0.5 s, i.e. reference frame (t_i - 1.0) * 25 rounded down.
+    ex = extract_clip(media["late"], 0)
+    ref = _all_frames(media["late"], 0)
+    got = [_nearest(ref, jpg) for jpg in ex.frames]
+    assert got[:2] == [0, 0]
+    assert got[2:] == [int(np.floor(((i + 0.5) * 0.5 - 1.0) * 25)) for i in range(2, 20)]
 
 
 def test_extraction_is_deterministic(media):

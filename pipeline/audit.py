@@ -357,6 +357,19 @@ def check_config(split_name: str, part: str, recorded: dict, cfg, report: AuditR
         report.mismatches.append(Mismatch("config", f"{split_name}.{part}", d))
 
 
+def check_shared(manifest, split_name: str, parts: dict, report: AuditReport) -> None:
+    """The dataset-wide copies the loader reads (manifest.fbank, manifest.frames_per_clip) against the split's
+    recorded parameters: a loader must not be told other settings than the samples were made with."""
+    if manifest.fbank is not None:
+        for d in _diff_dicts(parts.get("fbank", {}), manifest.fbank):
+            report.mismatches.append(Mismatch("config", "manifest.fbank", f"split {split_name}: {d}"))
+    frames = parts.get("extract", {}).get("frames")
+    if manifest.frames_per_clip is not None and manifest.frames_per_clip != frames:
+        report.mismatches.append(Mismatch("config", "manifest.frames_per_clip",
+                                          f"split {split_name}: manifest {manifest.frames_per_clip}, "
+                                          f"split recorded {frames}"))
+
+
 # ------------------------------------------------------------------------------------------------ driver
 
 def sample_clips(keys: list[str], sample: int, seed: int) -> list[str]:
@@ -403,6 +416,7 @@ def run_audit(cfg: AuditConfig) -> AuditReport:
             continue
         check_config(name, "extract", parts.get("extract", {}), extract_cfg, report)
         check_config(name, "fbank", parts.get("fbank", {}), fbank_cfg, report)
+        check_shared(manifest, name, parts, report)
         same_platform = all(split.tool_versions.get(t) == here.get(t) for t in BITWISE_TOOLS)
         media_dir = split.config.get("media_dir") if isinstance(split.config, dict) else None
         plans[name] = _SplitPlan(name, extract_cfg, fbank_cfg, bitwise=same_platform,

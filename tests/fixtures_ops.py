@@ -63,5 +63,17 @@ def copy_build(build: OpsBuild, dest: Path) -> OpsBuild:
 
 @pytest.fixture(scope="session")
 def ops_build(tmp_path_factory) -> OpsBuild:
-    """A finished 4-clip build in 2 shards; treat as read-only (use copy_build to modify)."""
-    return make_build(tmp_path_factory.mktemp("ops_build") / "out")
+    """A finished 4-clip build in 2 shards; treat as read-only (use copy_build to modify).
+
+    Made once per session at a fixed place under the session's base temp dir, so test modules that import
+    this fixture (rather than getting it through pytest_plugins) share one build too."""
+    root = tmp_path_factory.getbasetemp() / "ops_build"
+    done = root / "complete"
+    if not done.exists():
+        if root.exists():
+            shutil.rmtree(root)           # an earlier attempt in this session failed halfway
+        root.mkdir()
+        build = make_build(root / "out")
+        done.write_text("\n".join(build.keys))
+    keys = done.read_text().split("\n")
+    return OpsBuild(root / "out", keys, OPS_SPLIT)

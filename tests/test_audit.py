@@ -131,9 +131,17 @@ def test_changed_fbank_parameter_is_caught(ops_build, tmp_path):
 
     # A consistent manifest (fingerprint recomputed) claiming another parameter: the fbank check alone catches it.
     split["fingerprint"] = fingerprint(split["fingerprint_parts"])
+    m["fbank"] = dict(split["fingerprint_parts"]["fbank"])    # the loader's copy follows the split's
     _write_manifest(b.out_dir, m)
     report = run_audit(AuditConfig(b.out_dir, sample=1, seed=0))
     assert _found(report) == {("fbank", f"{key}.fbank.npy")}, [str(x) for x in report.mismatches]
+
+    # The loader's dataset-wide copy disagreeing with what the split recorded is named too.
+    m["fbank"]["num_mel_bins"] = 64
+    _write_manifest(b.out_dir, m)
+    report = run_audit(AuditConfig(b.out_dir, sample=0))
+    assert _found(report) == {("config", "manifest.fbank")}
+    assert "num_mel_bins: manifest 128, here 64" in report.mismatches[0].message
 
 
 def test_tool_version_difference_is_named_and_fbank_uses_tolerance(ops_build, tmp_path):

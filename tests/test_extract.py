@@ -24,6 +24,8 @@ def media(tmp_path_factory) -> dict[str, Path]:
         "short": make_media(d / "short.mp4", MediaSpec(3, tone_hz=700)),
         "noaudio": make_media(d / "noaudio.mp4", MediaSpec(3, audio=False)),
         "novideo": make_media(d / "novideo.m4a", MediaSpec(3, video=False)),
+        # A slideshow-like upload: one picture per second.
+        "sparse": make_media(d / "sparse.mp4", MediaSpec(10, fps=1, tone_hz=400)),
     }
     (d / "page.mp4").write_bytes(HTML_PAGE)
     out["html"] = d / "page.mp4"
@@ -98,6 +100,13 @@ def test_video_starting_late_keeps_frames_on_their_times(media):
     got = [_nearest(ref, jpg) for jpg in ex.frames]
     assert got[:2] == [0, 0]
     assert got[2:] == [int(np.floor(((i + 0.5) * 0.5 - 1.0) * 25)) for i in range(2, 20)]
+
+
+def test_sparse_video_repeats_the_picture_on_screen(media):
+    ex = extract_clip(media["sparse"], 0)
+    ref = _all_frames(media["sparse"], 0)
+    assert len(ref) == 10 and len(ex.frames) == 20
+    assert [_nearest(ref, jpg) for jpg in ex.frames] == [i // 2 for i in range(20)]
 
 
 def test_extraction_is_deterministic(media):

@@ -24,6 +24,7 @@ stderr so a ledger entry says what went wrong.
 from __future__ import annotations
 
 import io
+import numbers
 import re
 import subprocess
 import tempfile
@@ -170,7 +171,7 @@ def extract_clip(media_path: Path | str, start: float, cfg: ExtractConfig = Extr
     media_path = Path(media_path).absolute()  # never a relative name ffmpeg could read as an option
     if not media_path.is_file():
         raise FileNotFoundError(f"extract_clip: media file {media_path} does not exist")
-    if not (isinstance(start, (int, float)) and start >= 0):
+    if isinstance(start, bool) or not (isinstance(start, numbers.Real) and start >= 0):
         raise ValueError(f"extract_clip: start must be a number >= 0, got {start!r} for {media_path}")
     if not duration > 0:
         raise ValueError(f"extract_clip: duration must be > 0, got {duration!r}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -108,7 +109,17 @@ def cmd_build(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _prefect_defaults() -> None:
+    """Settings for Prefect's temporary server, unless the user set them. Read when prefect is imported."""
+    # The first start in a fresh PREFECT_HOME migrates a database; on a busy machine that takes longer than
+    # Prefect's default 20 s wait, and the build would die before its first stage.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # The server would try to phone home on every start; builds often run offline.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _prefect_defaults()
     parser = argparse.ArgumentParser(prog="flows.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="AudioCaps CSV -> WebDataset shards + manifest + ledger")
@@ -116,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     build.set_defaults(func=cmd_build)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call drowns the progress
     return args.func(args)
 
 

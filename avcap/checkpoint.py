@@ -32,7 +32,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from avcap.tokenizer import _check_vocab, special_ids, tokenizer_from_vocab, tokenizer_vocab
+from avcap.tokenizer import (validate_vocab, parse_vocab_text, special_ids, tokenizer_from_vocab,
+                             tokenizer_vocab)
 
 FORMAT_VERSION = 1
 KINDS = ("cav_mae", "git", "avcap_original", "ours")
@@ -402,10 +403,7 @@ def _plain_dict(value: Any, what: str) -> dict[str, Any]:
 
 def _vocab_list(tokenizer_vocab_or_tok: Any) -> list[str]:
     if isinstance(tokenizer_vocab_or_tok, str):
-        vocab = tokenizer_vocab_or_tok.split("\n")
-        if vocab and vocab[-1] == "":
-            vocab.pop()
-        vocab = [t.rstrip("\r") for t in vocab]
+        vocab = parse_vocab_text(tokenizer_vocab_or_tok)
     elif isinstance(tokenizer_vocab_or_tok, (list, tuple)):
         vocab = list(tokenizer_vocab_or_tok)
     elif hasattr(tokenizer_vocab_or_tok, "get_vocab"):
@@ -413,7 +411,7 @@ def _vocab_list(tokenizer_vocab_or_tok: Any) -> list[str]:
     else:
         raise TypeError("tokenizer_vocab must be a list of tokens, the text of a vocab.txt or a tokenizer, got "
                         f"{type(tokenizer_vocab_or_tok).__name__}")
-    _check_vocab(vocab, "tokenizer_vocab")
+    validate_vocab(vocab, "tokenizer_vocab")
     return vocab
 
 

@@ -39,7 +39,7 @@ class CaptionBatch(NamedTuple):
     need_predict: torch.Tensor
 
 
-def _check_vocab(vocab: Sequence[str], source: str) -> dict[str, int]:
+def validate_vocab(vocab: Sequence[str], source: str) -> dict[str, int]:
     """Vocab list (index = id) -> dict, refusing what BertTokenizer would silently paper over."""
     if len(vocab) == 0:
         raise ValueError(f"{source}: vocab is empty")
@@ -64,19 +64,21 @@ def _check_vocab(vocab: Sequence[str], source: str) -> dict[str, int]:
 def tokenizer_from_vocab(vocab: Sequence[str], do_lower_case: bool = True,
                          source: str = "<vocab list>") -> BertTokenizerFast:
     """A BERT WordPiece tokenizer from an in-memory vocab (index = id), e.g. the one stored in a checkpoint."""
-    index = _check_vocab(vocab, source)
+    index = validate_vocab(vocab, source)
     return BertTokenizerFast(vocab=index, do_lower_case=do_lower_case)
 
 
-def read_vocab_file(path: str | Path) -> list[str]:
-    path = Path(path)
-    # BERT's vocab.txt is one token per line, the line number being the id; only the line break is stripped so
-    # that a token is never altered.
-    text = path.read_text(encoding="utf-8")
+def parse_vocab_text(text: str) -> list[str]:
+    """The tokens of a BERT vocab.txt: one per line, the line number being the id. Only the line break is
+    stripped, so that a token is never altered."""
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     return [line.rstrip("\r") for line in lines]
+
+
+def read_vocab_file(path: str | Path) -> list[str]:
+    return parse_vocab_text(Path(path).read_text(encoding="utf-8"))
 
 
 def load_tokenizer(source: str | Path, do_lower_case: bool = True) -> BertTokenizerFast:
@@ -200,7 +202,7 @@ def build_wordpiece_vocab(captions: Iterable[str], path: str | Path, vocab_size:
     learned = sorted((t for t in model.get_vocab() if t not in SPECIAL_TOKENS),
                      key=lambda t: (t.startswith("##"), t))
     vocab = list(SPECIAL_TOKENS) + learned
-    _check_vocab(vocab, "trained vocab")
+    validate_vocab(vocab, "trained vocab")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(t + "\n" for t in vocab), encoding="utf-8")

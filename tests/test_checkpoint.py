@@ -17,7 +17,7 @@ from avcap.checkpoint import (CheckpointError, LoadReport, load_checkpoint, load
                               read_checkpoint_file, save_checkpoint)
 from avcap.generate import beam_search, beam_search_features
 from avcap.model import AVCap, AVCapConfig
-from avcap.tokenizer import decode_batch, tokenizer_from_vocab
+from avcap.tokenizer import decode_batch
 from tests.fixtures_model import FULL_SIZE_SHAPES, pretraining_only_keys
 
 RTOL, ATOL = 1e-4, 1e-5

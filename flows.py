@@ -52,7 +52,8 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
                         "no downloads")
     p.add_argument("--limit", type=int, help="only the first N clips of the CSV")
     p.add_argument("--download-workers", type=int, default=4)
-    p.add_argument("--cpu-workers", type=int, default=1, help="processes for extraction + fbank")
+    p.add_argument("--cpu-workers", type=int, default=max(1, os.cpu_count() or 1),
+                   help="processes for extraction + fbank (default: one per core)")
     p.add_argument("--samples-per-shard", type=int, default=256,
                    help="sets the shard count at the split's first build; later builds keep it")
     p.add_argument("--frames", type=int, default=20, help="video frames per clip")

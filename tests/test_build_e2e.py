@@ -27,6 +27,8 @@ from pipeline.features import FbankConfig, compute_fbank
 from pipeline.ledger import Ledger
 from tests.media import Route
 
+pytestmark = pytest.mark.slow  # a reference build, a CLI build under Prefect, a killed build and its rerun, ...
+
 REPO = Path(__file__).resolve().parent.parent
 FRAMES = 4  # fewer frames than the default keeps the test quick; the default is covered by engineer B's tests
 
@@ -188,29 +190,37 @@ def test_build_killed_with_sigkill_and_rerun_gives_the_same_shards(reference, au
 
 def test_media_dir_builds_without_downloading(audiocaps_media, tmp_path):
     hits = sum(audiocaps_media.server.hits.values())
-    result = run_build(_config(audiocaps_media, tmp_path, media_dir=audiocaps_media.media_dir))
+    cfg = _config(audiocaps_media, tmp_path, media_dir=audiocaps_media.media_dir)
+    cfg.download.proxy = "http://alice:s3cret@127.0.0.1:9"  # unused without downloads; must not leak
+    result = run_build(cfg)
     assert sum(audiocaps_media.server.hits.values()) == hits
     with Ledger(tmp_path / "ledger.sqlite", "test") as ledger:
         reasons = {c.kind: ledger.get(c.key).reason for c in audiocaps_media.cases.values()}
     assert reasons["404"] == "media-not-found" and reasons["html"] == "undecodable"
     assert reasons["no-audio"] == "no-audio-stream" and reasons["48k-stereo"] is None
     assert result.counts["ok"] == len(audiocaps_media.ok_cases())
+    manifest_text = (tmp_path / "manifest.json").read_text()
+    assert "s3cret" not in manifest_text and "http://***@127.0.0.1:9" in manifest_text
 
 
-def test_exit_codes(audiocaps_media, media_server, tmp_path, monkeypatch):
+def test_exit_codes(audiocaps_media, media_server, tmp_path, monkeypatch, capsys):
     base = ["build", "--no-prefect", "--split", "test", "--frames", "2", "--max-retries", "0"]
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("not,a,header\n")
     assert flows.main(base + ["--csv", str(bad_csv), "--out", str(tmp_path / "a")]) == flows.EXIT_ERROR
+    assert "cannot read the clip list" in capsys.readouterr().err
     # A wrong template fails every clip: that must not pass quietly.
     wrong = media_server.url_template("/nowhere/")
     assert flows.main(base + ["--csv", str(audiocaps_media.csv_path), "--out", str(tmp_path / "b"),
                               "--url-template", wrong, "--limit", "3"]) == flows.EXIT_FAILURE_RATE
+    assert "100.0% of the clips failed" in capsys.readouterr().err
     media_server.routes["/wall/7fmOlUlwoNg.mp4"] = Route(status=429, reason="Sign in to confirm you're not a bot")
     assert flows.main(base + ["--csv", str(audiocaps_media.csv_path), "--out", str(tmp_path / "c"),
                               "--url-template", media_server.url_template("/wall/"), "--limit", "3",
                               "--download-workers", "1"]) == flows.EXIT_BOT_WALL
+    assert "bot wall" in capsys.readouterr().err
     with Ledger(tmp_path / "c" / "ledger.sqlite", "test") as ledger:
         assert ledger.counts()["pending"] == 3
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert flows.main(base + ["--csv", str(audiocaps_media.csv_path), "--out", str(tmp_path / "d")]) == flows.EXIT_ERROR
+    assert "ffmpeg and ffprobe not found" in capsys.readouterr().err

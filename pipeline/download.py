@@ -220,7 +220,8 @@ def download_clip(clip: Clip, cfg: DownloadConfig, media_dir: Path, pacer: Reque
             sleep(backoff_delay(attempt - 1, cfg))
         if pacer is not None:
             pacer.wait()
-        tmp = Path(tempfile.mkdtemp(prefix=f"{clip.key}-", dir=tmp_root))
+        # The pid in the name lets a later run tell a killed build's leftovers from a running build's work.
+        tmp = Path(tempfile.mkdtemp(prefix=f"{clip.key}.{os.getpid()}.", dir=tmp_root))
         try:
             ok, produced, message = _run_attempt(url, clip, cfg, tmp)
             if ok:
@@ -242,11 +243,34 @@ def download_clip(clip: Clip, cfg: DownloadConfig, media_dir: Path, pacer: Reque
     return last
 
 
+def remove_stale_attempts(media_dir: Path) -> int:
+    """Delete `media_dir/.tmp/{key}.{pid}.*` left by killed builds (their pid is gone); returns how many."""
+    removed = 0
+    tmp_root = Path(media_dir) / ".tmp"
+    if not tmp_root.is_dir():
+        return 0
+    for p in tmp_root.iterdir():
+        parts = p.name.split(".")
+        if len(parts) < 3 or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+            continue  # still running: another build's attempt
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed += 1
+    return removed
+
+
 def download_many(clips: list[Clip], cfg: DownloadConfig, media_dir: Path,
                   on_result: Callable[[Clip, DownloadResult], None] | None = None) -> DownloadBatch:
     """Download with `cfg.workers` threads; `on_result` sees each outcome as it lands (record it right away,
     so a killed build loses nothing). A bot wall stops new attempts; clips not started stay in `untried`."""
     batch = DownloadBatch()
+    remove_stale_attempts(media_dir)
     pacer = RequestPacer(cfg.sleep_s)
     queue = list(clips)
     stop = threading.Event()

@@ -1,10 +1,11 @@
 """Download stage against the real yt-dlp and ffmpeg, served from the loopback media server."""
+import os
 import subprocess
 
 import pytest
 
 from pipeline.download import (BotWallError, DownloadConfig, build_url, classify_error, download_clip,
-                               download_many, find_local_media, window_start)
+                               download_many, find_local_media, remove_stale_attempts, window_start)
 from pipeline.manifest import Clip
 from tests.media import MediaSpec, Route, make_media
 
@@ -122,6 +123,15 @@ def test_local_media_lookup_prefers_the_cut_clip(tmp_path):
     (tmp_path / "-NrFeH-kBSM_30.mp4").write_bytes(b"x")
     cut = find_local_media(clip, tmp_path)
     assert cut.name == "-NrFeH-kBSM_30.mp4" and window_start(clip, cut) == 0.0
+
+
+def test_leftovers_of_a_killed_attempt_are_removed_but_not_a_running_one(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / ".tmp" / f"AAAAAAAAAAA_0_10000.{dead.pid}.x1").mkdir(parents=True)
+    (tmp_path / ".tmp" / f"BBBBBBBBBBB_0_10000.{os.getpid()}.x2").mkdir()
+    assert remove_stale_attempts(tmp_path) == 1
+    assert [p.name.split(".")[0] for p in (tmp_path / ".tmp").iterdir()] == ["BBBBBBBBBBB_0_10000"]
 
 
 def test_templates_and_ids_are_checked_before_any_request():

@@ -37,7 +37,7 @@ Schema (format_version 1); every field is always present:
           "counts": {"ok": 1000, "failed-permanent": 3, "failed-transient": 0, "pending": 0},
           "failures": [{"key": "...", "status": "failed-permanent", "reason": "unavailable", "message": "..."}],
           "norm_stats": {"mean": -4.3, "std": 4.3, "count": 1234, "over": "real-frames"},  # or null
-          "changes": {"added": 0, "removed": 0, "retried": 0,
+          "changes": {"added": 0, "removed": 0, "retried": 0,   # samples vs the shards before this build
                       "shards_written": ["shards/train/train-00003.tar"], "shards_unchanged": 3,
                       "shards_removed": []}
         }
@@ -254,7 +254,8 @@ def make_split_manifest(*, split: str, config: dict, extract_cfg, fbank_cfg, inp
     message, e.g. the ledger's rows)."""
     validate_split(split)
     parts = fingerprint_parts(extract_cfg, fbank_cfg)
-    changes = changes or Changes()
+    # Added/removed samples come from the shards themselves; `retried` only the caller (the ledger) knows.
+    changes = changes or Changes(added=len(build.added_keys), removed=len(build.removed_keys))
     changes.shards_written = list(build.written)
     changes.shards_unchanged = len(build.unchanged)
     changes.shards_removed = list(build.removed)

@@ -309,6 +309,8 @@ class ShardBuildResult:
     removed: list[str] = field(default_factory=list)    # shards that became empty
     stats: FbankStats = field(default_factory=FbankStats)
     num_samples: int = 0
+    added_keys: list[str] = field(default_factory=list)    # samples not in the shards before this build
+    removed_keys: list[str] = field(default_factory=list)  # samples the shards held before and no longer do
 
 
 def write_shard(path: Path, samples: list[Sample]) -> tuple[str, int, bool]:
@@ -364,21 +366,39 @@ def build_shards(out_dir: Path, split: str, num_shards: int, keys: list[str] | N
     # Stream each shard straight from its staged files, in key order (groups are built from sorted keys).
     for idx in sorted(groups):
         name = shard_name(split, idx)
+        old_keys = _shard_keys(shards_dir / name)
         lazy = _LazySamples([staging / f"{k}.tar" for k in groups[idx]], result.stats)
         sha, size, written = _write_shard_stream(shards_dir / name, lazy)
         rel = (shards_dir / name).relative_to(out_dir).as_posix()
         result.shards.append(ShardInfo(path=rel, sha256=sha, bytes=size, num_samples=len(groups[idx])))
         (result.written if written else result.unchanged).append(rel)
         result.num_samples += len(groups[idx])
+        if written:
+            result.added_keys += sorted(set(groups[idx]) - old_keys)
+            result.removed_keys += sorted(old_keys - set(groups[idx]))
     pattern = shard_name_re(split)
     for p in sorted(shards_dir.iterdir()):
         m = pattern.match(p.name)
         if m and int(m.group(1)) not in groups:
+            result.removed_keys += sorted(_shard_keys(p))
             p.unlink()
             result.removed.append(p.relative_to(out_dir).as_posix())
+    result.added_keys.sort()
+    result.removed_keys.sort()
     if result.removed:
         _fsync_dir(shards_dir)
     return result
+
+
+def _shard_keys(path: Path) -> set[str]:
+    """Sample keys of an existing shard, from its tar headers only (tarfile seeks over the data)."""
+    if not path.exists():
+        return set()
+    try:
+        with tarfile.open(path, "r:") as tf:
+            return {name.split(".", 1)[0] for name in tf.getnames()}
+    except tarfile.TarError:
+        return set()  # a damaged old shard is simply replaced; its keys cannot be told apart
 
 
 def _write_shard_stream(path: Path, samples) -> tuple[str, int, bool]:

@@ -100,6 +100,14 @@ def test_second_split_is_added_and_rebuild_reuses_shard_count(tmp_path):
     m2 = load_dataset_manifest(out)
     assert m2.splits["val"] == m.splits["val"] and m2.splits["train"].num_samples == 11
     assert len(m2.splits["train"].changes.shards_written) == 1   # the new clip's shard only
+    assert m2.splits["train"].changes.added == 11   # _entry passes its own Changes(added=n)
+    # Without an explicit Changes, added/removed come from the shards: one sample removed here.
+    stage(out, [synthetic_sample(i) for i in range(10)])
+    build = build_shards(out, "train", 3, keys=[synthetic_sample(i).key for i in range(10)])
+    auto = make_split_manifest(split="train", config={}, extract_cfg=ExtractConfig(), fbank_cfg=FbankConfig(),
+                               inputs=[], samples_per_shard=4, num_shards=3, build=build, counts={"ok": 10},
+                               failures=[])
+    assert (auto.changes.added, auto.changes.removed) == (0, 1)
 
 
 def test_frames_disagreeing_across_splits_clear_the_shared_copy(tmp_path):

@@ -157,6 +157,8 @@ def test_adding_or_removing_a_clip_rewrites_only_its_shard(tmp_path):
     added = build_shards(tmp_path, "train", n, keys=[s.key for s in samples])
     target = f"shards/train/train-{shard_index(new.key, n):05d}.tar"
     assert added.written == [target] and len(added.unchanged) == len(first.shards) - (target in before and 1 or 0)
+    assert first.added_keys == sorted(s.key for s in samples[:15]) and first.removed_keys == []
+    assert added.added_keys == [new.key] and added.removed_keys == []
     for p in (tmp_path / "shards/train").iterdir():
         if p.name != Path(target).name:
             assert (p.stat().st_ino, p.stat().st_mtime_ns) == before[p.name]
@@ -165,6 +167,8 @@ def test_adding_or_removing_a_clip_rewrites_only_its_shard(tmp_path):
     keep = [s.key for s in samples if shard_index(s.key, n) != victim]
     removed = build_shards(tmp_path, "train", n, keys=keep)
     assert removed.removed == [f"shards/train/train-{victim:05d}.tar"] and removed.written == []
+    assert removed.removed_keys == sorted(s.key for s in samples if shard_index(s.key, n) == victim)
+    assert removed.added_keys == []
     assert not (tmp_path / removed.removed[0]).exists()
     # Same set again from a clean directory: identical bytes (order of history does not matter).
     other = tmp_path / "other"

@@ -31,11 +31,13 @@ def build_flow(cfg):
         # what is left to do). retries=0: backoff lives in pipeline.download only.
         return task(fn, name=name, retries=0, cache_policy=NO_CACHE, log_prints=True)(*args, **kwargs)
 
-    @flow(name="avcap-build", validate_parameters=False, log_prints=True)
-    def avcap_build(cfg):
+    # The config reaches the flow through the closure, not as a parameter: Prefect stores flow parameters in its
+    # database, and the config may hold proxy credentials.
+    @flow(name="avcap-build", flow_run_name=f"build-{cfg.split}", log_prints=True)
+    def avcap_build():
         return run_build(cfg, stage_runner=as_task)
 
-    return avcap_build(cfg)
+    return avcap_build()
 
 
 def _add_build_args(p: argparse.ArgumentParser) -> None:

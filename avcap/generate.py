@@ -211,7 +211,7 @@ def beam_search_features(model: AVCap, features: torch.Tensor, beam_size: int = 
             scores = (logp + beam_scores[:, None]).view(B, nb * V)
             top_scores, top_ids = torch.topk(scores, per_node_beam * nb, dim=1, largest=True, sorted=True)
             top_scores, top_ids = top_scores.tolist(), top_ids.tolist()
-            rows_np = input_ids.tolist() if any(not d for d in done) else None
+            histories = input_ids.tolist() if not all(done) else None
             next_score: list[float] = []
             next_word: list[int] = []
             next_beam: list[int] = []  # beam within the sample
@@ -228,7 +228,7 @@ def beam_search_features(model: AVCap, features: torch.Tensor, beam_size: int = 
                 for idx, score in zip(top_ids[b], top_scores[b]):
                     beam_id, word_id = divmod(idx, V)
                     if word_id == sep_id or last:
-                        hyps[b].add(rows_np[b * nb + beam_id][:cur_len], score)
+                        hyps[b].add(histories[b * nb + beam_id][:cur_len], score)
                     else:
                         sent.append((score, word_id, beam_id))
                     if len(sent) == nb:
@@ -273,8 +273,8 @@ def greedy_search_features(model: AVCap, features: torch.Tensor, max_steps: int 
         total = None
         keep = torch.zeros(B, 1, dtype=torch.long, device=device)
         for _ in range(max_steps - 2):
-            logp = F.log_softmax(stepper.step(tokens).to(torch.float64 if features.dtype == torch.float64
-                                                         else torch.float32), dim=-1)
+            logits = stepper.step(tokens)
+            logp = F.log_softmax(logits.to(_score_dtype(logits)), dim=-1)
             best_logp, word = logp.max(dim=-1)
             total = torch.zeros_like(best_logp) if total is None else total
             total = total + torch.where(finished, torch.zeros_like(best_logp), best_logp)

@@ -476,11 +476,9 @@ def audit_flow(out_dir: str, sample: int = 8, seed: int = 0, fbank_tolerance: fl
     create_markdown_artifact(markdown=report.to_markdown(), key="avcap-audit",
                              description=f"Reproducibility audit of {out_dir}")
     if not report.ok:
-        raise AuditFailed(f"audit of {out_dir} found {len(report.mismatches)} mismatches: "
-                          + "; ".join(str(m) for m in report.mismatches[:5]))
+        raise AuditFailed(f"audit of {out_dir} found {len(report.mismatches)} mismatches (report "
+                          f"{report.report_path}): " + "; ".join(str(m) for m in report.mismatches[:5]))
     return report.to_json()
-
-
 
 
 def add_audit_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -490,19 +488,40 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--seed", type=int, default=0, help="seed of the clip sample")
     parser.add_argument("--fbank-tolerance", type=float, default=2e-2,
                         help="max abs fbank difference allowed when the platform differs from the manifest's")
+    parser.add_argument("--no-prefect", action="store_true",
+                        help="run the audit directly, without a Prefect flow run (no artifact)")
     return parser
 
 
+def _latest_report(out: Path) -> dict:
+    reports = sorted((out / "audit").glob("audit-*.json"))
+    if not reports:
+        raise AuditError(f"{out}/audit: the audit wrote no report")
+    return json.loads(reports[-1].read_text())
+
+
 def audit_main(args: argparse.Namespace) -> int:
-    """Run the audit from parsed CLI arguments; print the findings; 0 when clean, 1 on any mismatch."""
-    report = run_audit(AuditConfig(args.out, sample=args.sample, seed=args.seed,
-                                   fbank_tolerance=args.fbank_tolerance))
-    print(f"audit {'passed' if report.ok else 'FAILED'}: {report.shards_checked} shards, "
-          f"{len(report.clips_sampled)} clips re-checked; fbank {report.fbank_comparison}")
-    for m in report.mismatches:
-        print(f"  {m}")
-    print(f"report: {report.report_path}")
-    return 0 if report.ok else 1
+    """`flows.py audit`: run the audit (as the audit_flow Prefect flow unless --no-prefect), print what it found.
+    Exit status 0 when clean, 1 on any mismatch, 2 when the audit could not run (no or unreadable manifest)."""
+    try:
+        if args.no_prefect:
+            d = run_audit(AuditConfig(args.out, sample=args.sample, seed=args.seed,
+                                      fbank_tolerance=args.fbank_tolerance)).to_json()
+        else:
+            try:
+                d = audit_flow(out_dir=str(args.out), sample=args.sample, seed=args.seed,
+                               fbank_tolerance=args.fbank_tolerance)
+            except AuditFailed:
+                d = _latest_report(args.out)   # the failed run's report: the newest one in DIR/audit
+    except AuditError as e:
+        print(f"audit could not run: {e}")
+        return 2
+    print(f"audit {'passed' if d['ok'] else 'FAILED'}: {d['shards_checked']} shards, "
+          f"{len(d['clips_sampled'])} clips re-checked; fbank {d['fbank_comparison']}")
+    for m in d["mismatches"]:
+        print(f"  [{m['check']}] {m['target']}: {m['message']}")
+    print(f"report: {d['report_path']}")
+    return 0 if d["ok"] else 1
 
 
 if __name__ == "__main__":

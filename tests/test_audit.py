@@ -71,7 +71,8 @@ def test_corrupt_byte_in_shard_is_named(ops_build, tmp_path):
     assert not report.ok
     assert ("shard-sha256", shard["path"]) in _found(report)
     assert all(m.target == shard["path"] for m in report.mismatches), [str(m) for m in report.mismatches]
-    args = add_audit_arguments(argparse.ArgumentParser()).parse_args(["--out", str(b.out_dir), "--sample", "0"])
+    args = add_audit_arguments(argparse.ArgumentParser()).parse_args(
+        ["--out", str(b.out_dir), "--sample", "0", "--no-prefect"])
     assert audit_main(args) == 1
 
 
@@ -170,6 +171,8 @@ def test_changed_media_is_named(ops_build, tmp_path):
 def test_no_manifest_is_a_clear_error(tmp_path):
     with pytest.raises(AuditError, match="no manifest.json"):
         run_audit(AuditConfig(tmp_path))
+    args = add_audit_arguments(argparse.ArgumentParser()).parse_args(["--out", str(tmp_path), "--no-prefect"])
+    assert audit_main(args) == 2
     with pytest.raises(ValueError, match="sample"):
         AuditConfig(tmp_path, sample=-5)
 

@@ -17,7 +17,7 @@ import pytest
 
 from pipeline.audit import audit_flow
 from pipeline.schedule import ScheduleConfig, make_deployments, rebuild_flow, task_runner_for
-from tests.fixtures_ops import ops_build  # noqa: F401  (fixture; also registrable as a plugin)
+from tests.fixtures_ops import copy_build, ops_build  # noqa: F401  (fixture; also registrable as a plugin)
 
 REPO = Path(__file__).resolve().parent.parent
 SERVER_START_S = 90
@@ -70,6 +70,10 @@ def prefect_server(tmp_path_factory, request):
     try:
         yield api, env
     finally:
+        # Flows run in this process queue their logs for the API: send them before the server goes away.
+        from prefect.logging.handlers import APILogHandler
+        with _settings(api):
+            APILogHandler().flush()
         _stop(proc)
         log.close()
 
@@ -154,6 +158,22 @@ def test_served_audit_deployment_runs_to_completion(prefect_server, ops_build, t
                     flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
         md = [a for a in arts if a.key == "avcap-audit"]
         assert md and md[0].type == "markdown" and "# Audit PASSED" in md[0].data
+
+        # A build with a damaged shard: the run fails (visible as failed in the UI) and its artifact names it.
+        bad = copy_build(ops_build, tmp_path / "bad")
+        shard = sorted((bad.out_dir / "shards" / "test").glob("*.tar"))[0]
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        shard.write_bytes(bytes(data))
+        with _settings(api):
+            run = run_deployment("avcap-audit/audit", parameters={"out_dir": str(bad.out_dir), "sample": 0},
+                                 timeout=RUN_TIMEOUT_S, poll_interval=1)
+            assert run.state is not None and run.state.is_failed(), run.state
+            with get_client(sync_client=True) as client:
+                arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+                    flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+        md = [a for a in arts if a.key == "avcap-audit"]
+        assert md and "# Audit FAILED" in md[0].data and f"shards/test/{shard.name}" in md[0].data
     finally:
         _stop(server)
         log.close()
@@ -214,3 +234,20 @@ def test_cpu_stage_on_two_dask_workers_gives_the_same_shards(prefect_server, ops
     split = load_dataset_manifest(ops_build.out_dir).splits["test"]
     result = build_shards(out, "test", split.num_shards)
     assert [(s.path, s.sha256) for s in result.shards] == [(s.path, s.sha256) for s in split.shards]
+
+
+def test_audit_cli_runs_the_flow_and_exits_nonzero_on_mismatch(prefect_server, ops_build, tmp_path, capsys):
+    """`flows.py audit` path (pipeline.audit.audit_main) through a Prefect flow run on the loopback server."""
+    import argparse
+
+    from pipeline.audit import add_audit_arguments, audit_main
+    api, _ = prefect_server
+    parse = add_audit_arguments(argparse.ArgumentParser()).parse_args
+    with _settings(api):
+        assert audit_main(parse(["--out", str(ops_build.out_dir), "--sample", "1"])) == 0
+        bad = copy_build(ops_build, tmp_path / "bad")
+        m = (bad.out_dir / "manifest.json")
+        m.write_text(m.read_text().replace('"torch": "', '"torch": "0.0.0-', 1))
+        assert audit_main(parse(["--out", str(bad.out_dir), "--sample", "0"])) == 1
+    out = capsys.readouterr().out
+    assert "audit passed" in out and "audit FAILED" in out and "[tool-version] torch" in out

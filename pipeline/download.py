@@ -128,7 +128,7 @@ _PERMANENT = [
 _TRANSIENT = [
     (r"timed out|timeout", "timeout"),
     (r"connection (reset|refused|aborted)|remote end closed|broken pipe|incomplete ?read|eof occurred"
-     r"|temporary failure in name resolution|network is unreachable|end of file", "network"),
+     r"|temporary failure in name resolution|network is unreachable|end of file|ends prematurely", "network"),
 ]
 _HTTP_STATUS = re.compile(r"(?:http error|server returned) (\d{3})")
 
@@ -334,7 +334,9 @@ def _run_attempt(url: str, clip: Clip, cfg: DownloadConfig, tmp: Path) -> tuple[
         return False, None, f"download worker exited {proc.returncode} without an answer: {_tail(err)}"
     if answer["ok"]:
         return True, Path(answer["path"]), ""
-    return False, None, answer["message"]
+    # yt-dlp only says "ffmpeg exited with code 1"; ffmpeg's own words (on the worker's stderr) name the cause.
+    tool = _tail(err, 1000).strip()
+    return False, None, answer["message"] + (f"\n{tool}" if tool else "")
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -402,7 +404,9 @@ def _worker_main() -> int:
         "allowed_extractors": job["extractors"],
         "cachedir": False,
         "overwrites": True,
-        "quiet": True, "no_warnings": False, "noprogress": True,
+        # Not quiet: yt-dlp would pass `-loglevel quiet` to ffmpeg, and ffmpeg's message is what names the cause
+        # of a failed section download. Everything goes to `log`, nothing to the terminal.
+        "quiet": False, "no_warnings": False, "noprogress": True,
         "logger": log,
     }
     if job["cookies"]:

@@ -77,6 +77,7 @@ class Route:
     fail_status: int = 429
     stall_s: float = 0.0         # sleep this long before answering (timeouts)
     reason: str | None = None    # HTTP reason phrase of error answers (clients quote it in their messages)
+    drop_after_bytes: int | None = None  # send this much of the body, then close the connection (a reset)
     headers: dict[str, str] = field(default_factory=dict)
     served: int = 0              # requests answered so far (maintained by the server)
 
@@ -205,7 +206,15 @@ class MediaServer:
                 for k, v in route.headers.items():
                     self.send_header(k, v)
                 self.end_headers()
-                if not head:
-                    self.wfile.write(data[start:end + 1])
+                if head:
+                    return
+                body = data[start:end + 1]
+                if route.drop_after_bytes is not None and route.drop_after_bytes < len(body):
+                    self.wfile.write(body[: route.drop_after_bytes])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(2)  # the client sees the body end early
+                    return
+                self.wfile.write(body)
 
         return Handler

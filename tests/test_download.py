@@ -125,6 +125,15 @@ def test_local_media_lookup_prefers_the_cut_clip(tmp_path):
     assert cut.name == "-NrFeH-kBSM_30.mp4" and window_start(clip, cut) == 0.0
 
 
+def test_a_connection_dropped_mid_body_is_a_transient_failure(media_server, tmp_path):
+    src = make_media(tmp_path / "src.mp4", MediaSpec(10))
+    media_server.routes["/drop/GGGGGGGGGGG.mp4"] = Route(file=src, drop_after_bytes=2000)
+    r = download_clip(Clip("GGGGGGGGGGG", 0), _cfg(media_server.url_template("/drop/"), max_retries=0), tmp_path)
+    assert (r.status, r.reason) == ("failed-transient", "network"), r
+    assert "prematurely" in r.message  # ffmpeg's own words are kept
+    assert not (tmp_path / "GGGGGGGGGGG_0_10000.mp4").exists()
+
+
 def test_leftovers_of_a_killed_attempt_are_removed_but_not_a_running_one(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()

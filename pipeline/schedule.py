@@ -128,3 +128,43 @@ def task_runner_for(dask_address: str | None, max_workers: int | None = None) ->
         from prefect_dask import DaskTaskRunner
         return DaskTaskRunner(address=dask_address)
     return ThreadPoolTaskRunner(max_workers=max_workers)
+
+
+def add_serve_arguments(parser) -> None:
+    """Arguments of `flows.py serve`."""
+    parser.add_argument("--out", required=True, help="output directory the deployments rebuild and audit")
+    parser.add_argument("--csv", required=True, action="append", help="AudioCaps CSV/JSON (repeat to merge)")
+    parser.add_argument("--split", required=True, help="split the rebuild makes: train, val, test, ...")
+    parser.add_argument("--cron", default="0 3 * * *", help="rebuild schedule (cron); 'none': only on demand")
+    parser.add_argument("--audit-cron", default="0 5 * * 0", help="audit schedule (cron); 'none': only on demand")
+    parser.add_argument("--timezone", default="UTC", help="IANA time zone of both schedules")
+    parser.add_argument("--media-dir", help="rebuild from media on disk instead of downloading")
+    parser.add_argument("--url-template", help="download URL with {youtube_id} (default: YouTube)")
+    parser.add_argument("--cpu-workers", type=int, default=1)
+    parser.add_argument("--publish", metavar="URL", help="publish each finished rebuild to this fsspec URL")
+    parser.add_argument("--audit-sample", type=int, default=8, help="clips each scheduled audit re-checks")
+    parser.add_argument("--limit", type=int, help="at most this many concurrent flow runs in this process")
+
+
+def serve_config_from_args(a) -> ScheduleConfig:
+    def cron(v: str | None) -> str | None:
+        return None if v is None or v.lower() == "none" else v
+    params: dict[str, Any] = {"csv": [str(Path(c).absolute()) for c in a.csv], "split": a.split,
+                              "cpu_workers": a.cpu_workers}
+    if a.media_dir:
+        params["media_dir"] = str(Path(a.media_dir).absolute())
+    if a.url_template:
+        params["url_template"] = a.url_template
+    if a.publish:
+        params["publish_url"] = a.publish
+    # Absolute paths: the served runs may start in another working directory than this command.
+    return ScheduleConfig(out_dir=str(Path(a.out).absolute()), rebuild_cron=cron(a.cron),
+                          audit_cron=cron(a.audit_cron), timezone=a.timezone, rebuild_parameters=params,
+                          audit_sample=a.audit_sample)
+
+
+def serve_main(a) -> int:
+    """`flows.py serve`: serve the rebuild and audit deployments until interrupted."""
+    from pipeline.audit import audit_flow
+    serve_deployments(make_deployments(rebuild_flow, audit_flow, serve_config_from_args(a)), limit=a.limit)
+    return 0

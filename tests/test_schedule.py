@@ -251,3 +251,40 @@ def test_audit_cli_runs_the_flow_and_exits_nonzero_on_mismatch(prefect_server, o
         assert audit_main(parse(["--out", str(bad.out_dir), "--sample", "0"])) == 1
     out = capsys.readouterr().out
     assert "audit passed" in out and "audit FAILED" in out and "[tool-version] torch" in out
+
+
+def test_serve_arguments_make_the_schedule_config(tmp_path):
+    import argparse
+
+    from pipeline.schedule import add_serve_arguments, serve_config_from_args
+    p = argparse.ArgumentParser()
+    add_serve_arguments(p)
+    cfg = serve_config_from_args(p.parse_args(["--out", "data", "--csv", "a.csv", "--csv", "b.csv", "--split", "train",
+                                               "--cron", "0 1 * * *", "--audit-cron", "none",
+                                               "--timezone", "Asia/Tokyo", "--publish", "s3://bucket/avcap"]))
+    assert cfg.out_dir == str(Path("data").absolute()) and cfg.rebuild_cron == "0 1 * * *"
+    assert cfg.audit_cron is None and cfg.timezone == "Asia/Tokyo"
+    assert cfg.rebuild_parameters == {"csv": [str(Path("a.csv").absolute()), str(Path("b.csv").absolute())],
+                                      "split": "train", "cpu_workers": 1, "publish_url": "s3://bucket/avcap"}
+    rebuild, audit = make_deployments(rebuild_flow, audit_flow, cfg)
+    assert audit.schedules == [] and rebuild.schedules[0].schedule.timezone == "Asia/Tokyo"
+
+
+def test_rebuild_flow_is_incremental_and_publishes(prefect_server, ops_build, tmp_path):
+    """The deployable rebuild on an up-to-date build: nothing is redone, shards keep their bytes, and the build
+    is published (shards, then the manifest)."""
+    from shards.manifest import load_dataset_manifest
+    api, _ = prefect_server
+    b = copy_build(ops_build, tmp_path / "out")
+    csv = ops_build.out_dir.parent / f"{ops_build.out_dir.name}-test.csv"
+    before = [(s.path, s.sha256) for s in load_dataset_manifest(b.out_dir).splits["test"].shards]
+    dest = tmp_path / "published"
+    with _settings(api):
+        summary = rebuild_flow(out_dir=str(b.out_dir), csv=[str(csv)], split="test",
+                               url_template="http://127.0.0.1:9/{youtube_id}.mp4", publish_url=f"file://{dest}")
+    assert summary["counts"]["ok"] == len(ops_build.keys) and summary["shards"] == len(before)
+    entry = load_dataset_manifest(b.out_dir).splits["test"]
+    assert [(s.path, s.sha256) for s in entry.shards] == before
+    assert entry.changes.shards_written == [] and entry.changes.shards_unchanged == len(before)
+    assert summary["publish"]["manifest_uploaded"] and len(summary["publish"]["uploaded"]) == len(before)
+    assert [(s.path, s.sha256) for s in load_dataset_manifest(f"file://{dest}").splits["test"].shards] == before

@@ -1,9 +1,13 @@
 """Scheduled rebuilds, audit deployments and the scale-out task runner.
 
-Deployments are built from flow objects passed in (the rebuild flow lives in flows.py, which imports this
-module; taking the flow as an argument avoids the import cycle). `serve_deployments` runs them in this
-process with `prefect.serve`, which polls the API for scheduled and manually triggered runs; that is what
-`python flows.py serve` calls.
+- `rebuild_flow`: the incremental rebuild as a deployable flow (module level, JSON parameters), then an
+  optional publish. Deployment parameters are stored in Prefect's database and shown in its UI, so no secret
+  is a parameter here (a proxy with credentials or cookies belongs in the serving process's environment).
+- `make_deployments(rebuild_flow, audit_flow, cfg)`: the two deployments with their cron schedules; the flows
+  are passed in so another rebuild flow can be deployed the same way.
+- `serve_deployments` / `serve_main`: `prefect.serve` in this process, which registers the deployments and
+  polls the API for scheduled and manually triggered runs (`python flows.py serve`).
+- `task_runner_for(address)`: prefect-dask's DaskTaskRunner on a running scheduler, or the local thread pool.
 """
 from __future__ import annotations
 

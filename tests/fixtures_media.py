@@ -17,7 +17,9 @@ import pytest
 
 from tests.media import HTML_PAGE, MediaServer, MediaSpec, Route, make_media
 
-AUDIOCAPS_TEST_CSV = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "audiocaps" / "test.csv"
+from tests.conftest import AUDIOCAPS_DIR
+
+AUDIOCAPS_TEST_CSV = AUDIOCAPS_DIR / "test.csv"
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """A deterministic synthetic audio-visual captioning dataset, made with ffmpeg's lavfi sources and espeak-ng.
 
 Every clip pairs one sound class (tones, noise, beeping rhythms, speech) with one picture class (colour
-screens, a moving square, a test pattern, a cellular automaton). Its five captions describe both, worded
-differently, so a tiny captioner can learn to name the sound from the audio and the picture from the frames,
-and a constant caption cannot score well.
+screens, a moving square, a test pattern, a cellular automaton). Its five captions name both, in five
+wordings, so a tiny captioner can learn to name the sound from the audio and the picture from the frames, and a
+constant caption cannot score well.
 
 Each file is an AudioCaps-shaped download: an mp4 (h264 + aac, faststart) that is `start_time + 10 s` plus a
 short tail long, grey and silent before `start_time`, so a pipeline that ignores the start offset sees wrong
@@ -39,48 +39,34 @@ class ContentClass:
     needs_speech: bool = False
 
 
+# One plain phrase per class: a tiny model trained for a few CPU minutes learns to name what it hears and sees
+# much sooner when each class has one name (richer synonym sets kept it guessing the wording instead).
 AUDIO_CLASSES: tuple[ContentClass, ...] = (
-    ContentClass("low_tone", ("a low pitched tone hums", "a deep steady hum plays", "a low tone drones",
-                              "a constant low hum sounds", "a deep tone plays steadily")),
-    ContentClass("high_tone", ("a high pitched tone rings", "a shrill whistle sounds", "a high tone plays steadily",
-                               "a piercing high whine rings", "a constant high pitched whistle sounds")),
-    ContentClass("white_noise", ("static hisses", "white noise hisses loudly", "a steady hiss of static plays",
-                                 "loud static noise plays", "hissing static fills the air")),
-    ContentClass("fast_beeps", ("rapid beeps repeat", "fast beeping sounds", "a quick series of beeps plays",
-                                "an alarm beeps rapidly", "beeps repeat quickly")),
-    ContentClass("slow_beeps", ("slow beeps repeat", "a beep sounds about once a second", "slow steady beeping plays",
-                                "a slow series of beeps plays", "a beeper chirps slowly")),
-    ContentClass("man_speaks", ("a man speaks", "a man talks", "a male voice speaks", "a man is talking",
-                                "a deep male voice talks"), needs_speech=True),
-    ContentClass("woman_speaks", ("a woman speaks", "a woman talks", "a female voice speaks", "a woman is talking",
-                                  "a high female voice talks"), needs_speech=True),
+    ContentClass("low_tone", ("a low tone",)),
+    ContentClass("high_tone", ("a high tone",)),
+    ContentClass("white_noise", ("static noise",)),
+    ContentClass("fast_beeps", ("fast beeps",)),
+    ContentClass("slow_beeps", ("slow beeps",)),
+    ContentClass("man_speaks", ("a man speaking",), needs_speech=True),
+    ContentClass("woman_speaks", ("a woman speaking",), needs_speech=True),
 )
 
 VISUAL_CLASSES: tuple[ContentClass, ...] = (
-    ContentClass("red", ("a red screen", "a solid red background", "a plain red frame", "an all red picture",
-                         "a bright red display")),
-    ContentClass("green", ("a green screen", "a solid green background", "a plain green frame",
-                           "an all green picture", "a bright green display")),
-    ContentClass("blue", ("a blue screen", "a solid blue background", "a plain blue frame", "an all blue picture",
-                          "a bright blue display")),
-    ContentClass("square", ("a white square moving across a black screen", "a white box sliding over black",
-                            "a small white block gliding across a dark screen",
-                            "a bright square moving sideways on black", "a white square drifting over a dark background")),
-    ContentClass("test_pattern", ("a colorful test pattern", "a television test card",
-                                  "a test pattern of colored bars", "a bright striped test card",
-                                  "a rainbow test pattern")),
-    ContentClass("cells", ("flickering white cells on black", "a grid of tiny flickering dots",
-                           "a speckled black and white pattern", "swarming white specks on black",
-                           "a noisy pattern of small white cells")),
+    ContentClass("red", ("a red screen",)),
+    ContentClass("green", ("a green screen",)),
+    ContentClass("blue", ("a blue screen",)),
+    ContentClass("square", ("a moving square",)),
+    ContentClass("test_pattern", ("a test pattern",)),
+    ContentClass("cells", ("flickering cells",)),
 )
 
 # One template per caption slot so the five captions of a clip are worded five different ways.
 CAPTION_TEMPLATES: tuple[str, ...] = (
+    "{a} with {v}",
+    "{v} with {a}",
+    "{a} and {v}",
+    "{v} and {a}",
     "{a} while {v} is shown",
-    "{v} is on screen as {a}",
-    "{a} over {v}",
-    "{a} and {v} is displayed",
-    "{v} appears while {a}",
 )
 
 SPEECH_WORDS = ("the weather is nice today", "please open the window", "we will meet at the station",

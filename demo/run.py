@@ -47,7 +47,7 @@ class DemoConfig:
     steps: int = 320                 # optimizer steps (each: nproc x batch_size clips)
     batch_size: int = 8              # per process
     nproc: int = 2                   # torchrun processes (gloo on CPU)
-    lr: float = 1e-3
+    lr: float = 2e-3
     evals: int = 4                   # validations during training (best checkpoint by val CIDEr-D)
     seed: int = 0
     vocab_size: int = 400
@@ -308,9 +308,10 @@ def _run(cmd: list[str], what: str, log_path: Path, env: dict[str, str] | None =
     full_env = {**os.environ, **(env or {})}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for line in iter(proc.stdout.readline, b""):
-            log.write(line)
-            sys.stdout.buffer.write(line)
+        # Chunks, not lines: tqdm redraws its bar with carriage returns and no newline.
+        while chunk := proc.stdout.read1(1 << 16):
+            log.write(chunk)
+            sys.stdout.buffer.write(chunk)
             sys.stdout.flush()
         code = proc.wait()
     if code != 0:

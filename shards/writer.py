@@ -15,6 +15,12 @@ manifest, so adding or removing a clip changes exactly one shard. Inside a shard
 members by name; tar headers are normalized (mtime 0, uid/gid 0, empty user/group names, mode 0644), so the same
 samples always give the same bytes. A shard is written to `.{name}.tmp-*` (never matching the shard name
 pattern), fsynced and renamed over the old file; a shard whose bytes would not change is left untouched.
+
+Member index: next to each shard, `{split}-{i:05d}.idx.json` (shards.index) gives every sample's member data
+offsets and sizes and the shard's size and sha256, so the loader reads only the members it uses. It is derived
+from the finished temp file and written (atomically, only if its bytes change) just before the shard is renamed
+into place: a build killed in between leaves an index naming a sha256 that the manifest does not, which the
+loader refuses, and a rerun rewrites it. Same shard bytes, same index bytes.
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ import soundfile as sf
 import webdataset as wds
 
 from pipeline.features import FbankStats
+from shards.index import ShardIndex, index_path, scan_tar
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]{11}_\d+_\d+$")
 SPLIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -294,11 +301,20 @@ def stage_clip(media_path: Path, start_time: int, meta: dict, out_path: Path, ex
 # ---------------------------------------------------------------- shards
 
 @dataclass
+class IndexInfo:
+    """The member index sidecar of a shard (shards.index)."""
+    path: str          # relative to the output directory, posix
+    sha256: str
+    bytes: int
+
+
+@dataclass
 class ShardInfo:
     path: str          # relative to the output directory, posix
     sha256: str
     bytes: int
     num_samples: int
+    index: IndexInfo | None = None
 
 
 @dataclass
@@ -314,7 +330,7 @@ class ShardBuildResult:
 
 
 def write_shard(path: Path, samples: list[Sample]) -> tuple[str, int, bool]:
-    """Write `samples` (sorted here by key) as one shard; returns (sha256, bytes, written).
+    """Write `samples` (sorted here by key) as one shard, and its member index; returns (sha256, bytes, written).
 
     When `path` already holds exactly these bytes it is left untouched (written=False).
     """
@@ -324,7 +340,36 @@ def write_shard(path: Path, samples: list[Sample]) -> tuple[str, int, bool]:
     if len(set(keys)) != len(keys):
         raise ValueError(f"shard {path.name}: duplicate sample keys")
     path.parent.mkdir(parents=True, exist_ok=True)
-    return _write_shard_stream(path, samples)
+    sha, size, written, _ = _write_shard_stream(path, samples)
+    return sha, size, written
+
+
+def write_shard_index(shard_path: Path, sha256: str | None = None, scan_path: Path | None = None
+                      ) -> tuple[str, int]:
+    """Write the member index sidecar of `shard_path` (atomic; untouched if its bytes would not change).
+
+    `scan_path`: read the headers there instead (the writer's temp file, same bytes as the shard will have).
+    Returns the sidecar's (sha256, bytes), as the manifest records them.
+    """
+    shard_path = Path(shard_path)
+    index = scan_tar(scan_path or shard_path, sha256)
+    index.shard = shard_path.name
+    data = index.to_json()
+    sidecar = index_path(shard_path)
+    if not (sidecar.exists() and sidecar.stat().st_size == len(data) and sidecar.read_bytes() == data):
+        atomic_write_bytes(sidecar, data)
+    return hashlib.sha256(data).hexdigest(), len(data)
+
+
+def _current_index(shard_path: Path, sha256: str, size: int) -> tuple[str, int] | None:
+    """(sha256, bytes) of the existing sidecar when it already describes this shard, else None."""
+    sidecar = index_path(shard_path)
+    try:
+        data = sidecar.read_bytes()
+        ShardIndex.from_json(data, str(sidecar)).check_shard(shard_path.name, size, sha256, str(sidecar))
+    except (OSError, ValueError):
+        return None
+    return hashlib.sha256(data).hexdigest(), len(data)
 
 
 class _LazySamples:
@@ -368,9 +413,12 @@ def build_shards(out_dir: Path, split: str, num_shards: int, keys: list[str] | N
         name = shard_name(split, idx)
         old_keys = _shard_keys(shards_dir / name)
         lazy = _LazySamples([staging / f"{k}.tar" for k in groups[idx]], result.stats)
-        sha, size, written = _write_shard_stream(shards_dir / name, lazy)
+        sha, size, written, (idx_sha, idx_size) = _write_shard_stream(shards_dir / name, lazy)
         rel = (shards_dir / name).relative_to(out_dir).as_posix()
-        result.shards.append(ShardInfo(path=rel, sha256=sha, bytes=size, num_samples=len(groups[idx])))
+        index = IndexInfo(path=index_path(shards_dir / name).relative_to(out_dir).as_posix(), sha256=idx_sha,
+                          bytes=idx_size)
+        result.shards.append(ShardInfo(path=rel, sha256=sha, bytes=size, num_samples=len(groups[idx]),
+                                       index=index))
         (result.written if written else result.unchanged).append(rel)
         result.num_samples += len(groups[idx])
         if written:
@@ -382,6 +430,7 @@ def build_shards(out_dir: Path, split: str, num_shards: int, keys: list[str] | N
         if m and int(m.group(1)) not in groups:
             result.removed_keys += sorted(_shard_keys(p))
             p.unlink()
+            index_path(p).unlink(missing_ok=True)
             result.removed.append(p.relative_to(out_dir).as_posix())
     result.added_keys.sort()
     result.removed_keys.sort()
@@ -401,8 +450,12 @@ def _shard_keys(path: Path) -> set[str]:
         return set()  # a damaged old shard is simply replaced; its keys cannot be told apart
 
 
-def _write_shard_stream(path: Path, samples) -> tuple[str, int, bool]:
-    """Write samples (already in key order) to a temp file; rename over `path` only if the bytes differ."""
+def _write_shard_stream(path: Path, samples) -> tuple[str, int, bool, tuple[str, int]]:
+    """Write samples (already in key order) to a temp file; rename over `path` only if the bytes differ.
+
+    The member index goes first (from the temp file), then the shard: see the module docstring for why.
+    Returns (sha256, bytes, written, (index sha256, index bytes)).
+    """
     tmp = _tmp_path(path)
     try:
         with open(tmp, "wb") as f:
@@ -412,10 +465,12 @@ def _write_shard_stream(path: Path, samples) -> tuple[str, int, bool]:
             os.fsync(f.fileno())
         sha, size = hf.sha.hexdigest(), hf.size
         if path.exists() and path.stat().st_size == size and file_sha256(path) == sha:
-            return sha, size, False
+            index = _current_index(path, sha, size) or write_shard_index(path, sha, scan_path=tmp)
+            return sha, size, False, index
+        index = write_shard_index(path, sha, scan_path=tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-        return sha, size, True
+        return sha, size, True, index
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -20,6 +20,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.features import compute_fbank, num_fbank_frames
+from shards.index import ShardIndex, index_path
 from shards.writer import (Sample, build_shards, decode_flac, encode_flac, encode_sample, num_shards_for,
                            read_staged_sample, shard_index, shard_name_re, stage_clip, staged_path, write_shard,
                            write_staged_sample)
@@ -159,8 +160,8 @@ def test_adding_or_removing_a_clip_rewrites_only_its_shard(tmp_path):
     assert added.written == [target] and len(added.unchanged) == len(first.shards) - (target in before and 1 or 0)
     assert first.added_keys == sorted(s.key for s in samples[:15]) and first.removed_keys == []
     assert added.added_keys == [new.key] and added.removed_keys == []
-    for p in (tmp_path / "shards/train").iterdir():
-        if p.name != Path(target).name:
+    for p in (tmp_path / "shards/train").iterdir():   # other shards and their indexes untouched
+        if p.name not in (Path(target).name, index_path(Path(target)).name):
             assert (p.stat().st_ino, p.stat().st_mtime_ns) == before[p.name]
     # Remove every clip of one shard: that shard file goes, the rest stay untouched.
     victim = shard_index(samples[0].key, n)
@@ -170,6 +171,7 @@ def test_adding_or_removing_a_clip_rewrites_only_its_shard(tmp_path):
     assert removed.removed_keys == sorted(s.key for s in samples if shard_index(s.key, n) == victim)
     assert removed.added_keys == []
     assert not (tmp_path / removed.removed[0]).exists()
+    assert not index_path(tmp_path / removed.removed[0]).exists()   # its index goes with it
     # Same set again from a clean directory: identical bytes (order of history does not matter).
     other = tmp_path / "other"
     stage(other, samples)
@@ -232,3 +234,42 @@ def test_sample_json_is_canonical():
     s = synthetic_sample(4)
     raw = s.members["json"]
     assert raw == json.dumps(json.loads(raw), sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def test_member_index_matches_the_tar_members_and_is_deterministic(tmp_path):
+    samples = [synthetic_sample(i) for i in range(7)]
+    a, b = tmp_path / "a", tmp_path / "b"
+    stage(a, samples)
+    stage(b, list(reversed(samples)))
+    ra, rb = build_shards(a, "train", 2), build_shards(b, "train", 2)
+    assert [s.index for s in ra.shards] == [s.index for s in rb.shards]
+    for info in ra.shards:
+        shard, sidecar = a / info.path, a / info.index.path
+        assert sidecar == index_path(shard) and sidecar.name == shard.name.replace(".tar", ".idx.json")
+        data = sidecar.read_bytes()
+        assert data == (b / info.index.path).read_bytes()    # same shard, same index bytes
+        assert (hashlib.sha256(data).hexdigest(), len(data)) == (info.index.sha256, info.index.bytes)
+        index = ShardIndex.from_json(data, str(sidecar))
+        assert (index.shard, index.shard_bytes, index.shard_sha256) == (shard.name, info.bytes, info.sha256)
+        blob = shard.read_bytes()
+        with tarfile.open(shard) as tf:
+            members = [(m.name, m.offset_data, m.size) for m in tf]
+        assert index.keys == sorted({n.split(".", 1)[0] for n, _, _ in members}) and len(index) == info.num_samples
+        listed = {(f"{k}.{suffix}", off, size) for i, k in enumerate(index.keys)
+                  for suffix, (off, size) in index.sample(i).items()}
+        assert listed == set(members)
+        by_key = {s.key: s for s in samples}
+        for i, k in enumerate(index.keys):
+            assert {suffix: blob[off:off + size] for suffix, (off, size) in index.sample(i).items()} == \
+                   by_key[k].members
+    # A shard built before indexes existed (no sidecar) gets its index on the next build, bytes untouched.
+    first = a / ra.shards[0].path
+    stat = (first.stat().st_ino, first.stat().st_mtime_ns)
+    index_path(first).unlink()
+    again = build_shards(a, "train", 2)
+    assert again.written == [] and (first.stat().st_ino, first.stat().st_mtime_ns) == stat
+    assert again.shards == ra.shards and index_path(first).read_bytes() == (b / ra.shards[0].index.path).read_bytes()
+    # A sidecar that describes other bytes (a stale one) is replaced.
+    index_path(first).write_bytes((a / ra.shards[1].index.path).read_bytes())
+    assert build_shards(a, "train", 2).shards == ra.shards
+    assert index_path(first).read_bytes() == (b / ra.shards[0].index.path).read_bytes()

@@ -4,10 +4,10 @@ One file per output directory; one entry per split under `splits` (building anot
 or replaces only that split's entry). Written atomically (temp file, fsync, rename) under a lock file, so two
 splits built at once into one DIR do not lose each other's entry.
 
-Schema (format_version 1); every field is always present:
+Schema (format_version 2); every field is always present:
 
     {
-      "format_version": 1,
+      "format_version": 2,
       "frames_per_clip": 20,            # copies of fingerprint_parts.extract.frames / .fbank, present while all
       "fbank": {...},                   # splits agree, else null
       "splits": {
@@ -33,7 +33,8 @@ Schema (format_version 1); every field is always present:
           "samples_per_shard": 256,     # the setting at the split's first build
           "num_shards": 4,              # fixed at the split's first build; later builds reuse it
           "num_samples": 1000,          # samples in the shards (= counts["ok"] after a full build)
-          "shards": [{"path": "shards/train/train-00000.tar", "sha256": "...", "bytes": 1, "num_samples": 1}],
+          "shards": [{"path": "shards/train/train-00000.tar", "sha256": "...", "bytes": 1, "num_samples": 1,
+                      "index": {"path": "shards/train/train-00000.idx.json", "sha256": "...", "bytes": 1}}],
           "counts": {"ok": 1000, "failed-permanent": 3, "failed-transient": 0, "pending": 0},
           "failures": [{"key": "...", "status": "failed-permanent", "reason": "unavailable", "message": "..."}],
           "norm_stats": {"mean": -4.3, "std": 4.3, "count": 1234, "over": "real-frames"},  # or null
@@ -43,6 +44,11 @@ Schema (format_version 1); every field is always present:
         }
       }
     }
+
+Versions: 2 added each shard's member index sidecar (`index`, see shards.index; null when a shard has none), so
+the loader reads only the members it uses. Version 1 manifests (no `index`) are still read: their shards load
+by header parsing. Writing an entry into a version 1 manifest rewrites the file as version 2 (its older splits
+keep `index: null` until rebuilt).
 
 `norm_stats` is the mean/std of fbank values over the real (unpadded) frames of every sample of the split (the
 fbank as stored: float16); padding rows are excluded because their amount depends on clip lengths, not audio.
@@ -66,7 +72,8 @@ from typing import Any
 
 from shards.writer import ShardBuildResult, atomic_write_bytes, file_sha256, num_shards_for, validate_split
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)   # 1: shards without a member index
 SAMPLE_FORMAT_VERSION = 1   # bump when the member layout of a sample changes
 MANIFEST_NAME = "manifest.json"
 STATUSES = ("ok", "failed-permanent", "failed-transient", "pending")
@@ -75,11 +82,27 @@ _URL_USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userin
 
 
 @dataclass
+class IndexEntry:
+    """A shard's member index sidecar (shards.index)."""
+    path: str
+    sha256: str
+    bytes: int
+
+
+@dataclass
 class ShardEntry:
     path: str
     sha256: str
     bytes: int
     num_samples: int
+    index: IndexEntry | None = None   # format_version >= 2
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ShardEntry":
+        d = dict(d)
+        if d.get("index") is not None:
+            d["index"] = IndexEntry(**d["index"])
+        return cls(**d)
 
 
 @dataclass
@@ -141,7 +164,7 @@ class SplitManifest:
             raise ValueError(f"{where}: split entry lacks fields {sorted(missing)}")
         d = {k: d[k] for k in names}
         d["inputs"] = [InputFile(**x) for x in d["inputs"]]
-        d["shards"] = [ShardEntry(**x) for x in d["shards"]]
+        d["shards"] = [ShardEntry.from_dict(x) for x in d["shards"]]
         d["failures"] = [Failure(**x) for x in d["failures"]]
         d["norm_stats"] = NormStats(**d["norm_stats"]) if d["norm_stats"] is not None else None
         d["changes"] = Changes(**d["changes"])
@@ -171,9 +194,10 @@ class DatasetManifest:
         if not isinstance(d, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMAT_VERSIONS:
             raise ValueError(f"{where}: format_version {version!r} is not supported (this code reads "
-                             f"{FORMAT_VERSION}); rebuild the dataset or use a matching version of this code")
+                             f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}); rebuild the dataset or use a "
+                             f"matching version of this code")
         splits = d.get("splits")
         if not isinstance(splits, dict):
             raise ValueError(f"{where}: 'splits' must be an object")
@@ -265,7 +289,7 @@ def make_split_manifest(*, split: str, config: dict, extract_cfg, fbank_cfg, inp
         split=split, config=redact(config), fingerprint=fingerprint(parts), fingerprint_parts=parts,
         tool_versions=tool_versions(ffmpeg_bin), inputs=[input_file(p) for p in inputs],
         samples_per_shard=samples_per_shard, num_shards=num_shards, num_samples=build.num_samples,
-        shards=[ShardEntry(**asdict(s)) for s in build.shards],
+        shards=[ShardEntry.from_dict(asdict(s)) for s in build.shards],
         counts={s: int(counts.get(s, 0)) for s in STATUSES} | {k: int(v) for k, v in counts.items()},
         failures=sorted((_failure(f) for f in failures), key=lambda f: f.key), norm_stats=norm, changes=changes,
         updated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -318,6 +342,7 @@ def write_dataset_manifest(out_dir: Path, entry: SplitManifest) -> DatasetManife
         manifest = load_dataset_manifest(path) if path.exists() else DatasetManifest()
         manifest.splits[entry.split] = entry
         manifest.splits = dict(sorted(manifest.splits.items()))
+        manifest.format_version = FORMAT_VERSION   # an older file is upgraded; its other splits stay readable
         manifest.refresh_shared()
         atomic_write_bytes(path, manifest.to_json())
     return manifest

@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.extract import ExtractConfig
 from pipeline.features import FbankConfig
@@ -55,6 +56,9 @@ def test_manifest_roundtrip_schema_and_contents(tmp_path):
         data = (out / s.path).read_bytes()
         assert s.path.startswith("shards/train/train-") and hashlib.sha256(data).hexdigest() == s.sha256
         assert len(data) == s.bytes
+        index = (out / s.index.path).read_bytes()   # format 2: each shard's member index, with its checksum
+        assert s.index.path == s.path[: -len(".tar")] + ".idx.json"
+        assert (hashlib.sha256(index).hexdigest(), len(index)) == (s.index.sha256, s.index.bytes)
     assert sum(s.num_samples for s in t.shards) == 10
     # Secrets redacted; the cookies path kept.
     assert t.config["proxy"] == "http://***@proxy:3128" and t.config["api_token"] == "***"
@@ -148,3 +152,32 @@ def test_redact_nested_and_untouched_values():
     assert r == {"download": {"proxy": "socks5://***@h:1080", "password": "***", "urls": ["https://***@a/b", "c"]},
                  "frames": 20, "token": None}
     assert cfg["download"]["password"] == "x"   # the input is not modified
+
+
+def test_format_1_manifest_still_loads_and_is_upgraded_when_written(tmp_path):
+    """A manifest from before member indexes (format_version 1, no `index` per shard) loads; the loader reads
+    its shards by header parsing; adding a split rewrites it as format 2 with the old split's index null."""
+    from shards.loader import LoaderConfig, load_split, make_loader
+    out = tmp_path / "ds"
+    write_dataset_manifest(out, _entry(out, "train", 0, 6, tmp_path)[1])
+    batches_v2 = list(make_loader(LoaderConfig(data=str(out), split="train", batch_size=2, num_workers=0,
+                                               train=False))[0])
+    raw = json.loads((out / "manifest.json").read_text())
+    raw["format_version"] = 1
+    for s in raw["splits"]["train"]["shards"]:
+        del s["index"]
+        (out / s["path"].replace(".tar", ".idx.json")).unlink()   # as a format-1 build left it
+    (out / "manifest.json").write_text(json.dumps(raw))
+    m = load_dataset_manifest(out)
+    assert m.format_version == 1 and all(s.index is None for s in m.splits["train"].shards)
+    assert all(s.index_url is None for s in load_split(str(out), "train").shards)
+    batches_v1 = list(make_loader(LoaderConfig(data=str(out), split="train", batch_size=2, num_workers=0,
+                                               train=False))[0])
+    assert [b["keys"] for b in batches_v1] == [b["keys"] for b in batches_v2]
+    assert all(torch.equal(a["fbank"], b["fbank"]) and torch.equal(a["frames"], b["frames"])
+               for a, b in zip(batches_v1, batches_v2))
+    written = write_dataset_manifest(out, _entry(out, "val", 100, 2, tmp_path)[1])
+    raw = json.loads((out / "manifest.json").read_text())
+    assert raw["format_version"] == FORMAT_VERSION == written.format_version == 2
+    assert all(s["index"] is None for s in raw["splits"]["train"]["shards"])
+    assert all(s["index"]["path"].endswith(".idx.json") for s in raw["splits"]["val"]["shards"])

@@ -1,6 +1,7 @@
 """shards.loader on small real shards: batch counts per rank, exact-once eval, resume, damaged shards, URLs."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections import Counter
@@ -162,3 +163,133 @@ def test_bad_manifest_inputs_are_named(tiny_shards, tmp_path):
     assert batches_per_epoch(info, world_size=2, num_workers=2, batch_size=3, train=True) == 2
     with pytest.raises(ValueError, match="num_frames=21 but the dataset has 20"):
         make_loader(LoaderConfig(data=str(tiny_shards), num_frames=21, num_workers=0))
+
+
+# -----------------------------------------------------------------------------
+# member index (manifest format 2): the indexed reader
+
+def _add_member_indexes(root):
+    """Give every shard of a hand-made dataset its member index sidecar and a format-2 manifest entry."""
+    from shards.index import index_path
+    from shards.writer import file_sha256, write_shard_index
+    m = json.loads((root / "manifest.json").read_text())
+    m["format_version"] = 2
+    for entries in m["splits"].values():
+        for s in entries["shards"]:
+            path = root / s["path"]
+            s["sha256"] = file_sha256(path)
+            idx_sha, idx_bytes = write_shard_index(path)
+            s["index"] = {"path": index_path(path).relative_to(root).as_posix(), "sha256": idx_sha,
+                          "bytes": idx_bytes}
+    (root / "manifest.json").write_text(json.dumps(m, indent=1))
+    return root
+
+
+@pytest.fixture(scope="module")
+def indexed_shards(tmp_path_factory):
+    """The tiny_shards layout again (same clips, same bytes), with member indexes."""
+    return _add_member_indexes(build_dataset(tmp_path_factory.mktemp("indexed"), {"train": [5, 2, 9], "val": [7]}))
+
+
+def _batches_as_data(per_rank):
+    return [[(b["keys"], b["frame_index"].tolist(), b["caption"], b["valid"].tolist(), b["fbank"].clone(),
+              b["frames"].clone()) for b in r] for r in per_rank]
+
+
+def _same(a, b):
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert len(ra) == len(rb)
+        for x, y in zip(ra, rb):
+            assert x[:4] == y[:4] and torch.equal(x[4], y[4]) and torch.equal(x[5], y[5])
+
+
+def _rewrite_manifest(root, edit):
+    m = json.loads((root / "manifest.json").read_text())
+    edit(m)
+    (root / "manifest.json").write_text(json.dumps(m))
+
+
+def _flac_header_offsets(path):
+    import tarfile
+    with tarfile.open(path) as tf:
+        return [ti.offset for ti in tf if ti.name.endswith(".flac")]
+
+
+def test_indexed_reader_gives_the_same_batches_and_never_parses_unused_headers(tiny_shards, indexed_shards,
+                                                                              tmp_path):
+    from shards.loader import IndexedShardReader
+    info = load_split(str(indexed_shards), "train")
+    assert all(s.index_url and s.sha256 and s.bytes for s in info.shards)
+    reader = IndexedShardReader(info.shards[0])
+    assert len(reader) == 5
+    reader.close()
+    for cfg in (LoaderConfig(data="", split="train", batch_size=3, num_workers=0, seed=7, shuffle_buffer=4,
+                             num_frames=4),
+                LoaderConfig(data="", split="val", batch_size=2, num_workers=2, train=False)):
+        plain = _batches_as_data(run_epoch(LoaderConfig(**{**cfg.__dict__, "data": str(tiny_shards)}), 2))
+        indexed = run_epoch(LoaderConfig(**{**cfg.__dict__, "data": str(indexed_shards)}), 2)
+        for r in indexed:
+            for b in r:
+                check_batch_content(b)
+        _same(plain, _batches_as_data(indexed))
+    # Wreck the header of every (never used) flac member in a copy: the indexed reader does not notice, the
+    # header-parsing reader (same shards, manifest without the index) does. The manifest still records the
+    # original sha256: the loader does not hash whole shards, it compares the index's record with the manifest.
+    root = tmp_path / "wrecked"
+    shutil.copytree(indexed_shards, root)
+    shard = root / "shards" / "val" / "val-00000.tar"
+    data = bytearray(shard.read_bytes())
+    for off in _flac_header_offsets(shard):
+        data[off + 257: off + 262] = b"XXXXX"   # ustar magic gone and checksum now wrong
+    shard.write_bytes(bytes(data))
+    cfg = LoaderConfig(data=str(root), split="val", batch_size=7, num_workers=0, train=False)
+    (batches,) = run_epoch(cfg, 1)
+    assert sorted(clip_number(k) for k in batches[0]["keys"]) == sorted(VAL_CLIPS)
+    _rewrite_manifest(root, lambda m: m["splits"]["val"]["shards"][0].update(index=None))
+    with pytest.raises(ShardError, match="val-00000.tar: corrupt tar header"):
+        run_epoch(cfg, 1)
+
+
+def test_stale_or_mismatched_index_is_detected_and_names_the_shard(indexed_shards, tmp_path):
+    from shards.loader import ShardIndexError
+    cfg = LoaderConfig(data="", split="val", batch_size=7, num_workers=0, train=False)
+
+    def fresh(name):
+        root = tmp_path / name
+        shutil.copytree(indexed_shards, root)
+        return root, root / "shards" / "val" / "val-00000.idx.json", LoaderConfig(**{**cfg.__dict__, "data": str(root)})
+
+    # 1. the sidecar replaced by another shard's (sha256 differs from the manifest's record)
+    root, idx, c = fresh("swapped")
+    shutil.copy(root / "shards" / "train" / "train-00000.idx.json", idx)
+    with pytest.raises(ShardIndexError, match=r"val-00000.idx.json of shard .*val-00000.tar: sha256 differs"):
+        run_epoch(c, 1)
+    # 2. an index that passes the manifest check but places a member wrongly: caught at the tar header
+    root, idx, c = fresh("shifted")
+    raw = json.loads(idx.read_text())
+    fb = raw["members"].index("fbank.npy")
+    raw["samples"][3][1][fb] += 512
+    idx.write_bytes(json.dumps(raw).encode())
+    _rewrite_manifest(root, lambda m: m["splits"]["val"]["shards"][0]["index"].update(
+        sha256=hashlib.sha256(idx.read_bytes()).hexdigest()))
+    with pytest.raises(ShardIndexError, match=r"val-00000.tar: its index places clip0019xxx_19000_29000.fbank.npy "
+                                              r".* tar header there disagrees"):
+        run_epoch(c, 1)
+    # 3. the manifest and its index describe an older build of the shard (sha256 of the shard differs)
+    root, idx, c = fresh("rebuilt")
+    _rewrite_manifest(root, lambda m: m["splits"]["val"]["shards"][0].update(sha256="0" * 64))
+    with pytest.raises(ShardIndexError, match=r"val-00000.tar: stale or mismatched index: it is for shard sha256"):
+        run_epoch(c, 1)
+    # 4. the shard cut short: a damaged shard (ShardError, as without an index), not an index problem
+    root, idx, c = fresh("truncated")
+    shard = root / "shards" / "val" / "val-00000.tar"
+    shard.write_bytes(shard.read_bytes()[:-2048])
+    with pytest.raises(ShardError, match=r"val-00000.tar: \d+ bytes, the manifest says \d+ \(truncated") as e:
+        run_epoch(c, 1)
+    assert e.type is ShardError
+    # 5. the sidecar listed but gone
+    root, idx, c = fresh("missing")
+    idx.unlink()
+    with pytest.raises(ShardIndexError, match="val-00000.idx.json .* cannot be read"):
+        run_epoch(c, 1)

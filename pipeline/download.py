@@ -126,6 +126,8 @@ _PERMANENT = [
     (r"video unavailable|is not available|this video is unavailable", "unavailable"),
 ]
 _TRANSIENT = [
+    # Our disk, not the site: the clip is fine and a rerun after freeing space gets it.
+    (r"no space left on device|disk quota exceeded", "disk-full"),
     (r"timed out|timeout", "timeout"),
     (r"connection (reset|refused|aborted)|remote end closed|broken pipe|incomplete ?read|eof occurred"
      r"|temporary failure in name resolution|network is unreachable|end of file|ends prematurely", "network"),
@@ -138,14 +140,17 @@ def classify_error(message: str) -> tuple[str, str]:
     m = message.lower()
     if "not a bot" in m and "sign in" in m:
         return "bot-wall", "bot-wall"
+    if re.search(_TRANSIENT[0][0], m):  # before the rest: ffmpeg's failure to write can look like anything
+        return "transient", _TRANSIENT[0][1]
     for pattern, reason in _PERMANENT:
         if re.search(pattern, m):
             return "permanent", reason
     status = _HTTP_STATUS.search(m)
     if status:
         code = int(status.group(1))
-        # 404/410: the resource is gone. Everything else (403 from expired signed URLs, 429, 5xx) can pass.
-        return ("permanent" if code in (404, 410) else "transient"), f"http-{code}"
+        # 404/410: the resource is gone; 416 on ffmpeg's `bytes=0-` request: it is empty (or ends before the
+        # window). Everything else (403 from expired signed URLs, 429, 5xx) can pass.
+        return ("permanent" if code in (404, 410, 416) else "transient"), f"http-{code}"
     for pattern, reason in _TRANSIENT:
         if re.search(pattern, m):
             return "transient", reason

@@ -10,9 +10,11 @@ the build.
 """
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -47,6 +49,10 @@ CREATE TABLE IF NOT EXISTS clips (
 MAX_MESSAGE_CHARS = 2000
 
 
+class LedgerError(RuntimeError):
+    """The ledger file cannot be opened or written (full disk, read-only directory, damaged file)."""
+
+
 @dataclass
 class LedgerEntry:
     split: str
@@ -70,11 +76,31 @@ class Ledger:
         self.split = split
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        with self._errors("open"):
+            self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+
+    @contextmanager
+    def _errors(self, what: str):
+        """SQLite says "disk I/O error" or "database or disk is full"; say which file and how much room is left."""
+        try:
+            yield
+        except sqlite3.DatabaseError as e:
+            db = getattr(self, "_db", None)
+            if db is not None and db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.DatabaseError:
+                    pass  # the connection is beyond use; the error below says why
+            try:
+                free = f"{shutil.disk_usage(self.path.parent).free / 2**20:.1f} MiB free on its filesystem"
+            except OSError:
+                free = "free space unknown"
+            raise LedgerError(f"ledger {self.path}: cannot {what} ({e}; {free}). Nothing was recorded by this "
+                              "call: free space or fix the file, then run the build again") from e
 
     def close(self) -> None:
         with self._lock:
@@ -90,7 +116,7 @@ class Ledger:
         """Add clips not yet in the ledger as pending; existing rows keep their status. Returns how many were new."""
         now = time.time()
         rows = [(self.split, c.key, c.youtube_id, c.start_time, PENDING, now, now) for c in clips]
-        with self._lock:
+        with self._lock, self._errors("record new clips"):
             before = self._count()
             self._db.execute("BEGIN")
             self._db.executemany(
@@ -108,7 +134,7 @@ class Ledger:
             message = "…" + message[-MAX_MESSAGE_CHARS:]
         now = time.time()
         finished = now if status in (OK, FAILED_PERMANENT) else None
-        with self._lock:
+        with self._lock, self._errors(f"record {status} for {key}"):
             cur = self._db.execute(
                 "UPDATE clips SET status=?, reason=?, message=?, stage=?, media_sha256=COALESCE(?, media_sha256),"
                 " attempts=attempts+?, updated_at=?, finished_at=? WHERE split=? AND key=?",
@@ -119,7 +145,7 @@ class Ledger:
     def set_pending(self, keys: Iterable[str]) -> None:
         """Put clips back to pending (e.g. an `ok` clip whose staged sample is gone)."""
         now = time.time()
-        with self._lock:
+        with self._lock, self._errors("reset clips to pending"):
             self._db.executemany(
                 "UPDATE clips SET status='pending', finished_at=NULL, updated_at=? WHERE split=? AND key=?",
                 [(now, self.split, k) for k in keys])

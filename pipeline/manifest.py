@@ -4,12 +4,16 @@ A clip is one 10 s window of one YouTube video: rows that share (youtube_id, sta
 clip that carries all their captions and audiocap_ids. Ids and start times are validated here, before any URL or
 path is formed from them: everything downstream builds paths and URLs from `Clip.key` only.
 
-A bad row is reported (file, line, what is wrong) and skipped; the rest of the file goes on. A file that cannot
-be read at all (missing, not UTF-8, wrong header, not a JSON list) raises `ManifestError`.
+A bad row is reported (file, line, what is wrong) and skipped; the rest of the file goes on: that includes a CSV
+row with bytes that are not UTF-8, and a row whose audiocap_id was already used for another clip or caption. A
+row repeated verbatim is merged (it adds nothing). A file that cannot be read at all (missing, a header that is
+not UTF-8 or lacks a column, a JSON file that is not UTF-8 or not a list) raises `ManifestError`, naming the
+file and the line.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -103,37 +107,57 @@ def _validate_row(raw: dict) -> tuple[str, int, str, int]:
     return yid, start, caption.strip(), acid
 
 
+def _not_utf8(values) -> str | None:
+    """surrogateescape turns each byte that is not UTF-8 into one lone surrogate: name the first one."""
+    for v in values:
+        for ch in v:
+            if "\udc80" <= ch <= "\udcff":
+                return f"not UTF-8 text: byte 0x{ord(ch) - 0xdc00:02x} in {v.encode('utf-8', 'surrogateescape')[:60]!r}"
+    return None
+
+
 def _csv_rows(path: Path):
+    # surrogateescape: one row with a stray byte is reported with its line and skipped, not the whole file;
+    # utf-8-sig tolerates a BOM; newline="" lets the csv module handle the CRLF line ends.
+    text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
     try:
-        # utf-8-sig: tolerate a BOM; newline="" lets the csv module handle the CRLF line ends.
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None:
-                raise ManifestError(f"{path}: empty file, expected header {','.join(CSV_HEADER)}")
-            names = [h.strip() for h in header]
-            missing = [h for h in CSV_HEADER if h not in names]
-            if missing:
-                raise ManifestError(f"{path}: header {names} lacks {missing}; expected {','.join(CSV_HEADER)}")
-            for values in reader:
-                line = reader.line_num
-                if not values or all(not v.strip() for v in values):
-                    continue
-                if len(values) != len(names):
-                    yield line, None, f"expected {len(names)} fields, found {len(values)}"
-                    continue
-                yield line, dict(zip(names, values)), None
-    except UnicodeDecodeError as e:
-        raise ManifestError(f"{path}: not UTF-8 text ({e})") from e
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = next(reader, None)
+        if header is None:
+            raise ManifestError(f"{path}: empty file, expected header {','.join(CSV_HEADER)}")
+        bad = _not_utf8(header)
+        if bad:
+            raise ManifestError(f"{path}:1: header is {bad}; expected UTF-8 with header {','.join(CSV_HEADER)}")
+        names = [h.strip() for h in header]
+        missing = [h for h in CSV_HEADER if h not in names]
+        if missing:
+            raise ManifestError(f"{path}:1: header {names} lacks {missing}; expected {','.join(CSV_HEADER)}")
+        for values in reader:
+            line = reader.line_num
+            if not values or all(not v.strip() for v in values):
+                continue
+            if len(values) != len(names):
+                yield line, None, f"expected {len(names)} fields, found {len(values)}"
+                continue
+            bad = _not_utf8(values)
+            if bad:
+                yield line, None, bad
+                continue
+            yield line, dict(zip(names, values)), None
     except csv.Error as e:
-        raise ManifestError(f"{path}: malformed CSV ({e})") from e
+        raise ManifestError(f"{path}:{reader.line_num}: malformed CSV ({e})") from e
 
 
 def _json_rows(path: Path):
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"{path}: not a JSON document ({e})") from e
+        data = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ManifestError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); one JSON document cannot "
+                            "skip a row, so the file is refused") from e
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}:{e.lineno}: not a JSON document ({e.msg})") from e
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -179,18 +203,25 @@ def _merge(clip: Clip, captions: list[str], acids: list[int], sources: list[str]
 
 
 def _group(rows, file: str, split: str) -> ManifestResult:
+    """Rows -> clips. A row repeated verbatim is merged (it adds nothing); an audiocap_id reused for a different
+    clip or caption is an error on the later row: one of the two is wrong and we cannot tell which."""
     clips: dict[str, Clip] = {}
     errors: list[RowError] = []
+    seen: dict[int, tuple[str, str, int]] = {}  # audiocap_id -> (key, caption, line)
     for line, raw, problem in rows:
         if problem is None:
             try:
                 yid, start, caption, acid = _validate_row(raw)
             except ValueError as e:
                 problem = str(e)
+        if problem is None and acid in seen and seen[acid][:2] != (clip_key(yid, start), caption):
+            problem = (f"audiocap_id {acid} is already used on line {seen[acid][2]} for another clip or caption; "
+                       "the first is kept")
         if problem is not None:
             errors.append(RowError(file, line, problem))
             continue
         key = clip_key(yid, start)
+        seen.setdefault(acid, (key, caption, line))
         clip = clips.setdefault(key, Clip(yid, start, [], [], split, []))
         _merge(clip, [caption], [acid], [f"{file}:{line}"])
     return ManifestResult(list(clips.values()), errors)

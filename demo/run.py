@@ -279,8 +279,9 @@ def print_report(r: DemoResult) -> None:
                                   for n in names))
     print(f"CIDEr-D of the model:                {r.cider:.3f}")
     print(f"CIDEr-D of the best constant caption: {r.constant_cider:.3f}   (\"{r.constant_caption}\")")
-    verdict = "learned" if r.cider > 2 * r.constant_cider else "NOT clearly above the constant caption"
-    print(f"-> {verdict}; times (s): {r.seconds}")
+    ratio = r.cider / max(r.constant_cider, 1e-9)
+    verdict = "learned" if ratio >= 1.5 else "NOT clearly above the constant caption"
+    print(f"-> {ratio:.2f}x the constant caption: {verdict}; times (s): {r.seconds}")
     for note in r.notes:
         print(f"note: {note}")
     print("=" * 100, flush=True)

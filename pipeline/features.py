@@ -14,6 +14,8 @@ is a property of the clip length, not of the audio, and the loader applies the n
 from __future__ import annotations
 
 import math
+import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -80,8 +82,35 @@ def waveform_to_float(waveform: np.ndarray) -> np.ndarray:
     raise TypeError(f"waveform must be int16 or float32, got {waveform.dtype}")
 
 
+_THREADS_LOCK = threading.Lock()
+
+
+@contextmanager
+def _one_torch_thread():
+    """The fbank's float32 sums come out differently with 1 and with several torch threads (last-bit
+    differences that survive the float16 rounding in ~0.5% of values). Pinning one intra-op thread makes a
+    sample's bytes independent of the caller: core count, --cpu-workers, a Dask worker, an audit.
+    torch's thread count is process-wide: the lock keeps two threads of one process from restoring each
+    other's setting in the middle of a call."""
+    with _THREADS_LOCK:
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+
 def compute_fbank(waveform: np.ndarray, cfg: FbankConfig = FbankConfig()) -> np.ndarray:
-    """[target_length, num_mel_bins] log-mel fbank of a mono waveform, as cfg.dtype (default float16)."""
+    """[target_length, num_mel_bins] log-mel fbank of a mono waveform, as cfg.dtype (default float16).
+
+    Computed with one torch thread whatever the caller's setting (see _one_torch_thread), so the result is
+    bitwise the same in every process."""
+    with _one_torch_thread():
+        return _fbank(waveform, cfg)
+
+
+def _fbank(waveform: np.ndarray, cfg: FbankConfig) -> np.ndarray:
     w = torch.from_numpy(np.ascontiguousarray(waveform_to_float(waveform)))
     if w.numel() < cfg.window_samples:
         raise ValueError(f"waveform has {w.numel()} samples, fewer than one {cfg.frame_length} ms fbank frame")

@@ -8,7 +8,8 @@ Stages and where their state lives (all under `cfg.out`, nothing is written else
   prepare_ledger  ledger.sqlite: new clips become pending; the clips this run must do
   download_stage  media/{key}.mp4 (or the user's --media-dir); download failures recorded as they land
   process_stage   staging/{split}/{key}.tar via shards.writer.stage_clip (extract + fbank + encode), one
-                  clip per CPU worker; outcomes recorded as they land
+                  clip per CPU worker (a local process pool, or a `clip_runner` such as flows' Dask runner);
+                  outcomes recorded as they land
   shard_stage     shards/{split}/*.tar from the ok clips (deterministic, only changed shards rewritten)
   manifest_stage  manifest.json entry of the split
 Every finished clip is recorded before the next one starts, so a killed build loses at most the clips in flight.
@@ -21,10 +22,9 @@ import shutil
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 from pipeline.download import (DownloadConfig, download_many, find_local_media, sha256_file, window_start)
 from pipeline.extract import ExtractConfig, ExtractError
@@ -115,6 +115,26 @@ class ProcessOutcome:
 
 
 @dataclass
+class LedgerPlan:
+    """What prepare_ledger decided: the clips to do this run, and how the clip list changed."""
+    todo: list[Clip]
+    new: list[str] = field(default_factory=list)       # keys first seen in this run's clip list
+    retried: list[str] = field(default_factory=list)   # keys in `todo` that failed in an earlier run
+    dropped: list[str] = field(default_factory=list)   # keys in the ledger that the clip list no longer has
+
+
+@dataclass
+class StageStats:
+    clips: int = 0          # clips the stage handled this run
+    failed: int = 0
+    seconds: float = 0.0
+
+    @property
+    def clips_per_s(self) -> float:
+        return self.clips / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
 class BuildResult:
     split: str
     out: Path
@@ -126,6 +146,12 @@ class BuildResult:
     manifest_path: Path | None = None
     bot_wall: str | None = None
     too_many_failures: bool = False
+    stages: dict[str, StageStats] = field(default_factory=dict)
+    reasons: dict[str, int] = field(default_factory=dict)   # "status/reason" -> clips, over this clip list
+    changes: dict = field(default_factory=dict)             # keys added/removed/retried, rows new/dropped
+    seconds: float = 0.0
+    ok_keys: list[str] = field(default_factory=list)        # the samples in the shards
+    publish: Any = None                                     # pipeline.publish.PublishReport, when published
 
     @property
     def ok(self) -> bool:
@@ -133,6 +159,8 @@ class BuildResult:
 
 
 StageRunner = Callable[..., Any]
+# Runs the CPU stage's jobs somewhere (a Dask cluster, ...) and yields each outcome as it lands, in any order.
+ClipRunner = Callable[[list["ProcessJob"]], Iterable["ProcessOutcome"]]
 
 
 def _direct(name: str, fn: Callable, *args, **kwargs):
@@ -163,10 +191,15 @@ def load_clips(cfg: BuildConfig) -> ManifestResult:
     return result
 
 
-def prepare_ledger(cfg: BuildConfig, clips: list[Clip]) -> list[Clip]:
-    """Register new clips as pending; return the clips this run must do (pending, transient, maybe permanent)."""
+def prepare_ledger(cfg: BuildConfig, clips: list[Clip]) -> LedgerPlan:
+    """Register new clips as pending; decide the clips this run must do (pending, transient, maybe permanent).
+
+    Clips the ledger knows but the clip list no longer has are `dropped`: they stay in the ledger (their
+    history is kept) but are left out of this run, its shards and its manifest counts."""
+    wanted = {c.key for c in clips}
     with Ledger(cfg.out / LEDGER_NAME, cfg.split) as ledger:
-        new = ledger.upsert_pending(clips)
+        before = {e.key: e.status for e in ledger.entries()}
+        ledger.upsert_pending(clips)
         # An ok clip without its staged sample (deleted by hand, or an older layout) has to be made again.
         lost = [e.key for e in ledger.entries(OK) if not staged_path(cfg.out, cfg.split, e.key).is_file()]
         if lost:
@@ -174,8 +207,12 @@ def prepare_ledger(cfg: BuildConfig, clips: list[Clip]) -> list[Clip]:
             ledger.set_pending(lost)
         todo = set(ledger.keys_to_process(cfg.retry_permanent))
     chosen = [c for c in clips if c.key in todo]
-    log.info("ledger: %d clips, %d new, %d to do this run", len(clips), new, len(chosen))
-    return chosen
+    plan = LedgerPlan(todo=chosen, new=sorted(wanted - set(before)),
+                      retried=sorted(c.key for c in chosen if before.get(c.key) in (FAILED_PERMANENT, FAILED_TRANSIENT)),
+                      dropped=sorted(set(before) - wanted))
+    log.info("ledger: %d clips, %d new, %d to do this run (%d retried), %d no longer listed", len(clips),
+             len(plan.new), len(chosen), len(plan.retried), len(plan.dropped))
+    return plan
 
 
 def download_stage(cfg: BuildConfig, clips: list[Clip]) -> DownloadStageResult:
@@ -212,8 +249,9 @@ def download_stage(cfg: BuildConfig, clips: list[Clip]) -> DownloadStageResult:
     return result
 
 
-def process_stage(cfg: BuildConfig, media: list[MediaRef]) -> dict[str, int]:
-    """Extract + fbank + staged sample for each clip, `cfg.cpu_workers` clips at a time. Returns outcome counts."""
+def process_stage(cfg: BuildConfig, media: list[MediaRef], clip_runner: ClipRunner | None = None) -> dict[str, int]:
+    """Extract + fbank + staged sample for each clip, `cfg.cpu_workers` clips at a time on this machine, or
+    wherever `clip_runner` sends them. Returns outcome counts."""
     jobs = [_job(cfg, m) for m in sorted(media, key=lambda m: m.clip.key)]
     progress = _Progress("process", len(jobs))
     counts = {OK: 0, FAILED_PERMANENT: 0, FAILED_TRANSIENT: 0}
@@ -224,7 +262,10 @@ def process_stage(cfg: BuildConfig, media: list[MediaRef]) -> dict[str, int]:
             counts[o.status] += 1
             progress.step(ok=o.status == OK)
 
-        if cfg.cpu_workers == 1 or len(jobs) <= 1:
+        if clip_runner is not None:
+            for outcome in clip_runner(jobs):
+                land(outcome)
+        elif cfg.cpu_workers == 1 or len(jobs) <= 1:
             for job in jobs:
                 land(process_clip(job))
         else:
@@ -241,8 +282,7 @@ def process_clip(job: ProcessJob) -> ProcessOutcome:
     try:
         sha = job.media_sha256 or sha256_file(Path(job.media_path))
         meta = dict(job.meta, media_sha256=sha)
-        with _one_torch_thread():
-            sample = stage_clip(Path(job.media_path), job.offset, meta, Path(job.out_path), job.extract, job.fbank)
+        sample = stage_clip(Path(job.media_path), job.offset, meta, Path(job.out_path), job.extract, job.fbank)
         return ProcessOutcome(job.key, OK, media_sha256=sha, duration=sample.meta["duration"])
     except ExtractError as e:
         status = FAILED_TRANSIENT if e.reason == "timeout" else FAILED_PERMANENT
@@ -250,6 +290,24 @@ def process_clip(job: ProcessJob) -> ProcessOutcome:
     except Exception as e:  # noqa: BLE001 - recorded with its traceback; a bug shows up as failures, loudly
         return ProcessOutcome(job.key, FAILED_TRANSIENT, "internal-error",
                               f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}")
+
+
+class ClipInternalError(RuntimeError):
+    """process_clip hit an unexpected error (a bug or a sick worker): raised by process_clip_or_raise so that a
+    task runner's retries (Prefect's) can try the clip again; the outcome rides along."""
+
+    def __init__(self, outcome: ProcessOutcome):
+        super().__init__(f"{outcome.key}: {outcome.message}")
+        self.outcome = outcome
+
+
+def process_clip_or_raise(job: ProcessJob) -> ProcessOutcome:
+    """process_clip for task runners with retries: an internal error raises, clip failures do not (a clip
+    that cannot be decoded fails the same way every time)."""
+    outcome = process_clip(job)
+    if outcome.reason == "internal-error":
+        raise ClipInternalError(outcome)
+    return outcome
 
 
 def shard_stage(cfg: BuildConfig, clips: list[Clip]) -> tuple[ShardBuildResult, int]:
@@ -264,13 +322,18 @@ def shard_stage(cfg: BuildConfig, clips: list[Clip]) -> tuple[ShardBuildResult, 
     return result, plan.num_shards
 
 
-def manifest_stage(cfg: BuildConfig, clips: list[Clip], shards: ShardBuildResult, num_shards: int) -> Path:
+def manifest_stage(cfg: BuildConfig, clips: list[Clip], shards: ShardBuildResult, num_shards: int,
+                   retried: int = 0) -> Path:
+    """The split's manifest entry. `changes`: samples added to/removed from the shards (read from the shards
+    themselves) and `retried`, the clips this run tried again after an earlier failure."""
     counts, failures = _split_status(cfg, clips)
     plan = dataset_manifest.shard_plan(cfg.out, cfg.split, len(clips), cfg.samples_per_shard)
+    changes = dataset_manifest.Changes(added=len(shards.added_keys), removed=len(shards.removed_keys),
+                                       retried=retried)
     entry = dataset_manifest.make_split_manifest(
         split=cfg.split, config=cfg.as_record(), extract_cfg=cfg.extract, fbank_cfg=cfg.fbank, inputs=cfg.csv,
         samples_per_shard=plan.samples_per_shard, num_shards=num_shards, build=shards, counts=counts,
-        failures=failures)
+        failures=failures, changes=changes)
     dataset_manifest.write_dataset_manifest(cfg.out, entry)
     return cfg.out / dataset_manifest.MANIFEST_NAME
 
@@ -290,30 +353,62 @@ def check_fingerprint(cfg: BuildConfig) -> None:
                          "a new --out directory")
 
 
-def run_build(cfg: BuildConfig, stage_runner: StageRunner = _direct) -> BuildResult:
+def run_build(cfg: BuildConfig, stage_runner: StageRunner = _direct, clip_runner: ClipRunner | None = None
+              ) -> BuildResult:
     """All stages in order. Raises BuildError when the build cannot run; per-clip failures, a bot wall and
-    too many failures are reported in the result (`result.ok`)."""
+    too many failures are reported in the result (`result.ok`).
+
+    `stage_runner(name, fn, *args)` runs each stage (flows.py passes one that makes it a Prefect task);
+    `clip_runner` runs the CPU stage's clips elsewhere (flows.py: a Dask cluster) instead of a local pool."""
     t0 = time.monotonic()
     check_tools()
     cfg.out.mkdir(parents=True, exist_ok=True)
     check_fingerprint(cfg)
-    loaded = stage_runner("manifest", load_clips, cfg)
-    clips = loaded.clips
-    todo = stage_runner("ledger", prepare_ledger, cfg, clips)
-    downloaded = stage_runner("download", download_stage, cfg, todo)
-    stage_runner("process", process_stage, cfg, downloaded.media)
-    shards, num_shards = stage_runner("shards", shard_stage, cfg, clips)
-    manifest_path = stage_runner("dataset-manifest", manifest_stage, cfg, clips, shards, num_shards)
+    stages: dict[str, StageStats] = {}
 
-    counts, _ = _split_status(cfg, clips)
+    def timed(name: str, fn: Callable, *args):
+        t = time.monotonic()
+        out = stage_runner(name, fn, *args)
+        stages[name] = StageStats(seconds=time.monotonic() - t)
+        return out
+
+    loaded = timed("manifest", load_clips, cfg)
+    clips = loaded.clips
+    plan = timed("ledger", prepare_ledger, cfg, clips)
+    downloaded = timed("download", download_stage, cfg, plan.todo)
+    stages["download"].clips, stages["download"].failed = len(plan.todo), downloaded.failed
+    if clip_runner is None:
+        processed = timed("process", process_stage, cfg, downloaded.media)
+    else:
+        processed = timed("process", process_stage, cfg, downloaded.media, clip_runner)
+    stages["process"].clips = sum(processed.values())
+    stages["process"].failed = stages["process"].clips - processed[OK]
+    shards, num_shards = timed("shards", shard_stage, cfg, clips)
+    stages["shards"].clips = shards.num_samples
+    manifest_path = timed("dataset-manifest", manifest_stage, cfg, clips, shards, num_shards, len(plan.retried))
+
+    counts, failures = _split_status(cfg, clips)
+    wanted = {c.key for c in clips}
+    with Ledger(cfg.out / LEDGER_NAME, cfg.split) as ledger:
+        ok_keys = sorted(e.key for e in ledger.entries(OK) if e.key in wanted)
     failed = counts[FAILED_PERMANENT] + counts[FAILED_TRANSIENT]
     rate = failed / len(clips)
+    reasons: dict[str, int] = {}
+    for e in failures:
+        label = f"{e.status}/{e.reason or 'unknown'}"
+        reasons[label] = reasons.get(label, 0) + 1
+    changes = {"added": shards.added_keys, "removed": shards.removed_keys, "retried": plan.retried,
+               "new_rows": plan.new, "dropped_rows": plan.dropped, "shards_written": list(shards.written),
+               "shards_removed": list(shards.removed)}
     result = BuildResult(split=cfg.split, out=cfg.out, total=len(clips), counts=counts, failure_rate=rate,
                          row_errors=[str(e) for e in loaded.errors],
                          shards=[asdict(s) for s in shards.shards], manifest_path=manifest_path,
-                         bot_wall=downloaded.bot_wall, too_many_failures=rate > cfg.max_failure_rate)
-    log.info("build of %s: %s, failure rate %.1f%% in %.1f s", cfg.split, counts, 100 * rate,
-             time.monotonic() - t0)
+                         bot_wall=downloaded.bot_wall, too_many_failures=rate > cfg.max_failure_rate,
+                         stages=stages, reasons=dict(sorted(reasons.items())), changes=changes,
+                         seconds=time.monotonic() - t0, ok_keys=ok_keys)
+    log.info("build of %s: %s, failure rate %.1f%% in %.1f s; shards: %d samples added, %d removed, %d clips "
+             "retried", cfg.split, counts, 100 * rate, result.seconds, len(shards.added_keys),
+             len(shards.removed_keys), len(plan.retried))
     return result
 
 
@@ -345,20 +440,6 @@ def _worker_init() -> None:
     # One clip per core: torch's intra-op threads would only fight the other workers.
     import torch
     torch.set_num_threads(1)
-
-
-@contextmanager
-def _one_torch_thread():
-    """The fbank's float32 sums come out differently with 1 and with several torch threads (last-bit
-    differences that survive the float16 rounding in ~0.5% of values): pinning one thread makes a sample's
-    bytes independent of the machine's core count and of --cpu-workers."""
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _plain(obj: Any) -> Any:

@@ -1,12 +1,28 @@
-"""Command line of the data side: `python flows.py build ...` runs the pipeline as a Prefect flow.
+"""Command line and Prefect flows of the data side.
 
-Prefect starts its own temporary local server when no PREFECT_API_URL is set: nothing to set up. Each stage of
-`pipeline.build` is one Prefect task (so the UI and logs show progress per stage); the work inside a stage is
-parallel on its own terms: download threads (`--download-workers`) and CPU processes (`--cpu-workers`). Tasks
-have no Prefect retries: the download backoff is the only retry layer.
+    python flows.py build --csv train.csv --split train --out DIR [--dask-address tcp://host:8786]
+                          [--publish URL [--prune]]
+    python flows.py audit --out DIR [--sample N] [--seed S]
+    python flows.py serve --out DIR --csv train.csv --split train [--cron "0 3 * * *"]
+    python flows.py publish --out DIR --publish URL [--prune]
 
-Exit status: 0 when the build finished (per-clip failures included), 1 when it could not run (unreadable CSV,
-no ffmpeg, bad arguments), 3 on a bot wall, 4 when more than --max-failure-rate of the clips failed.
+`build_flow` is THE build: a module-level Prefect flow with plain JSON parameters, run by `flows.py build` and
+by the scheduled `rebuild` deployment alike (a rebuild is the same build on the same DIR: the ledger and the
+fixed shard count make it incremental). Each stage of `pipeline.build` is a Prefect task with its own retries
+and time limit (STAGE_TASKS); parallelism inside a stage has its own limits: download threads
+(`--download-workers`, so downloads are throttled apart from CPU work) and CPU processes (`--cpu-workers`), or
+one Prefect task per clip on a Dask cluster (`--dask-address`). Downloads get no Prefect retries: their backoff
+lives in pipeline.download, and a second layer would multiply it.
+
+Secrets are never flow parameters (Prefect stores parameters in its database and shows them in the UI): the
+proxy URL comes from the environment variable AVCAP_PROXY or from a Prefect Secret block named by
+`proxy_secret`; `--proxy` sets AVCAP_PROXY for this process.
+
+Prefect starts its own temporary local server when no PREFECT_API_URL is set: nothing to set up.
+
+Exit status of `build`: 0 when the build finished (per-clip failures included), 1 when it could not run
+(unreadable CSV, no ffmpeg, bad arguments), 3 on a bot wall, 4 when more than --max-failure-rate of the clips
+failed, 5 when the build finished but publishing failed. `audit`: 0 clean, 1 mismatch, 2 could not run.
 """
 from __future__ import annotations
 
@@ -14,31 +30,164 @@ import argparse
 import logging
 import os
 import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-EXIT_OK, EXIT_ERROR, EXIT_BOT_WALL, EXIT_FAILURE_RATE = 0, 1, 3, 4
+
+def _prefect_defaults() -> None:
+    """Settings for Prefect's temporary server, unless the user set them. Read when prefect is imported."""
+    # The first start in a fresh PREFECT_HOME migrates a database; on a busy machine that takes longer than
+    # Prefect's default 20 s wait, and the build would die before its first stage.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # The server would try to phone home on every start; builds often run offline.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
-def build_flow(cfg):
-    """The build as a Prefect flow run; returns pipeline.build.BuildResult."""
-    from prefect import flow, task
-    from prefect.cache_policies import NO_CACHE
+_prefect_defaults()   # before the import below: Prefect reads its settings at import time
 
+from prefect import flow, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+EXIT_OK, EXIT_ERROR, EXIT_BOT_WALL, EXIT_FAILURE_RATE, EXIT_PUBLISH = 0, 1, 3, 4, 5
+PROXY_ENV = "AVCAP_PROXY"
+
+
+@dataclass(frozen=True)
+class StageTask:
+    retries: int = 0
+    retry_delay_s: float = 0.0
+    timeout_s: float | None = None
+
+
+# Per stage: retries only where a retry is safe and useful. download: 0 (backoff lives in pipeline.download);
+# process: 0 for the stage (a clip failure is an outcome, not an exception; per-clip retries on Dask below);
+# shards, manifest and publish are idempotent and atomic per file, so a transient I/O error is worth one more try.
+# Time limits only where a bound is known: stage length otherwise scales with the clip count.
+STAGE_TASKS = {
+    "manifest": StageTask(timeout_s=600),
+    "ledger": StageTask(timeout_s=600),
+    "download": StageTask(),
+    "process": StageTask(),
+    "shards": StageTask(retries=1, retry_delay_s=5),
+    "dataset-manifest": StageTask(retries=1, retry_delay_s=5, timeout_s=600),
+    "publish": StageTask(retries=2, retry_delay_s=10),
+    "report": StageTask(timeout_s=1800),
+}
+CLIP_TASK = StageTask(retries=2, retry_delay_s=1)   # per clip on Dask: a sick worker or a bug, tried again
+
+
+class BuildFailed(RuntimeError):
+    """The build ran but must not count as done (bot wall, too many failures): the flow run is marked failed.
+    `result` is the pipeline.build.BuildResult."""
+
+    def __init__(self, message: str, result):
+        super().__init__(message)
+        self.result = result
+
+
+def _stage_task(name: str, fn, *args, **kwargs):
+    opts = STAGE_TASKS.get(name, StageTask())
+    # NO_CACHE: stage inputs hold configs and paths, and a stage must run every time (the ledger decides what
+    # is left to do).
+    return task(fn, name=name, retries=opts.retries, retry_delay_seconds=opts.retry_delay_s,
+                timeout_seconds=opts.timeout_s, cache_policy=NO_CACHE, log_prints=True)(*args, **kwargs)
+
+
+def dask_clip_runner(address: str, clip_timeout_s: float | None = None):
+    """A pipeline.build ClipRunner: one Prefect task per clip (pipeline.build.process_clip_or_raise) on the Dask
+    scheduler at `address`, through prefect-dask. Outcomes are yielded as they land so the ledger records them
+    at once. A clip whose task still fails after CLIP_TASK.retries is recorded as a transient internal error."""
+    from prefect.futures import as_completed
+
+    from pipeline.build import ClipInternalError, ProcessOutcome, process_clip_or_raise
+    from pipeline.ledger import FAILED_TRANSIENT
+    from pipeline.schedule import task_runner_for
+
+    clip_task = task(process_clip_or_raise, name="process-clip", retries=CLIP_TASK.retries,
+                     retry_delay_seconds=CLIP_TASK.retry_delay_s, timeout_seconds=clip_timeout_s,
+                     cache_policy=NO_CACHE)
+
+    def run(jobs):
+        if not jobs:
+            return
+        with task_runner_for(address) as runner:
+            futures = {runner.submit(clip_task, {"job": j}): j for j in jobs}
+            for fut in as_completed(list(futures)):
+                try:
+                    yield fut.result()
+                except ClipInternalError as e:
+                    yield e.outcome
+                except Exception as e:  # noqa: BLE001 - a lost worker, a timeout: the clip is tried next run
+                    yield ProcessOutcome(futures[fut].key, FAILED_TRANSIENT, "internal-error",
+                                         f"{type(e).__name__}: {e}")
+    return run
+
+
+def make_config(csv: list[str], split: str, out_dir: str, media_dir: str | None = None,
+                url_template: str | None = None, limit: int | None = None, download_workers: int = 4,
+                cpu_workers: int = 1, samples_per_shard: int = 256, frames: int = 20, cookies: str | None = None,
+                sleep_s: float = 0.0, clip_timeout_s: float = 300.0, max_retries: int = 3, backoff_s: float = 2.0,
+                retry_permanent: bool = False, max_failure_rate: float = 0.5, proxy: str | None = None):
+    """pipeline.build.BuildConfig from build_flow's plain parameters (and the proxy, which is never one)."""
+    from pipeline.build import BuildConfig
+    from pipeline.download import DEFAULT_URL_TEMPLATE, DownloadConfig
+    from pipeline.extract import ExtractConfig
+
+    download = DownloadConfig(url_template=url_template or DEFAULT_URL_TEMPLATE,
+                              cookies=Path(cookies) if cookies else None, proxy=proxy, sleep_s=sleep_s,
+                              workers=download_workers, timeout_s=clip_timeout_s, max_retries=max_retries,
+                              backoff_base_s=backoff_s)
+    return BuildConfig(csv=[Path(c) for c in csv], split=split, out=Path(out_dir),
+                       media_dir=Path(media_dir) if media_dir else None, limit=limit, cpu_workers=cpu_workers,
+                       samples_per_shard=samples_per_shard, retry_permanent=retry_permanent,
+                       max_failure_rate=max_failure_rate, download=download, extract=ExtractConfig(frames=frames))
+
+
+def _proxy(proxy_secret: str | None) -> str | None:
+    if proxy_secret:
+        from prefect.blocks.system import Secret
+        return Secret.load(proxy_secret).get()
+    return os.environ.get(PROXY_ENV) or None
+
+
+def failure_message(result) -> str:
+    if result.bot_wall:
+        return f"build stopped at a bot wall: {result.bot_wall}"
+    return (f"{100 * result.failure_rate:.1f}% of the clips failed, more than the max failure rate "
+            f"(a wrong url template or a blocked network?); see {result.manifest_path} for the reasons")
+
+
+@flow(name="avcap-build", flow_run_name="build-{split}", log_prints=True)
+def build_flow(csv: list[str], split: str, out_dir: str, media_dir: str | None = None,
+               url_template: str | None = None, limit: int | None = None, download_workers: int = 4,
+               cpu_workers: int = 1, samples_per_shard: int = 256, frames: int = 20, cookies: str | None = None,
+               sleep_s: float = 0.0, clip_timeout_s: float = 300.0, max_retries: int = 3, backoff_s: float = 2.0,
+               retry_permanent: bool = False, max_failure_rate: float = 0.5, dask_address: str | None = None,
+               publish_url: str | None = None, prune: bool = False, report: bool = True,
+               proxy_secret: str | None = None):
+    """Build (or incrementally rebuild) one split into out_dir; then the build report and artifacts, then
+    publish to publish_url. Returns pipeline.build.BuildResult. Raises BuildFailed (the run fails) on a bot
+    wall or too many failures, after the report, and without publishing."""
     from pipeline.build import run_build
 
-    def as_task(name, fn, *args, **kwargs):
-        # NO_CACHE: stage inputs hold configs and paths, and a stage must run every time (the ledger decides
-        # what is left to do). retries=0: backoff lives in pipeline.download only.
-        return task(fn, name=name, retries=0, cache_policy=NO_CACHE, log_prints=True)(*args, **kwargs)
+    cfg = make_config(csv, split, out_dir, media_dir, url_template, limit, download_workers, cpu_workers,
+                      samples_per_shard, frames, cookies, sleep_s, clip_timeout_s, max_retries, backoff_s,
+                      retry_permanent, max_failure_rate, proxy=_proxy(proxy_secret))
+    clip_runner = dask_clip_runner(dask_address, clip_timeout_s=3 * cfg.extract.timeout_s) if dask_address else None
+    result = run_build(cfg, stage_runner=_stage_task, clip_runner=clip_runner)
+    if report:
+        from pipeline.report import build_report
+        _stage_task("report", build_report, result, True)
+    if not result.ok:
+        raise BuildFailed(failure_message(result), result)
+    if publish_url:
+        from pipeline.publish import publish
+        result.publish = _stage_task("publish", publish, out_dir, publish_url, prune=prune)
+    return result
 
-    # The config reaches the flow through the closure, not as a parameter: Prefect stores flow parameters in its
-    # database, and the config may hold proxy credentials.
-    @flow(name="avcap-build", flow_run_name=f"build-{cfg.split}", log_prints=True)
-    def avcap_build():
-        return run_build(cfg, stage_runner=as_task)
 
-    return avcap_build()
-
+# ------------------------------------------------------------------------------------------------ CLI
 
 def _add_build_args(p: argparse.ArgumentParser) -> None:
     from pipeline.download import DEFAULT_URL_TEMPLATE
@@ -53,14 +202,18 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
                    help="build from media on disk ({youtube_id}_{start_time}.* clips or {youtube_id}.* videos), "
                         "no downloads")
     p.add_argument("--limit", type=int, help="only the first N clips of the CSV")
-    p.add_argument("--download-workers", type=int, default=4)
+    p.add_argument("--download-workers", type=int, default=4, help="concurrent downloads (default 4)")
     p.add_argument("--cpu-workers", type=int, default=max(1, os.cpu_count() or 1),
-                   help="processes for extraction + fbank (default: one per core)")
+                   help="processes for extraction + fbank on this machine (default: one per core)")
+    p.add_argument("--dask-address", metavar="URL",
+                   help="run extraction + fbank as one Prefect task per clip on the Dask scheduler at URL "
+                        "(e.g. tcp://host:8786) instead of local processes; workers need this code and DIR")
     p.add_argument("--samples-per-shard", type=int, default=256,
                    help="sets the shard count at the split's first build; later builds keep it")
     p.add_argument("--frames", type=int, default=20, help="video frames per clip")
     p.add_argument("--cookies", type=Path, help="Netscape cookies file for yt-dlp")
-    p.add_argument("--proxy", help="proxy URL for yt-dlp (credentials are redacted in the manifest)")
+    p.add_argument("--proxy", help=f"proxy URL for yt-dlp (or set {PROXY_ENV}); never stored by Prefect, "
+                                   "redacted in the manifest")
     p.add_argument("--sleep", type=float, default=0.0, help="seconds between two download requests")
     p.add_argument("--clip-timeout", type=float, default=300.0, help="time limit per download attempt, seconds")
     p.add_argument("--max-retries", type=int, default=3, help="retries of a transient download failure")
@@ -69,66 +222,162 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
                    help="also retry clips that failed permanently (removed, private, ...) in an earlier run")
     p.add_argument("--max-failure-rate", type=float, default=0.5,
                    help="exit non-zero when more than this fraction of the clips failed")
-    p.add_argument("--no-prefect", action="store_true", help="run the stages directly, without a Prefect flow")
+    p.add_argument("--publish", metavar="URL",
+                   help="after a successful build, copy shards then manifest.json to URL (any fsspec URL or path)")
+    p.add_argument("--prune", action="store_true",
+                   help="with --publish: delete shards at URL that the new manifest no longer lists")
+    p.add_argument("--no-report", action="store_true", help="skip DIR/reports/build-<split>.md and its plots")
+    p.add_argument("--no-prefect", action="store_true",
+                   help="run the stages directly, without a Prefect flow (no Dask, no artifacts)")
 
 
-def config_from_args(a: argparse.Namespace):
-    from pipeline.build import BuildConfig
-    from pipeline.download import DownloadConfig
-    from pipeline.extract import ExtractConfig
+# build_flow parameters that are not build settings (make_config takes the rest).
+FLOW_ONLY_PARAMETERS = ("dask_address", "publish_url", "prune", "report", "proxy_secret")
 
-    download = DownloadConfig(url_template=a.url_template, cookies=a.cookies, proxy=a.proxy, sleep_s=a.sleep,
-                              workers=a.download_workers, timeout_s=a.clip_timeout, max_retries=a.max_retries,
-                              backoff_base_s=a.backoff)
-    return BuildConfig(csv=a.csv, split=a.split, out=a.out, media_dir=a.media_dir, limit=a.limit,
-                       cpu_workers=a.cpu_workers, samples_per_shard=a.samples_per_shard,
-                       retry_permanent=a.retry_permanent, max_failure_rate=a.max_failure_rate,
-                       download=download, extract=ExtractConfig(frames=a.frames))
+
+def flow_parameters(a: argparse.Namespace) -> dict:
+    """build_flow's parameters from `flows.py build` arguments."""
+    return dict(csv=[str(c) for c in a.csv], split=a.split, out_dir=str(a.out),
+                media_dir=str(a.media_dir) if a.media_dir else None, url_template=a.url_template, limit=a.limit,
+                download_workers=a.download_workers, cpu_workers=a.cpu_workers,
+                samples_per_shard=a.samples_per_shard, frames=a.frames,
+                cookies=str(a.cookies) if a.cookies else None, sleep_s=a.sleep, clip_timeout_s=a.clip_timeout,
+                max_retries=a.max_retries, backoff_s=a.backoff, retry_permanent=a.retry_permanent,
+                max_failure_rate=a.max_failure_rate, dask_address=a.dask_address, publish_url=a.publish,
+                prune=a.prune, report=not a.no_report)
+
+
+@contextmanager
+def _env(name: str, value: str | None):
+    """`name` set to `value` for the block (unchanged when value is None)."""
+    before = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if before is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = before
+
+
+def _run_direct(params: dict, proxy: str | None):
+    """--no-prefect: the same build, stages called directly; report files and publishing as in the flow."""
+    from pipeline.build import run_build
+    from pipeline.publish import publish
+    from pipeline.report import build_report
+
+    cfg = make_config(**{k: v for k, v in params.items() if k not in FLOW_ONLY_PARAMETERS}, proxy=proxy)
+    result = run_build(cfg)
+    if params["report"]:
+        build_report(result, artifacts=False)
+    if not result.ok:
+        raise BuildFailed(failure_message(result), result)
+    if params["publish_url"]:
+        result.publish = publish(params["out_dir"], params["publish_url"], prune=params["prune"])
+    return result
 
 
 def cmd_build(a: argparse.Namespace) -> int:
-    from pipeline.build import BuildError, run_build
+    from pipeline.build import BuildError
+    from pipeline.publish import PublishError
 
+    if a.prune and not a.publish:
+        print("build failed: --prune needs --publish URL", file=sys.stderr)
+        return EXIT_ERROR
+    if a.dask_address and a.no_prefect:
+        print("build failed: --dask-address runs clips as Prefect tasks; drop --no-prefect", file=sys.stderr)
+        return EXIT_ERROR
+    params = flow_parameters(a)
+    proxy = a.proxy or os.environ.get(PROXY_ENV)
     try:
-        cfg = config_from_args(a)
-        result = run_build(cfg) if a.no_prefect else build_flow(cfg)
+        if a.no_prefect:
+            result = _run_direct(params, proxy)
+        else:
+            # The proxy reaches the flow through this process's environment, never as a parameter.
+            with _env(PROXY_ENV, a.proxy):
+                result = build_flow(**params)
+    except BuildFailed as e:
+        result = e.result
+        _print_summary(result)
+        print(f"build failed: {e}", file=sys.stderr)
+        return EXIT_BOT_WALL if result.bot_wall else EXIT_FAILURE_RATE
+    except PublishError as e:
+        print(f"build finished but publishing failed: {e}", file=sys.stderr)
+        return EXIT_PUBLISH
     except (BuildError, ValueError) as e:
         print(f"build failed: {e}", file=sys.stderr)
         return EXIT_ERROR
+    _print_summary(result)
+    if getattr(result, "publish", None) is not None:
+        p = result.publish
+        print(f"published to {p.url}: {len(p.uploaded)} shards uploaded, {len(p.skipped)} files already there, "
+              f"manifest {'uploaded' if p.manifest_uploaded else 'unchanged'}"
+              + (f", {len(p.pruned)} stale shards pruned" if p.pruned else ""), file=sys.stderr)
+    return EXIT_OK
+
+
+def _print_summary(result) -> None:
     c = result.counts
     print(f"{result.split}: {c['ok']} ok, {c['failed-permanent']} failed permanently, {c['failed-transient']} "
           f"failed transiently, {c['pending']} pending of {result.total} clips; {len(result.shards)} shards; "
           f"manifest {result.manifest_path}", file=sys.stderr)
+    ch = result.changes
+    print(f"changes: {len(ch['added'])} samples added, {len(ch['removed'])} removed, {len(ch['retried'])} clips "
+          f"retried; {len(ch['shards_written'])} shards written", file=sys.stderr)
     if result.row_errors:
         print(f"{len(result.row_errors)} bad rows skipped, first: {result.row_errors[0]}", file=sys.stderr)
-    if result.bot_wall:
-        print(f"build stopped at a bot wall: {result.bot_wall}", file=sys.stderr)
-        return EXIT_BOT_WALL
-    if result.too_many_failures:
-        print(f"build failed: {100 * result.failure_rate:.1f}% of the clips failed, more than --max-failure-rate "
-              f"{a.max_failure_rate:g} (a wrong --url-template or a blocked network?); see {result.manifest_path} "
-              "for the reasons", file=sys.stderr)
-        return EXIT_FAILURE_RATE
+
+
+def cmd_publish(a: argparse.Namespace) -> int:
+    from pipeline.publish import main as publish_main
+    return publish_main(["--out", str(a.out), "--publish", a.publish] + (["--prune"] if a.prune else []))
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from pipeline.audit import audit_flow
+    from pipeline.schedule import make_deployments, serve_config_from_args, serve_deployments
+    serve_deployments(make_deployments(build_flow, audit_flow, serve_config_from_args(a)), limit=a.limit)
     return EXIT_OK
 
 
-def _prefect_defaults() -> None:
-    """Settings for Prefect's temporary server, unless the user set them. Read when prefect is imported."""
-    # The first start in a fresh PREFECT_HOME migrates a database; on a busy machine that takes longer than
-    # Prefect's default 20 s wait, and the build would die before its first stage.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    # The server would try to phone home on every start; builds often run offline.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+def make_parser() -> argparse.ArgumentParser:
+    from pipeline.audit import add_audit_arguments, audit_main
+    from pipeline.schedule import add_serve_arguments
+
+    parser = argparse.ArgumentParser(prog="flows.py", description="\n\n".join(__doc__.split("\n\n")[:2]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="AudioCaps CSV -> WebDataset shards + manifest + ledger (incremental)",
+                           description="Build or incrementally rebuild one split into --out. Exit 0 ok, 1 could "
+                                       "not run, 3 bot wall, 4 too many failures, 5 publishing failed.")
+    _add_build_args(build)
+    build.set_defaults(func=cmd_build)
+    audit = sub.add_parser("audit", help="verify a build against its manifest (shards, fbank, frames, tools)",
+                           description="Reproducibility audit of --out: shard sha256/counts, fbank recomputed "
+                                       "and clips re-extracted for --sample clips, tool versions. Writes "
+                                       "DIR/audit/audit-*.json. Exit 0 clean, 1 mismatch, 2 could not run.")
+    add_audit_arguments(audit)
+    audit.set_defaults(func=audit_main)
+    serve = sub.add_parser("serve", help="serve the scheduled rebuild and audit deployments (blocks)",
+                           description="Register the 'avcap-build/rebuild' and 'avcap-audit/audit' deployments "
+                                       "with their cron schedules and run their flow runs from this process "
+                                       "until interrupted. Set PREFECT_API_URL to use a Prefect server.")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
+    pub = sub.add_parser("publish", help="copy a finished build (shards, then manifest.json) to a URL",
+                         description="Publish --out to an fsspec URL: shards first, manifest.json last.")
+    pub.add_argument("--out", required=True, type=Path, help="build directory holding manifest.json")
+    pub.add_argument("--publish", required=True, metavar="URL", help="destination: a path or fsspec URL")
+    pub.add_argument("--prune", action="store_true", help="delete destination shards the manifest no longer lists")
+    pub.set_defaults(func=cmd_publish)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    _prefect_defaults()
-    parser = argparse.ArgumentParser(prog="flows.py", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build", help="AudioCaps CSV -> WebDataset shards + manifest + ledger")
-    _add_build_args(build)
-    build.set_defaults(func=cmd_build)
-    args = parser.parse_args(argv)
+    args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call drowns the progress
     return args.func(args)

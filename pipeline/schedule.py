@@ -1,10 +1,10 @@
 """Scheduled rebuilds, audit deployments and the scale-out task runner.
 
-- `rebuild_flow`: the incremental rebuild as a deployable flow (module level, JSON parameters), then an
-  optional publish. Deployment parameters are stored in Prefect's database and shown in its UI, so no secret
-  is a parameter here (a proxy with credentials or cookies belongs in the serving process's environment).
-- `make_deployments(rebuild_flow, audit_flow, cfg)`: the two deployments with their cron schedules; the flows
-  are passed in so another rebuild flow can be deployed the same way.
+- `make_deployments(build_flow, audit_flow, cfg)`: the `rebuild` deployment of flows.build_flow (the one build
+  flow: run on the same DIR it is an incremental rebuild) and the `audit` deployment of
+  pipeline.audit.audit_flow, with their cron schedules. Deployment parameters are stored in Prefect's database
+  and shown in its UI, so no secret is one (the proxy comes from the serving process's AVCAP_PROXY or a Prefect
+  Secret block named by the `proxy_secret` parameter).
 - `serve_deployments` / `serve_main`: `prefect.serve` in this process, which registers the deployments and
   polls the API for scheduled and manually triggered runs (`python flows.py serve`).
 - `task_runner_for(address)`: prefect-dask's DaskTaskRunner on a running scheduler, or the local thread pool.
@@ -15,52 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefect import Flow, flow, serve, task
-from prefect.cache_policies import NO_CACHE
+from prefect import Flow, serve
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 REBUILD_DEPLOYMENT = "rebuild"
 AUDIT_DEPLOYMENT = "audit"
-
-
-def _as_task(name: str, fn, *args, **kwargs):
-    # One Prefect task per build stage, as flows.build_flow does; NO_CACHE because the ledger, not Prefect,
-    # decides what is left to do, and retries stay in pipeline.download's backoff.
-    return task(fn, name=name, retries=0, cache_policy=NO_CACHE, log_prints=True)(*args, **kwargs)
-
-
-# A module-level flow with JSON parameters: deployments store parameters as JSON and load the flow from its
-# entrypoint ("pipeline/schedule.py:rebuild_flow"), which flows.build_flow (a closure over a BuildConfig) cannot be.
-@flow(name="avcap-rebuild", log_prints=True)
-def rebuild_flow(out_dir: str, csv: list[str], split: str, media_dir: str | None = None,
-                 url_template: str | None = None, cpu_workers: int = 1, samples_per_shard: int = 256,
-                 retry_permanent: bool = False, max_failure_rate: float = 0.5,
-                 publish_url: str | None = None) -> dict:
-    """Incremental rebuild of one split into out_dir (only new/changed clips are processed: the ledger and the
-    fixed shard count do that), then publish to publish_url when given. Fails the run on a bot wall or too many
-    failures, so a scheduled rebuild that went wrong shows up as failed."""
-    from pipeline.build import BuildConfig, run_build
-    from pipeline.download import DownloadConfig
-
-    download = DownloadConfig(url_template=url_template) if url_template else DownloadConfig()
-    cfg = BuildConfig(csv=[Path(c) for c in csv], split=split, out=Path(out_dir),
-                      media_dir=Path(media_dir) if media_dir else None, cpu_workers=cpu_workers,
-                      samples_per_shard=samples_per_shard, retry_permanent=retry_permanent,
-                      max_failure_rate=max_failure_rate, download=download)
-    result = run_build(cfg, stage_runner=_as_task)
-    summary = {"split": result.split, "total": result.total, "counts": result.counts,
-               "failure_rate": result.failure_rate, "shards": len(result.shards),
-               "manifest": str(result.manifest_path)}
-    if not result.ok:
-        why = f"bot wall: {result.bot_wall}" if result.bot_wall else \
-            f"{100 * result.failure_rate:.1f}% of clips failed (limit {100 * max_failure_rate:g}%)"
-        raise RuntimeError(f"rebuild of {out_dir} ({split}) did not finish: {why}")
-    if publish_url:
-        from pipeline.publish import publish
-        summary["publish"] = _as_task("publish", publish, out_dir, publish_url).to_json()
-    return summary
 
 
 @dataclass
@@ -86,8 +47,8 @@ def make_deployments(rebuild_flow: Flow | None, audit_flow: Flow | None,
                      cfg: ScheduleConfig) -> list[RunnerDeployment]:
     """Deployments of the rebuild and audit flows, parameterised with cfg.out_dir and scheduled by cron.
 
-    Either flow may be None to deploy only the other. The rebuild flow (normally `rebuild_flow` above) must
-    accept `out_dir` plus the keys of cfg.rebuild_parameters (for rebuild_flow: csv and split at least); the
+    Either flow may be None to deploy only the other. The rebuild flow (normally flows.build_flow) must
+    accept `out_dir` plus the keys of cfg.rebuild_parameters (for build_flow: csv and split at least); the
     audit flow is pipeline.audit.audit_flow (out_dir, sample, seed).
     """
     deployments: list[RunnerDeployment] = []
@@ -145,6 +106,8 @@ def add_serve_arguments(parser) -> None:
     parser.add_argument("--media-dir", help="rebuild from media on disk instead of downloading")
     parser.add_argument("--url-template", help="download URL with {youtube_id} (default: YouTube)")
     parser.add_argument("--cpu-workers", type=int, default=1)
+    parser.add_argument("--dask-address", metavar="URL",
+                        help="run each rebuild's extraction + fbank on the Dask scheduler at URL (tcp://host:8786)")
     parser.add_argument("--publish", metavar="URL", help="publish each finished rebuild to this fsspec URL")
     parser.add_argument("--audit-sample", type=int, default=8, help="clips each scheduled audit re-checks")
     parser.add_argument("--limit", type=int, help="at most this many concurrent flow runs in this process")
@@ -159,6 +122,8 @@ def serve_config_from_args(a) -> ScheduleConfig:
         params["media_dir"] = str(Path(a.media_dir).absolute())
     if a.url_template:
         params["url_template"] = a.url_template
+    if getattr(a, "dask_address", None):
+        params["dask_address"] = a.dask_address
     if a.publish:
         params["publish_url"] = a.publish
     # Absolute paths: the served runs may start in another working directory than this command.
@@ -169,6 +134,5 @@ def serve_config_from_args(a) -> ScheduleConfig:
 
 def serve_main(a) -> int:
     """`flows.py serve`: serve the rebuild and audit deployments until interrupted."""
-    from pipeline.audit import audit_flow
-    serve_deployments(make_deployments(rebuild_flow, audit_flow, serve_config_from_args(a)), limit=a.limit)
-    return 0
+    from flows import cmd_serve
+    return cmd_serve(a)

@@ -25,6 +25,8 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from shards.manifest import MANIFEST_NAME, DatasetManifest, ShardEntry
+from shards.writer import file_sha256 as sha256_file  # noqa: F401  (re-exported: publish's checks use it)
+
 _CHUNK = 1 << 20
 
 
@@ -43,14 +45,6 @@ class PublishReport:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _sha256_remote(fs: fsspec.AbstractFileSystem, path: str) -> str:

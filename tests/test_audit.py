@@ -195,3 +195,30 @@ def test_media_from_users_media_dir_is_found(ops_build, tmp_path):
     report = run_audit(AuditConfig(b.out_dir, sample=-1))
     # The three clips whose media is gone are named; the one in the user's directory re-extracts and matches.
     assert _found(report) == {("media", k) for k in ops_build.keys if k != key}, [str(x) for x in report.mismatches]
+
+
+def test_other_kernel_is_info_but_other_arch_is_a_mismatch(ops_build, tmp_path):
+    """An audit on another host of the same OS and architecture passes (bitwise still applies): the kernel
+    release and tools that do not decide sample content are named as information only."""
+    from pipeline.audit import platform_parts
+    assert platform_parts("Linux-6.1.0-18-amd64-x86_64-with-glibc2.36") == {"os": "Linux", "arch": "x86_64"}
+    assert platform_parts("macOS-14.5-arm64-arm-64bit") == {"os": "macOS", "arch": "arm64"}
+    b = copy_build(ops_build, tmp_path / "out")
+    m = _manifest(b.out_dir)
+    tools = m["splits"]["test"]["tool_versions"]
+    os_name, _, rest = tools["platform"].partition("-")
+    arch = platform_parts(tools["platform"])["arch"]
+    tools["platform"] = f"{os_name}-0.0.1-othercloud-{arch}-with-glibc2.99"
+    tools["yt-dlp"] = "1999.01.01"
+    _write_manifest(b.out_dir, m)
+    report = run_audit(AuditConfig(b.out_dir, sample=1))
+    assert report.ok, [str(x) for x in report.mismatches]
+    assert report.fbank_comparison.startswith("split test: bitwise")
+    info = " ".join(report.notes)
+    assert "platform differs" in info and "yt-dlp differs" in info and "not a mismatch" in info
+
+    tools["platform"] = f"{os_name}-0.0.1-{'aarch64' if arch != 'aarch64' else 'x86_64'}-with-glibc2.99"
+    _write_manifest(b.out_dir, m)
+    report = run_audit(AuditConfig(b.out_dir, sample=0))
+    assert _found(report) == {("tool-version", "arch")}
+    assert "within tolerance" in report.fbank_comparison and "arch" in report.fbank_comparison

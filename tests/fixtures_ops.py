@@ -1,4 +1,5 @@
-"""A small finished build (media, staging, shards, manifest.json) for the audit, publish and schedule tests.
+"""A small finished build (media, staging, shards, manifest.json) for the audit, publish, schedule and flows
+tests, and a real Prefect server on loopback (`prefect_server`) shared by the schedule and flows tests.
 
 The build is made by the real pipeline (pipeline.build.run_build) from clips encoded with ffmpeg
 (tests.media.make_media) and cached as DIR/media/{key}.mp4 the way the downloader leaves them (the window cut
@@ -8,7 +9,13 @@ Register in tests/conftest.py: `pytest_plugins = [..., "tests.fixtures_ops"]`.
 """
 from __future__ import annotations
 
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,3 +84,66 @@ def ops_build(tmp_path_factory) -> OpsBuild:
         done.write_text("\n".join(build.keys))
     keys = done.read_text().split("\n")
     return OpsBuild(root / "out", keys, OPS_SPLIT)
+
+
+PREFECT_SERVER_START_S = 90
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def prefect_settings(api: str):
+    """This process talks to the server at `api` inside the block (other tests keep their ephemeral Prefect)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    return temporary_settings({PREFECT_API_URL: api})
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory, request):
+    """`prefect server start` on 127.0.0.1 and a free port with its own PREFECT_HOME; yields (api_url, env).
+
+    The small ops build is made while the server starts up (it takes seconds to migrate its db)."""
+    home = tmp_path_factory.mktemp("prefect-server-home")
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_API_URL=api, PREFECT_LOGGING_LEVEL="WARNING")
+    log = open(home / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    request.getfixturevalue("ops_build")
+    deadline = time.monotonic() + PREFECT_SERVER_START_S
+    while True:
+        try:
+            with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_process(proc)
+            raise RuntimeError(f"prefect server did not come up on {api}: {(home / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    try:
+        yield api, env
+    finally:
+        # Flows run in this process queue their logs for the API: send them before the server goes away.
+        from prefect.logging.handlers import APILogHandler
+        with prefect_settings(api):
+            APILogHandler().flush()
+        stop_process(proc)
+        log.close()

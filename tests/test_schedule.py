@@ -1,86 +1,27 @@
-"""pipeline.schedule against a real Prefect server on loopback, and the CPU stage on a real 2-worker Dask cluster.
+"""pipeline.schedule against a real Prefect server on loopback: deployments of flows.build_flow and audit_flow.
 
 The server and the serving process are subprocesses with their own PREFECT_HOME; this process talks to the
 server through temporary settings only, so other tests keep their ephemeral Prefect.
 """
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from pipeline.audit import audit_flow
-from pipeline.schedule import ScheduleConfig, make_deployments, rebuild_flow, task_runner_for
-from tests.fixtures_ops import copy_build, ops_build  # noqa: F401  (fixture; also registrable as a plugin)
+from flows import build_flow
+from pipeline.schedule import ScheduleConfig, make_deployments, task_runner_for
+from tests.fixtures_ops import (copy_build, ops_build, prefect_server, prefect_settings,  # noqa: F401 (fixtures)
+                                stop_process)
 
 REPO = Path(__file__).resolve().parent.parent
-SERVER_START_S = 90
 RUN_TIMEOUT_S = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory, request):
-    """`prefect server start` on 127.0.0.1 and a free port, its own PREFECT_HOME; yields (api_url, env).
-
-    The small build the tests need is made while the server starts up (it takes seconds to migrate its db)."""
-    home = tmp_path_factory.mktemp("prefect-server-home")
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_API_URL=api, PREFECT_LOGGING_LEVEL="WARNING")
-    log = open(home / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    request.getfixturevalue("ops_build")
-    deadline = time.monotonic() + SERVER_START_S
-    while True:
-        try:
-            with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _stop(proc)
-            raise RuntimeError(f"prefect server did not come up on {api}: {(home / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    try:
-        yield api, env
-    finally:
-        # Flows run in this process queue their logs for the API: send them before the server goes away.
-        from prefect.logging.handlers import APILogHandler
-        with _settings(api):
-            APILogHandler().flush()
-        _stop(proc)
-        log.close()
-
-
-def _settings(api: str):
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-    return temporary_settings({PREFECT_API_URL: api})
+_stop = stop_process
+_settings = prefect_settings
 
 
 def test_deployments_carry_cron_schedules_and_parameters(prefect_server, tmp_path):
@@ -90,10 +31,10 @@ def test_deployments_carry_cron_schedules_and_parameters(prefect_server, tmp_pat
                          rebuild_parameters={"csv": ["/data/train.csv"], "split": "train"})
     with _settings(api):
         from prefect import get_client
-        for d in make_deployments(rebuild_flow, audit_flow, cfg):
+        for d in make_deployments(build_flow, audit_flow, cfg):
             d.apply()
         with get_client(sync_client=True) as client:
-            rebuild = client.read_deployment_by_name("avcap-rebuild/rebuild")
+            rebuild = client.read_deployment_by_name("avcap-build/rebuild")
             audit = client.read_deployment_by_name("avcap-audit/audit")
     # Checked on the server's objects, without waiting for a scheduled run.
     (rs,) = rebuild.schedules
@@ -102,7 +43,7 @@ def test_deployments_carry_cron_schedules_and_parameters(prefect_server, tmp_pat
     assert (aus.schedule.cron, aus.schedule.timezone) == ("30 6 * * 1", "Europe/Paris")
     assert rebuild.parameters == {"out_dir": cfg.out_dir, "csv": ["/data/train.csv"], "split": "train"}
     assert audit.parameters == {"out_dir": cfg.out_dir, "sample": 3, "seed": 0}
-    assert rebuild.entrypoint == "pipeline/schedule.py:rebuild_flow"
+    assert rebuild.entrypoint == "flows.py:build_flow"
     assert audit.entrypoint == "pipeline/audit.py:audit_flow"
     assert rebuild.global_concurrency_limit is not None and rebuild.global_concurrency_limit.limit == 1
 
@@ -118,19 +59,24 @@ def test_bad_schedule_is_refused_before_deploying(tmp_path):
 
 _SERVE = """
 import sys
+from flows import build_flow
 from pipeline.audit import audit_flow
 from pipeline.schedule import ScheduleConfig, make_deployments, serve_deployments
-cfg = ScheduleConfig(out_dir=sys.argv[1], audit_cron="0 4 * * *", audit_sample=1)
-serve_deployments(make_deployments(None, audit_flow, cfg))
+cfg = ScheduleConfig(out_dir=sys.argv[1], audit_cron="0 4 * * *", audit_sample=1, rebuild_cron="0 3 * * *",
+                     rebuild_parameters={"csv": [sys.argv[2]], "split": "test", "samples_per_shard": 2,
+                                         "url_template": "http://127.0.0.1:9/{youtube_id}.mp4", "max_retries": 0})
+serve_deployments(make_deployments(build_flow, audit_flow, cfg))
 """
 
 
 def test_served_audit_deployment_runs_to_completion(prefect_server, ops_build, tmp_path):
-    """`serve` in a subprocess (what `flows.py serve` does); a run triggered through the API completes and
-    leaves its markdown artifact."""
+    """`serve` in a subprocess (what `flows.py serve` does); runs of both deployments triggered through the API
+    complete; the audit leaves its markdown artifact, the rebuild its build report."""
     api, env = prefect_server
     log = open(tmp_path / "serve.log", "wb")
-    server = subprocess.Popen([sys.executable, "-c", _SERVE, str(ops_build.out_dir)], cwd=REPO, env=env,
+    rebuilt = copy_build(ops_build, tmp_path / "rebuilt")
+    csv = ops_build.out_dir.parent / f"{ops_build.out_dir.name}-test.csv"
+    server = subprocess.Popen([sys.executable, "-c", _SERVE, str(rebuilt.out_dir), str(csv)], cwd=REPO, env=env,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         with _settings(api):
@@ -158,6 +104,21 @@ def test_served_audit_deployment_runs_to_completion(prefect_server, ops_build, t
                     flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
         md = [a for a in arts if a.key == "avcap-audit"]
         assert md and md[0].type == "markdown" and "# Audit PASSED" in md[0].data
+
+        # The scheduled rebuild, triggered now: nothing to redo, the shards keep their bytes.
+        before = {p.name: p.read_bytes() for p in (rebuilt.out_dir / "shards" / "test").glob("*.tar")}
+        with _settings(api):
+            run = run_deployment("avcap-build/rebuild", timeout=RUN_TIMEOUT_S, poll_interval=1)
+            assert run.state is not None and run.state.is_completed(), \
+                f"{run.state}\n{(tmp_path / 'serve.log').read_text()[-3000:]}"
+            with get_client(sync_client=True) as client:
+                dep = client.read_deployment_by_name("avcap-build/rebuild")
+                arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+                    flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+        assert dep.schedules[0].schedule.cron == "0 3 * * *"
+        assert {a.key for a in arts} >= {"avcap-build-test-stats", "avcap-build-test-report"}
+        assert {p.name: p.read_bytes() for p in (rebuilt.out_dir / "shards" / "test").glob("*.tar")} == before
+        assert (rebuilt.out_dir / "reports" / "build-test.md").is_file()
 
         # A build with a damaged shard: the run fails (visible as failed in the UI) and its artifact names it.
         bad = copy_build(ops_build, tmp_path / "bad")
@@ -191,51 +152,6 @@ def test_task_runner_for():
         task_runner_for("127.0.0.1:8786")
 
 
-def test_cpu_stage_on_two_dask_workers_gives_the_same_shards(prefect_server, ops_build, tmp_path, monkeypatch):
-    """The CPU stage (pipeline.build.process_clip) as Prefect tasks on a 2-worker process cluster through
-    prefect-dask: the staged samples are byte-identical to the local build's and so are the shards."""
-    import json
-
-    from distributed import LocalCluster
-    from prefect import flow, task
-
-    from pipeline.build import ProcessJob, process_clip
-    from pipeline.extract import ExtractConfig
-    from pipeline.features import FbankConfig
-    from shards.manifest import load_dataset_manifest
-    from shards.writer import build_shards, read_staged_sample, staged_path
-
-    api, _ = prefect_server
-    monkeypatch.setenv("PREFECT_API_URL", api)     # the worker processes report their task runs here
-    out = tmp_path / "dask-out"
-    jobs = []
-    for key in ops_build.keys:
-        meta = read_staged_sample(staged_path(ops_build.out_dir, "test", key)).meta
-        clip_meta = {k: meta[k] for k in ("key", "youtube_id", "start_time", "split", "captions", "audiocap_ids")}
-        target = staged_path(out, "test", key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        jobs.append(ProcessJob(key=key, media_path=str(ops_build.out_dir / "media" / f"{key}.mp4"), offset=0.0,
-                               meta=clip_meta, out_path=str(target), extract=ExtractConfig(), fbank=FbankConfig()))
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        @flow(name="dask-process-stage", task_runner=task_runner_for(cluster.scheduler_address),
-              validate_parameters=False)
-        def process_on_dask(jobs: list[ProcessJob]):
-            futures = task(process_clip, name="process-clip").map(jobs)
-            return [f.result() for f in futures]
-
-        with _settings(api):
-            outcomes = process_on_dask(jobs)
-        workers = len(cluster.scheduler_info["workers"])
-    assert workers == 2
-    assert [o.status for o in outcomes] == ["ok"] * len(jobs), [(o.key, o.reason, o.message) for o in outcomes]
-    for key in ops_build.keys:
-        assert staged_path(out, "test", key).read_bytes() == staged_path(ops_build.out_dir, "test", key).read_bytes(), key
-    split = load_dataset_manifest(ops_build.out_dir).splits["test"]
-    result = build_shards(out, "test", split.num_shards)
-    assert [(s.path, s.sha256) for s in result.shards] == [(s.path, s.sha256) for s in split.shards]
-
-
 def test_audit_cli_runs_the_flow_and_exits_nonzero_on_mismatch(prefect_server, ops_build, tmp_path, capsys):
     """`flows.py audit` path (pipeline.audit.audit_main) through a Prefect flow run on the loopback server."""
     import argparse
@@ -266,12 +182,12 @@ def test_serve_arguments_make_the_schedule_config(tmp_path):
     assert cfg.audit_cron is None and cfg.timezone == "Asia/Tokyo"
     assert cfg.rebuild_parameters == {"csv": [str(Path("a.csv").absolute()), str(Path("b.csv").absolute())],
                                       "split": "train", "cpu_workers": 1, "publish_url": "s3://bucket/avcap"}
-    rebuild, audit = make_deployments(rebuild_flow, audit_flow, cfg)
+    rebuild, audit = make_deployments(build_flow, audit_flow, cfg)
     assert audit.schedules == [] and rebuild.schedules[0].schedule.timezone == "Asia/Tokyo"
 
 
 def test_rebuild_flow_is_incremental_and_publishes(prefect_server, ops_build, tmp_path):
-    """The deployable rebuild on an up-to-date build: nothing is redone, shards keep their bytes, and the build
+    """The deployable build flow on an up-to-date build: nothing is redone, shards keep their bytes, and the build
     is published (shards, then the manifest)."""
     from shards.manifest import load_dataset_manifest
     api, _ = prefect_server
@@ -280,11 +196,12 @@ def test_rebuild_flow_is_incremental_and_publishes(prefect_server, ops_build, tm
     before = [(s.path, s.sha256) for s in load_dataset_manifest(b.out_dir).splits["test"].shards]
     dest = tmp_path / "published"
     with _settings(api):
-        summary = rebuild_flow(out_dir=str(b.out_dir), csv=[str(csv)], split="test",
-                               url_template="http://127.0.0.1:9/{youtube_id}.mp4", publish_url=f"file://{dest}")
-    assert summary["counts"]["ok"] == len(ops_build.keys) and summary["shards"] == len(before)
+        result = build_flow(out_dir=str(b.out_dir), csv=[str(csv)], split="test", report=False,
+                            url_template="http://127.0.0.1:9/{youtube_id}.mp4", publish_url=f"file://{dest}")
+    assert result.counts["ok"] == len(ops_build.keys) and len(result.shards) == len(before)
+    assert result.stages["process"].clips == 0 and result.stages["download"].clips == 0
     entry = load_dataset_manifest(b.out_dir).splits["test"]
     assert [(s.path, s.sha256) for s in entry.shards] == before
     assert entry.changes.shards_written == [] and entry.changes.shards_unchanged == len(before)
-    assert summary["publish"]["manifest_uploaded"] and len(summary["publish"]["uploaded"]) == len(before)
+    assert result.publish.manifest_uploaded and len(result.publish.uploaded) == len(before)
     assert [(s.path, s.sha256) for s in load_dataset_manifest(f"file://{dest}").splits["test"].shards] == before

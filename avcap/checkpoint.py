@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import re
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -437,6 +438,31 @@ def _check_config_consistency(config: dict[str, Any], vocab: list[str], where: s
     for name, value in (("cls_id", ids.cls), ("sep_id", ids.sep), ("pad_id", ids.pad)):
         if name in config and config[name] != value:
             raise ValueError(f"{where}: model config {name}={config[name]} but the tokenizer's is {value}")
+
+
+def remove_stale_temps(directory: str | Path) -> list[Path]:
+    """Delete `.{name}.tmp-{pid}` files that a killed save_checkpoint left in `directory` (their pid is gone).
+
+    A save that dies mid-write never replaces the finished file, but its temp file (the size of a checkpoint)
+    would stay forever; a writer that is still running (its pid alive) keeps its file."""
+    removed = []
+    d = Path(directory)
+    if not d.is_dir():
+        return removed
+    for p in d.iterdir():
+        m = re.fullmatch(r"\..+\.tmp-(\d+)", p.name)
+        if not m or not p.is_file():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # someone else's live process
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, model_config: Any, tokenizer_vocab: Any,

@@ -506,6 +506,9 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     ckpt_dir = out / "checkpoints"
     if env.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
+        # A save killed mid-write left its temp file beside the intact previous checkpoint: drop it.
+        for stale in ckpt_mod.remove_stale_temps(ckpt_dir):
+            warnings.warn(f"removed {stale}, the partial checkpoint of a killed run")
 
     split = load_split(cfg.data, cfg.train_split)
     device = env.device

@@ -96,7 +96,8 @@ class Ledger:
                 except sqlite3.DatabaseError:
                     pass  # the connection is beyond use; the error below says why
             try:
-                free = f"{shutil.disk_usage(self.path.parent).free / 2**20:.1f} MiB free on its filesystem"
+                mib = shutil.disk_usage(self.path.parent).free / 2**20
+                free = f"{mib:.1f} MiB free on its filesystem" + (": no space left on device" if mib < 1 else "")
             except OSError:
                 free = "free space unknown"
             raise LedgerError(f"ledger {self.path}: cannot {what} ({e}; {free}). Nothing was recorded by this "

@@ -5,11 +5,14 @@
 Per clip: 10 s of 16 kHz audio, 20 frames 224x224 JPEG (q90). Measured, all single-threaded in this process:
 - original style: wav read + Kaldi fbank + pad, per-sample SpecAugment + normalization + noise + roll, PIL
   open + Resize(224, bicubic) + CenterCrop + ToTensor + Normalize of the frame(s);
-- ours: shards.loader (num_workers=0, so the reading and decoding run in this one process) over shards that
-  hold fbank.npy, flac, 20 frame JPEGs and json per sample;
+- ours: shards.loader (num_workers=0, so the reading and decoding run in this one process) over shards written
+  by shards.writer.write_shard (fbank.npy, flac, 20 frame JPEGs and json per sample, plus the member index
+  sidecar that a format-2 manifest lists): the indexed reader;
+- ours, header parsing: the same shards through a manifest without the index (format 1 / remote-style path);
 - ours + batched augmentation: the same plus shards.augment.prepare_batch(train=True, noise=True) on the CPU
   (on a GPU this step leaves the loader's core);
-- bare decode: np.load of the fbank bytes and torchvision decode_jpeg of the used frame(s), from memory.
+- bare decode: np.load of the fbank bytes and torchvision decode_jpeg of the used frame(s), from memory;
+- JPEG decoders: torchvision.io.decode_jpeg vs PIL on the same frames (the loader uses the faster one).
 Times are this process's CPU time (time.process_time), i.e. per-core cost: on a shared, loaded machine wall
 time would mostly measure the other processes.
 """
@@ -47,8 +50,12 @@ def fbank_of(wave: np.ndarray) -> torch.Tensor:
 
 
 def make_clips(root: Path, n: int, rng: np.random.Generator) -> list[dict]:
-    """wav + jpg files (the original's inputs) and the same clips as shard samples."""
-    import webdataset as wds
+    """wav + jpg files (the original's inputs) and the same clips as shard samples.
+
+    Writes manifest.json (shards with their member index) and manifest-noindex.json (the same shards, no index).
+    """
+    from shards.writer import Sample, file_sha256, write_shard
+    from shards.index import index_path
     (root / "wav").mkdir(parents=True)
     (root / "jpg").mkdir()
     (root / "shards").mkdir()
@@ -77,13 +84,18 @@ def make_clips(root: Path, n: int, rng: np.random.Generator) -> list[dict]:
     entries = []
     for i in range(0, n, per_shard):
         rel = f"shards/train-{i // per_shard:05d}.tar"
-        with wds.TarWriter(str(root / rel)) as w:
-            for s in clips[i:i + per_shard]:
-                w.write(s)
-        entries.append({"path": rel, "num_samples": len(clips[i:i + per_shard])})
-    (root / "manifest.json").write_text(json.dumps({"format_version": 1, "frames_per_clip": FRAMES,
-                                                    "fbank": {"target_length": 1024, "num_mel_bins": 128},
-                                                    "splits": {"train": {"shards": entries}}}))
+        chunk = clips[i:i + per_shard]
+        sha, size, _ = write_shard(root / rel, [Sample(c["__key__"], {k: v for k, v in c.items() if k != "__key__"})
+                                               for c in chunk])
+        idx = index_path(root / rel)
+        entries.append({"path": rel, "num_samples": len(chunk), "bytes": size, "sha256": sha,
+                        "index": {"path": idx.relative_to(root).as_posix(), "sha256": file_sha256(idx),
+                                  "bytes": idx.stat().st_size}})
+    for name, version, shards in (("manifest.json", 2, entries),
+                                  ("manifest-noindex.json", 1, [{**e, "index": None} for e in entries])):
+        (root / name).write_text(json.dumps({"format_version": version, "frames_per_clip": FRAMES,
+                                             "fbank": {"target_length": 1024, "num_mel_bins": 128},
+                                             "splits": {"train": {"shards": shards}}}))
     return clips
 
 
@@ -109,8 +121,8 @@ def original_style(root: Path, n: int, nf: int, rng: np.random.Generator) -> flo
     return (time.process_time() - t0) / n
 
 
-def ours(root: Path, nf: int, batch_size: int, augment: bool) -> tuple[float, int]:
-    cfg = LoaderConfig(data=str(root), split="train", batch_size=batch_size, num_workers=0, num_frames=nf,
+def ours(data: str, nf: int, batch_size: int, augment: bool) -> tuple[float, int]:
+    cfg = LoaderConfig(data=data, split="train", batch_size=batch_size, num_workers=0, num_frames=nf,
                        shuffle_buffer=64, seed=0)
     it, nb = make_loader(cfg, 0, 1, epoch=0)
     aug = AugmentConfig(noise=True)
@@ -135,6 +147,30 @@ def bare_decode(clips: list[dict], nf: int) -> float:
     return (time.process_time() - t0) / len(clips)
 
 
+def jpeg_decoders(clips: list[dict], repeats: int) -> dict[str, float]:
+    """Seconds per 224x224 frame for the two decoders the loader could use, each to its natural layout."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    jpgs = [s[f"frame{f:02d}.jpg"] for s in clips for f in (0, 10)]
+
+    def tv():
+        for j in jpgs:
+            decode_jpeg(torch.frombuffer(bytearray(j), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+    def pil():
+        for j in jpgs:
+            np.asarray(Image.open(io.BytesIO(j)).convert("RGB"))
+
+    out = {}
+    for name, fn in (("torchvision.io.decode_jpeg", tv), ("PIL (np.asarray of the RGB image)", pil)):
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.process_time()
+            fn()
+            best = min(best, time.process_time() - t0)
+        out[name] = best / len(jpgs)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clips", type=int, default=64)
@@ -149,18 +185,22 @@ def main() -> None:
         sample_bytes = np.mean([sum(len(v) for k, v in s.items() if k != "__key__") for s in clips])
         print(f"{args.clips} clips, {sample_bytes / 1e6:.2f} MB and {len(clips[0]) - 1} members per sample, "
               f"batch {args.batch_size}, torch threads 1")
-        print("| frames | original style | ours (loader) | ours + batched augment (CPU) | bare decode of used members "
-              "| loader / original | loader / bare decode |")
-        print("|---|---|---|---|---|---|---|")
+        dec = jpeg_decoders(clips, args.repeats)
+        print("JPEG decode per 224x224 q90 frame, one core: " + ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in dec.items()))
+        print("| frames | original style | ours (loader, indexed) | ours, header parsing (no index) "
+              "| ours + batched augment (CPU) | bare decode of used members | loader / original "
+              "| loader / bare decode |")
+        print("|---|---|---|---|---|---|---|---|")
+        indexed, noindex = str(root), str(root / "manifest-noindex.json")
         for nf in (1, 4):
             orig = min(original_style(root, args.clips, nf, rng) for _ in range(args.repeats))
-            ld = min(ours(root, nf, args.batch_size, augment=False)[0] for _ in range(args.repeats))
-            la = min(ours(root, nf, args.batch_size, augment=True)[0] for _ in range(args.repeats))
+            ld = min(ours(indexed, nf, args.batch_size, augment=False)[0] for _ in range(args.repeats))
+            lh = min(ours(noindex, nf, args.batch_size, augment=False)[0] for _ in range(args.repeats))
+            la = min(ours(indexed, nf, args.batch_size, augment=True)[0] for _ in range(args.repeats))
             bare = min(bare_decode(clips, nf) for _ in range(args.repeats))
             fmt = lambda s: f"{1 / s:,.0f}/s ({s * 1e3:.2f} ms)"  # noqa: E731
-            print(f"| {nf} | {fmt(orig)} | {fmt(ld)} | {fmt(la)} | {fmt(bare)} | {orig / ld:.1f}x | "
+            print(f"| {nf} | {fmt(orig)} | {fmt(ld)} | {fmt(lh)} | {fmt(la)} | {fmt(bare)} | {orig / ld:.1f}x | "
                   f"{ld / bare:.2f}x |")
-
 
 if __name__ == "__main__":
     main()

@@ -456,8 +456,7 @@ def decode_npy(buf: bytes, what: str, header_cache: dict[bytes, tuple] | None = 
     """
     head = bytes(buf[:128])
     if header_cache is not None and head in header_cache:
-        shape, dtype, offset = header_cache[head]
-        count = int(np.prod(shape))
+        shape, dtype, offset, count = header_cache[head]
         if len(buf) - offset == count * dtype.itemsize:
             return np.frombuffer(buf, dtype=dtype, count=count, offset=offset).reshape(shape)
     f = io.BytesIO(buf)
@@ -472,7 +471,7 @@ def decode_npy(buf: bytes, what: str, header_cache: dict[bytes, tuple] | None = 
     if fortran or dtype.hasobject or len(buf) - f.tell() != count * dtype.itemsize:
         raise ShardError(f"{what}: fbank.npy holds {len(buf) - f.tell()} data bytes for shape {shape} {dtype}")
     if header_cache is not None and f.tell() <= 128:
-        header_cache[head] = (shape, dtype, f.tell())
+        header_cache[head] = (shape, dtype, f.tell(), count)
     return np.frombuffer(buf, dtype=dtype, count=count, offset=f.tell()).reshape(shape)
 
 

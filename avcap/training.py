@@ -63,6 +63,8 @@ class TrainConfig:
     shuffle_buffer: int = _f(1000, "sample shuffle buffer per worker")
     skip_bad_shards: bool = _f(False, "skip a damaged shard with a warning instead of failing")
     noise: bool = _f(False, "noise + time-roll audio augmentation (the original README turns it on)")
+    freqm: int = _f(48, "SpecAugment: widest frequency mask in mel bins (0: off; the original: 48)")
+    timem: int = _f(192, "SpecAugment: widest time mask in frames (0: off; the original: 192)")
     norm_mean: float = _f(-4.346, "fbank normalization mean (AudioCaps default; the manifest also has the train split's)")
     norm_std: float = _f(4.332, "fbank normalization std")
     # model
@@ -773,7 +775,8 @@ class _LoaderFactory:
 
     def _augment_config(self) -> Any:
         from shards.augment import AugmentConfig
-        return AugmentConfig(noise=self.cfg.noise, norm_mean=self.cfg.norm_mean, norm_std=self.cfg.norm_std)
+        return AugmentConfig(freqm=self.cfg.freqm, timem=self.cfg.timem, noise=self.cfg.noise,
+                             norm_mean=self.cfg.norm_mean, norm_std=self.cfg.norm_std)
 
     def prepare(self, batch: Any, train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Augmentation draws from the global RNG, which the loop reseeds per micro-batch."""

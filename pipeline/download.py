@@ -122,7 +122,8 @@ _PERMANENT = [
     (r"confirm your age|age[- ]restricted|inappropriate for some users", "age-restricted"),
     (r"available in your country|blocked it in your country|geo[- ]?restrict", "geo-restricted"),
     (r"members[- ]only|join this channel", "members-only"),
-    (r"unsupported url", "unsupported-url"),
+    # "No suitable extractor": the URL is outside the extractors we allow (YouTube only for a YouTube template).
+    (r"unsupported url|no suitable extractor", "unsupported-url"),
     (r"video unavailable|is not available|this video is unavailable", "unavailable"),
 ]
 _TRANSIENT = [

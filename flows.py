@@ -42,6 +42,8 @@ def _prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     # The server would try to phone home on every start; builds often run offline.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The pipeline's progress lines (logger "avcap.*") also go to the flow run's log in the UI.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "avcap")
 
 
 _prefect_defaults()   # before the import below: Prefect reads its settings at import time
@@ -379,6 +381,9 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    # Importing prefect already gave the root logger its console handler (at PREFECT_LOGGING_LEVEL, often
+    # WARNING): the pipeline's progress is INFO and must show whatever that level is.
+    logging.getLogger("avcap").setLevel(logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call drowns the progress
     return args.func(args)
 

@@ -24,7 +24,7 @@ import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 from pipeline.download import (DownloadConfig, download_many, find_local_media, sha256_file, window_start)
 from pipeline.extract import ExtractConfig, ExtractError

@@ -20,8 +20,6 @@ from tests.fixtures_ops import (copy_build, ops_build, prefect_server, prefect_s
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_S = 120
-_stop = stop_process
-_settings = prefect_settings
 
 
 def test_deployments_carry_cron_schedules_and_parameters(prefect_server, tmp_path):
@@ -29,7 +27,7 @@ def test_deployments_carry_cron_schedules_and_parameters(prefect_server, tmp_pat
     cfg = ScheduleConfig(out_dir=str(tmp_path / "out"), rebuild_cron="15 2 * * *", audit_cron="30 6 * * 1",
                          timezone="Europe/Paris", audit_sample=3,
                          rebuild_parameters={"csv": ["/data/train.csv"], "split": "train"})
-    with _settings(api):
+    with prefect_settings(api):
         from prefect import get_client
         for d in make_deployments(build_flow, audit_flow, cfg):
             d.apply()
@@ -79,7 +77,7 @@ def test_served_audit_deployment_runs_to_completion(prefect_server, ops_build, t
     server = subprocess.Popen([sys.executable, "-c", _SERVE, str(rebuilt.out_dir), str(csv)], cwd=REPO, env=env,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        with _settings(api):
+        with prefect_settings(api):
             from prefect import get_client
             from prefect.deployments import run_deployment
             deadline = time.monotonic() + 60
@@ -107,7 +105,7 @@ def test_served_audit_deployment_runs_to_completion(prefect_server, ops_build, t
 
         # The scheduled rebuild, triggered now: nothing to redo, the shards keep their bytes.
         before = {p.name: p.read_bytes() for p in (rebuilt.out_dir / "shards" / "test").glob("*.tar")}
-        with _settings(api):
+        with prefect_settings(api):
             run = run_deployment("avcap-build/rebuild", timeout=RUN_TIMEOUT_S, poll_interval=1)
             assert run.state is not None and run.state.is_completed(), \
                 f"{run.state}\n{(tmp_path / 'serve.log').read_text()[-3000:]}"
@@ -126,7 +124,7 @@ def test_served_audit_deployment_runs_to_completion(prefect_server, ops_build, t
         data = bytearray(shard.read_bytes())
         data[len(data) // 2] ^= 0x01
         shard.write_bytes(bytes(data))
-        with _settings(api):
+        with prefect_settings(api):
             run = run_deployment("avcap-audit/audit", parameters={"out_dir": str(bad.out_dir), "sample": 0},
                                  timeout=RUN_TIMEOUT_S, poll_interval=1)
             assert run.state is not None and run.state.is_failed(), run.state
@@ -136,7 +134,7 @@ def test_served_audit_deployment_runs_to_completion(prefect_server, ops_build, t
         md = [a for a in arts if a.key == "avcap-audit"]
         assert md and "# Audit FAILED" in md[0].data and f"shards/test/{shard.name}" in md[0].data
     finally:
-        _stop(server)
+        stop_process(server)
         log.close()
     reports = sorted((ops_build.out_dir / "audit").glob("audit-*.json"))
     assert reports, "the served run wrote no audit report"
@@ -159,7 +157,7 @@ def test_audit_cli_runs_the_flow_and_exits_nonzero_on_mismatch(prefect_server, o
     from pipeline.audit import add_audit_arguments, audit_main
     api, _ = prefect_server
     parse = add_audit_arguments(argparse.ArgumentParser()).parse_args
-    with _settings(api):
+    with prefect_settings(api):
         assert audit_main(parse(["--out", str(ops_build.out_dir), "--sample", "1"])) == 0
         bad = copy_build(ops_build, tmp_path / "bad")
         m = (bad.out_dir / "manifest.json")
@@ -195,7 +193,7 @@ def test_rebuild_flow_is_incremental_and_publishes(prefect_server, ops_build, tm
     csv = ops_build.out_dir.parent / f"{ops_build.out_dir.name}-test.csv"
     before = [(s.path, s.sha256) for s in load_dataset_manifest(b.out_dir).splits["test"].shards]
     dest = tmp_path / "published"
-    with _settings(api):
+    with prefect_settings(api):
         result = build_flow(out_dir=str(b.out_dir), csv=[str(csv)], split="test", report=False,
                             url_template="http://127.0.0.1:9/{youtube_id}.mp4", publish_url=f"file://{dest}")
     assert result.counts["ok"] == len(ops_build.keys) and len(result.shards) == len(before)

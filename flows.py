@@ -44,6 +44,8 @@ def _prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The pipeline's progress lines (logger "avcap.*") also go to the flow run's log in the UI.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "avcap")
+    # ... and outside a flow run (--no-prefect) they go to the console only, without a warning per line.
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 
 _prefect_defaults()   # before the import below: Prefect reads its settings at import time

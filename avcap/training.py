@@ -202,8 +202,15 @@ def setup_distributed(device: str = "auto", timeout_s: int = 600) -> DistEnv:
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
-def teardown_distributed() -> None:
+def teardown_distributed(clean: bool = True) -> None:
     if dist.is_initialized():
+        if clean:
+            # Ranks leave together: a rank tearing gloo down while its peer still holds the connection can abort
+            # the peer at exit ("terminate called without an active exception") after a successful run.
+            try:
+                dist.barrier()
+            except Exception:  # noqa: BLE001 - the peer is already gone; nothing left to wait for
+                pass
         dist.destroy_process_group()
 
 
@@ -480,10 +487,13 @@ class TrainResult:
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or continue, with cfg.resume) a training run. Call once per process; torchrun starts the processes."""
     env = setup_distributed(cfg.device, cfg.dist_timeout_s)
+    clean = False
     try:
-        return _train(cfg, env)
+        result = _train(cfg, env)
+        clean = True
+        return result
     finally:
-        teardown_distributed()
+        teardown_distributed(clean)
 
 
 class _DataMismatch(RuntimeError):

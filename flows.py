@@ -317,9 +317,9 @@ def cmd_build(a: argparse.Namespace) -> int:
     _print_summary(result)
     if getattr(result, "publish", None) is not None:
         p = result.publish
-        print(f"published to {p.url}: {len(p.uploaded)} shards uploaded, {len(p.skipped)} files already there, "
+        print(f"published to {p.url}: {len(p.uploaded)} files uploaded, {len(p.skipped)} already there, "
               f"manifest {'uploaded' if p.manifest_uploaded else 'unchanged'}"
-              + (f", {len(p.pruned)} stale shards pruned" if p.pruned else ""), file=sys.stderr)
+              + (f", {len(p.pruned)} stale files pruned" if p.pruned else ""), file=sys.stderr)
     return EXIT_OK
 
 

@@ -2,6 +2,8 @@
 
 Checks, each reported by name with the file or clip it concerns:
 - `shard-sha256`, `shard-size`, `shard-samples`, `shard-missing`: every shard against the manifest.
+- `index-sha256`, `index-size`, `index-missing`: every shard's member index sidecar (manifest format 2) against
+  the manifest (the loader trusts the offsets in it, so a changed index must not go unnoticed).
 - `fbank`: the fbank of sampled clips recomputed from their stored flac with the manifest's fbank config.
   Bitwise when the platform and tool versions recorded in the manifest match this machine (same code, same
   libraries: any difference is a real change); otherwise within `fbank_tolerance`, and the report says which
@@ -231,7 +233,24 @@ def check_shards(out: Path, split, report: AuditReport) -> dict[str, str]:
                                               f"holds {len(keys)} samples, manifest says {s.num_samples}"))
         for k in keys:
             where[k] = s.path
+        if s.index is not None:
+            check_index(out, s.index, report)
     return where
+
+
+def check_index(out: Path, index, report: AuditReport) -> None:
+    """Size and sha256 of one member index sidecar (shards.manifest.IndexEntry) against the manifest."""
+    path = out / index.path
+    if not path.is_file():
+        report.mismatches.append(Mismatch("index-missing", index.path, "listed in the manifest but not on disk"))
+        return
+    size = path.stat().st_size
+    if size != index.bytes:
+        report.mismatches.append(Mismatch("index-size", index.path, f"{size} bytes, manifest says {index.bytes}"))
+    got = _sha256_file(path)
+    if got != index.sha256:
+        report.mismatches.append(Mismatch("index-sha256", index.path,
+                                          f"sha256 {got} does not match manifest {index.sha256}"))
 
 
 def _tar_keys(path: Path) -> list[str]:

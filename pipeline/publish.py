@@ -1,7 +1,8 @@
 """Publish a finished build to object storage through fsspec.
 
 Readers find shards through manifest.json, so the order of uploads is the whole consistency story:
-every shard is uploaded (and checked) first and the manifest goes last. A reader therefore sees either
+every shard and its member index sidecar (`*.idx.json`, manifest format 2) is uploaded (and checked) first
+and the manifest goes last. A reader therefore sees either
 the previous manifest (whose shards are still there: we never delete before the new manifest is up,
 and only delete when asked) or the new one with all of its shards present.
 
@@ -24,6 +25,7 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from shards.index import INDEX_SUFFIX
 from shards.manifest import MANIFEST_NAME, DatasetManifest, ShardEntry
 from shards.writer import file_sha256 as sha256_file  # noqa: F401  (re-exported: publish's checks use it)
 
@@ -65,6 +67,27 @@ def manifest_shard_entries(manifest: DatasetManifest) -> list[ShardEntry]:
     return entries
 
 
+@dataclass
+class DataFile:
+    """One file the manifest vouches for: a shard or a shard's member index."""
+    path: str          # relative to the build root, posix
+    sha256: str
+    bytes: int
+
+
+def manifest_files(manifest: DatasetManifest) -> list[DataFile]:
+    """Every shard and index file the manifest lists, each shard followed by its index (format 2)."""
+    files = []
+    for s in manifest_shard_entries(manifest):
+        files.append(DataFile(s.path, s.sha256, s.bytes))
+        if s.index is not None:
+            p = Path(s.index.path)
+            if p.is_absolute() or ".." in p.parts:
+                raise PublishError(f"manifest index path {s.index.path!r} must be relative to the build root")
+            files.append(DataFile(s.index.path, s.index.sha256, s.index.bytes))
+    return files
+
+
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
@@ -92,7 +115,7 @@ def _put_atomic(fs: fsspec.AbstractFileSystem, dest: str, *, local: Path | None 
         fs.pipe_file(dest, data)
 
 
-def _already_there(fs: fsspec.AbstractFileSystem, dest: str, entry: ShardEntry, size: int) -> bool:
+def _already_there(fs: fsspec.AbstractFileSystem, dest: str, entry: DataFile, size: int) -> bool:
     try:
         info = fs.info(dest)
     except FileNotFoundError:
@@ -104,11 +127,13 @@ def _already_there(fs: fsspec.AbstractFileSystem, dest: str, entry: ShardEntry, 
 
 def publish(out_dir: str | Path, url: str, *, prune: bool = False,
             storage_options: dict | None = None) -> PublishReport:
-    """Copy DIR's shards, then DIR/manifest.json, to `url` (any fsspec URL or a local path).
+    """Copy DIR's shards and their member indexes, then DIR/manifest.json, to `url` (any fsspec URL or a
+    local path).
 
-    Every local shard is checked against the manifest's sha256 before anything is uploaded, so a corrupt
-    build is refused whole rather than half-published. `prune=True` deletes destination shards (*.tar under
-    shards/) that the new manifest does not list, after the manifest is up.
+    Every local shard and index is checked against the manifest's size and sha256 before anything is
+    uploaded, so a corrupt build is refused whole rather than half-published. `prune=True` deletes destination
+    shards and indexes (`*.tar`, `*.idx.json` under shards/) that the new manifest does not list, after the
+    manifest is up.
     """
     out = Path(out_dir)
     manifest_path = out / MANIFEST_NAME
@@ -120,39 +145,38 @@ def publish(out_dir: str | Path, url: str, *, prune: bool = False,
         manifest = DatasetManifest.from_dict(json.loads(manifest_bytes), where=str(manifest_path))
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError) as e:
         raise PublishError(f"{manifest_path}: not a dataset manifest: {e}") from e
-    entries = manifest_shard_entries(manifest)
-    if not entries:
+    if not manifest_shard_entries(manifest):
         raise PublishError(f"{manifest_path}: lists no shards; nothing to publish")
+    files = manifest_files(manifest)
 
-    sizes: dict[str, int] = {}
-    for e in entries:
-        local = out / e.path
+    for f in files:
+        local = out / f.path
         if not local.is_file():
             raise PublishError(f"{local}: listed in {manifest_path} but missing")
-        sizes[e.path] = local.stat().st_size
-        if sizes[e.path] != e.bytes:
-            raise PublishError(f"{local}: {sizes[e.path]} bytes, manifest says {e.bytes}")
+        size = local.stat().st_size
+        if size != f.bytes:
+            raise PublishError(f"{local}: {size} bytes, manifest says {f.bytes}")
         got = sha256_file(local)
-        if got != e.sha256:
-            raise PublishError(f"{local}: sha256 {got} does not match manifest {e.sha256}")
+        if got != f.sha256:
+            raise PublishError(f"{local}: sha256 {got} does not match manifest {f.sha256}")
 
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     root = root.rstrip("/")
     report = PublishReport(url=url)
-    for e in entries:
-        dest = f"{root}/{e.path}"
-        if _already_there(fs, dest, e, sizes[e.path]):
-            report.skipped.append(e.path)
+    for f in files:
+        dest = f"{root}/{f.path}"
+        if _already_there(fs, dest, f, f.bytes):
+            report.skipped.append(f.path)
             continue
         try:
-            _put_atomic(fs, dest, local=out / e.path)
+            _put_atomic(fs, dest, local=out / f.path)
         except OSError as err:
-            raise PublishError(f"{url}: uploading {e.path} failed ({err}); manifest not published") from err
+            raise PublishError(f"{url}: uploading {f.path} failed ({err}); manifest not published") from err
         # Confirm the upload before the manifest can point at it.
-        if fs.info(dest).get("size") != sizes[e.path]:
-            raise PublishError(f"{url}: uploaded {e.path} has the wrong size; manifest not published")
-        report.uploaded.append(e.path)
-        report.bytes_uploaded += sizes[e.path]
+        if fs.info(dest).get("size") != f.bytes:
+            raise PublishError(f"{url}: uploaded {f.path} has the wrong size; manifest not published")
+        report.uploaded.append(f.path)
+        report.bytes_uploaded += f.bytes
 
     manifest_dest = f"{root}/{MANIFEST_NAME}"
     if fs.exists(manifest_dest) and fs.cat_file(manifest_dest) == manifest_bytes:
@@ -163,21 +187,21 @@ def publish(out_dir: str | Path, url: str, *, prune: bool = False,
         report.bytes_uploaded += len(manifest_bytes)
 
     if prune:
-        report.pruned = _prune(fs, root, entries)
+        report.pruned = _prune(fs, root, files)
     return report
 
 
-def _prune(fs: fsspec.AbstractFileSystem, root: str, entries: list[ShardEntry]) -> list[str]:
-    """Delete shard files under root/shards that the (already published) manifest no longer lists."""
+def _prune(fs: fsspec.AbstractFileSystem, root: str, files: list[DataFile]) -> list[str]:
+    """Delete shard and index files under root/shards that the (already published) manifest no longer lists."""
     root = fs._strip_protocol(root).rstrip("/")
-    listed = {f"{root}/{e.path}" for e in entries}
+    listed = {f"{root}/{f.path}" for f in files}
     shards_root = f"{root}/shards"
     pruned: list[str] = []
     if not fs.exists(shards_root):
         return pruned
     for p in sorted(fs.find(shards_root)):
         p = fs._strip_protocol(p)
-        if p.endswith(".tar") and p not in listed:
+        if p.endswith((".tar", INDEX_SUFFIX)) and p not in listed:
             fs.rm_file(p)
             pruned.append(p[len(root) + 1:])
     return pruned
@@ -188,16 +212,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Publish a finished build (shards, then manifest.json) via fsspec.")
     p.add_argument("--out", required=True, type=Path, help="build directory holding manifest.json")
     p.add_argument("--publish", required=True, metavar="URL", help="destination: a path or fsspec URL")
-    p.add_argument("--prune", action="store_true", help="delete destination shards the manifest no longer lists")
+    p.add_argument("--prune", action="store_true", help="delete destination shards and indexes the manifest no longer lists")
     args = p.parse_args(argv)
     try:
         report = publish(args.out, args.publish, prune=args.prune)
     except PublishError as e:
         print(f"publish failed: {e}")
         return 1
-    print(f"published {args.out} to {args.publish}: {len(report.uploaded)} shards uploaded, "
+    print(f"published {args.out} to {args.publish}: {len(report.uploaded)} files uploaded, "
           f"{len(report.skipped)} files already there, manifest {'uploaded' if report.manifest_uploaded else 'unchanged'}"
-          + (f", {len(report.pruned)} stale shards pruned" if report.pruned else ""))
+          + (f", {len(report.pruned)} stale files pruned" if report.pruned else ""))
     return 0
 
 

@@ -57,7 +57,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator
-from urllib.parse import urljoin, urlparse
+from urllib.parse import urljoin, urlparse, uses_relative
 
 import numpy as np
 import torch
@@ -138,9 +138,14 @@ def _resolve(base_url: str, path: str) -> str:
     """A shard path relative to the manifest resolves against the manifest's location; absolute ones stay."""
     if urlparse(path).scheme or path.startswith("/"):
         return path
-    if urlparse(base_url).scheme in ("", "file"):
+    scheme = urlparse(base_url).scheme
+    if scheme in ("", "file"):
         return str(Path(base_url).parent / path)
-    return urljoin(base_url, path)
+    if scheme in uses_relative:
+        return urljoin(base_url, path)
+    # urljoin knows only the schemes in uses_relative: for s3://, gs://, memory:// ... it would return the bare
+    # relative path, which then opens as a local file.
+    return base_url.rsplit("/", 1)[0] + "/" + path
 
 
 def load_split(data: str, split: str) -> SplitInfo:

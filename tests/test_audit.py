@@ -88,6 +88,21 @@ def test_missing_shard_and_wrong_count_are_named(ops_build, tmp_path):
     assert ("shard-samples", second["path"]) in _found(report)
 
 
+def test_corrupt_or_missing_member_index_is_named(ops_build, tmp_path):
+    b = copy_build(ops_build, tmp_path / "out")
+    first, second = _manifest(b.out_dir)["splits"]["test"]["shards"]
+    index = b.out_dir / first["index"]["path"]
+    data = bytearray(index.read_bytes())
+    data[len(data) // 2] ^= 0x01       # same size: only the hash can tell
+    index.write_bytes(bytes(data))
+    (b.out_dir / second["index"]["path"]).unlink()
+
+    report = run_audit(AuditConfig(b.out_dir, sample=0))
+    assert _found(report) == {("index-sha256", first["index"]["path"]), ("index-missing", second["index"]["path"])}, \
+        [str(m) for m in report.mismatches]
+    assert "does not match manifest" in next(m.message for m in report.mismatches if m.check == "index-sha256")
+
+
 def test_swapped_frame_is_caught_by_reextraction(ops_build, tmp_path):
     b = copy_build(ops_build, tmp_path / "out")
     key = ops_build.keys[0]
@@ -106,6 +121,8 @@ def test_swapped_frame_is_caught_by_reextraction(ops_build, tmp_path):
     for e in m["splits"]["test"]["shards"]:
         if e["path"] == entry["path"]:
             e["sha256"], e["bytes"] = file_sha256(path), path.stat().st_size
+            index = b.out_dir / e["index"]["path"]      # write_shard rewrote the member index too
+            e["index"]["sha256"], e["index"]["bytes"] = file_sha256(index), index.stat().st_size
     _write_manifest(b.out_dir, m)
 
     report = run_audit(AuditConfig(b.out_dir, sample=-1))

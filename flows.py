@@ -21,8 +21,8 @@ proxy URL comes from the environment variable AVCAP_PROXY or from a Prefect Secr
 Prefect starts its own temporary local server when no PREFECT_API_URL is set: nothing to set up.
 
 Exit status of `build`: 0 when the build finished (per-clip failures included), 1 when it could not run
-(unreadable CSV, no ffmpeg, bad arguments), 3 on a bot wall, 4 when more than --max-failure-rate of the clips
-failed, 5 when the build finished but publishing failed. `audit`: 0 clean, 1 mismatch, 2 could not run.
+(unreadable CSV, no ffmpeg, bad arguments, no space left on device), 3 on a bot wall, 4 when more than
+--max-failure-rate of the clips failed, 5 when the build finished but publishing failed. `audit`: 0 clean, 1 mismatch, 2 could not run.
 """
 from __future__ import annotations
 
@@ -66,11 +66,13 @@ class StageTask:
 
 # Per stage: retries only where a retry is safe and useful. download: 0 (backoff lives in pipeline.download);
 # process: 0 for the stage (a clip failure is an outcome, not an exception; per-clip retries on Dask below);
-# shards, manifest and publish are idempotent and atomic per file, so a transient I/O error is worth one more try.
+# captions, shards, manifest and publish are idempotent and atomic per file, so a transient I/O error is worth
+# one more try.
 # Time limits only where a bound is known: stage length otherwise scales with the clip count.
 STAGE_TASKS = {
     "manifest": StageTask(timeout_s=600),
     "ledger": StageTask(timeout_s=600),
+    "captions": StageTask(retries=1, retry_delay_s=5),
     "download": StageTask(),
     "process": StageTask(),
     "shards": StageTask(retries=1, retry_delay_s=5),
@@ -329,8 +331,9 @@ def _print_summary(result) -> None:
           f"failed transiently, {c['pending']} pending of {result.total} clips; {len(result.shards)} shards; "
           f"manifest {result.manifest_path}", file=sys.stderr)
     ch = result.changes
-    print(f"changes: {len(ch['added'])} samples added, {len(ch['removed'])} removed, {len(ch['retried'])} clips "
-          f"retried; {len(ch['shards_written'])} shards written", file=sys.stderr)
+    print(f"changes: {len(ch['added'])} samples added, {len(ch['removed'])} removed, {len(ch['updated'])} given "
+          f"new captions, {len(ch['retried'])} clips retried, {len(ch['dropped_rows'])} rows gone from the CSV; "
+          f"{len(ch['shards_written'])} shards written", file=sys.stderr)
     if result.row_errors:
         print(f"{len(result.row_errors)} bad rows skipped, first: {result.row_errors[0]}", file=sys.stderr)
 

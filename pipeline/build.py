@@ -5,7 +5,10 @@ stage functions as Prefect tasks by passing a `stage_runner` (so there is one im
 
 Stages and where their state lives (all under `cfg.out`, nothing is written elsewhere):
   load_clips      the CSV/JSON rows -> validated clips (bad rows reported with file and line)
-  prepare_ledger  ledger.sqlite: new clips become pending; the clips this run must do
+  prepare_ledger  ledger.sqlite: new clips become pending, clips whose row is gone `removed`; the clips this
+                  run must do
+  caption_stage   finished clips whose captions/audiocap_ids changed in the CSV: the staged sample gets the new
+                  json (audio and frames are kept, nothing is decoded again), so only its shard changes
   download_stage  media/{key}.mp4 (or the user's --media-dir); download failures recorded as they land
   process_stage   staging/{split}/{key}.tar via shards.writer.stage_clip (extract + fbank + encode), one
                   clip per CPU worker (a local process pool, or a `clip_runner` such as flows' Dask runner);
@@ -13,13 +16,20 @@ Stages and where their state lives (all under `cfg.out`, nothing is written else
   shard_stage     shards/{split}/*.tar from the ok clips (deterministic, only changed shards rewritten)
   manifest_stage  manifest.json entry of the split
 Every finished clip is recorded before the next one starts, so a killed build loses at most the clips in flight.
+
+A full disk stops the build with a BuildError ("no space left on device"): clips finished before it are kept
+(media, staged samples, ledger rows), clips that hit it are `failed-transient disk-full`, and no shard or
+manifest is written from a partial stage. Freeing space and running again completes the build.
 """
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import multiprocessing
 import shutil
 import time
+import tarfile
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -29,14 +39,17 @@ from typing import Any, Callable, Iterable
 from pipeline.download import (DownloadConfig, download_many, find_local_media, sha256_file, window_start)
 from pipeline.extract import ExtractConfig, ExtractError
 from pipeline.features import FbankConfig
-from pipeline.ledger import FAILED_PERMANENT, FAILED_TRANSIENT, OK, PENDING, Ledger
-from pipeline.manifest import Clip, ManifestError, ManifestResult, read_manifests
+from pipeline.ledger import FAILED_PERMANENT, FAILED_TRANSIENT, OK, PENDING, Ledger, LedgerError
+from pipeline.manifest import Clip, ManifestError, RowError, read_manifests
 from shards import manifest as dataset_manifest
-from shards.writer import ShardBuildResult, build_shards, stage_clip, staged_path, validate_split
+from shards.writer import (Sample, ShardBuildResult, build_shards, encode_json, read_staged_sample, stage_clip,
+                           staged_path, validate_split, write_staged_sample)
 
 log = logging.getLogger("avcap.build")
 
 LEDGER_NAME = "ledger.sqlite"
+DISK_FULL = "disk-full"
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class BuildError(RuntimeError):
@@ -78,6 +91,13 @@ class BuildConfig:
 
 
 @dataclass
+class LoadedClips:
+    clips: list[Clip]                 # this run's clips (the first --limit of them)
+    errors: list[RowError]            # bad rows, skipped
+    listed: list[str]                 # keys of every valid row, --limit or not (rows gone from it are removed)
+
+
+@dataclass
 class MediaRef:
     clip: Clip
     path: Path
@@ -90,6 +110,7 @@ class DownloadStageResult:
     media: list[MediaRef]
     failed: int = 0
     bot_wall: str | None = None       # the message, when the site put up a bot check
+    disk_full: list[str] = field(default_factory=list)   # keys whose download hit a full disk
 
 
 @dataclass
@@ -102,6 +123,7 @@ class ProcessJob:
     extract: ExtractConfig
     fbank: FbankConfig
     media_sha256: str | None = None
+    local_media: bool = False         # the user's --media-dir: a truncated file will not get better by itself
 
 
 @dataclass
@@ -120,7 +142,7 @@ class LedgerPlan:
     todo: list[Clip]
     new: list[str] = field(default_factory=list)       # keys first seen in this run's clip list
     retried: list[str] = field(default_factory=list)   # keys in `todo` that failed in an earlier run
-    dropped: list[str] = field(default_factory=list)   # keys in the ledger that the clip list no longer has
+    dropped: list[str] = field(default_factory=list)   # keys whose CSV row is gone: marked `removed` this run
 
 
 @dataclass
@@ -148,7 +170,7 @@ class BuildResult:
     too_many_failures: bool = False
     stages: dict[str, StageStats] = field(default_factory=dict)
     reasons: dict[str, int] = field(default_factory=dict)   # "status/reason" -> clips, over this clip list
-    changes: dict = field(default_factory=dict)             # keys added/removed/retried, rows new/dropped
+    changes: dict = field(default_factory=dict)             # keys added/removed/retried/updated, rows new/dropped
     seconds: float = 0.0
     ok_keys: list[str] = field(default_factory=list)        # the samples in the shards
     publish: Any = None                                     # pipeline.publish.PublishReport, when published
@@ -177,29 +199,33 @@ def check_tools() -> None:
                          "on Debian) and run again")
 
 
-def load_clips(cfg: BuildConfig) -> ManifestResult:
+def load_clips(cfg: BuildConfig) -> LoadedClips:
     try:
         result = read_manifests(cfg.csv, cfg.split)
     except ManifestError as e:
         raise BuildError(f"cannot read the clip list: {e}") from e
     for err in result.errors:
         log.warning("skipping bad row %s", err)
-    if cfg.limit is not None:
-        result.clips = result.clips[: cfg.limit]
-    if not result.clips:
+    listed = [c.key for c in result.clips]
+    clips = result.clips[: cfg.limit] if cfg.limit is not None else result.clips
+    if not clips:
         raise BuildError(f"no valid rows in {', '.join(map(str, cfg.csv))} ({len(result.errors)} bad rows)")
-    return result
+    return LoadedClips(clips=clips, errors=result.errors, listed=listed)
 
 
-def prepare_ledger(cfg: BuildConfig, clips: list[Clip]) -> LedgerPlan:
+def prepare_ledger(cfg: BuildConfig, clips: list[Clip], listed: list[str] | None = None) -> LedgerPlan:
     """Register new clips as pending; decide the clips this run must do (pending, transient, maybe permanent).
 
-    Clips the ledger knows but the clip list no longer has are `dropped`: they stay in the ledger (their
-    history is kept) but are left out of this run, its shards and its manifest counts."""
+    Clips the ledger knows whose row is no longer in the CSV (`listed`: every valid row's key, default the
+    clips) are marked `removed` and `dropped` from this run, its shards and its counts; their history is kept,
+    and they come back as pending if their row does. Rows only left out by --limit are not removed."""
     wanted = {c.key for c in clips}
+    in_csv = set(listed) if listed is not None else wanted
     with Ledger(cfg.out / LEDGER_NAME, cfg.split) as ledger:
         before = {e.key: e.status for e in ledger.entries()}
         ledger.upsert_pending(clips)
+        gone = sorted(k for k, status in before.items() if k not in in_csv)
+        ledger.mark_removed(gone)
         # An ok clip without its staged sample (deleted by hand, or an older layout) has to be made again.
         lost = [e.key for e in ledger.entries(OK) if not staged_path(cfg.out, cfg.split, e.key).is_file()]
         if lost:
@@ -209,10 +235,49 @@ def prepare_ledger(cfg: BuildConfig, clips: list[Clip]) -> LedgerPlan:
     chosen = [c for c in clips if c.key in todo]
     plan = LedgerPlan(todo=chosen, new=sorted(wanted - set(before)),
                       retried=sorted(c.key for c in chosen if before.get(c.key) in (FAILED_PERMANENT, FAILED_TRANSIENT)),
-                      dropped=sorted(set(before) - wanted))
-    log.info("ledger: %d clips, %d new, %d to do this run (%d retried), %d no longer listed", len(clips),
-             len(plan.new), len(chosen), len(plan.retried), len(plan.dropped))
+                      dropped=gone)
+    log.info("ledger: %d clips, %d new, %d to do this run (%d retried), %d no longer listed (removed)",
+             len(clips), len(plan.new), len(chosen), len(plan.retried), len(plan.dropped))
     return plan
+
+
+def read_staged_meta(path: Path) -> dict:
+    """The json member of a staged sample, read alone (tarfile seeks over the audio and frames)."""
+    with tarfile.open(path, "r:") as tf:
+        for ti in tf:
+            if ti.isfile() and ti.name.endswith(".json"):
+                return json.loads(tf.extractfile(ti).read())
+    raise ValueError(f"staged sample {path} has no json member")
+
+
+# The json fields that come from the CSV row and may change while the media stays the same.
+CAPTION_FIELDS = ("captions", "audiocap_ids")
+
+
+def caption_stage(cfg: BuildConfig, clips: list[Clip]) -> list[str]:
+    """Finished clips whose captions or audiocap_ids changed in the CSV get a staged sample with the new json.
+
+    Only the json member is rewritten (the audio, fbank and frames depend on the media alone): the sample's
+    shard then changes at the shard stage, the others keep their bytes. Returns the updated keys."""
+    with Ledger(cfg.out / LEDGER_NAME, cfg.split) as ledger:
+        ok = {e.key for e in ledger.entries(OK)}
+    updated = []
+    for clip in clips:
+        path = staged_path(cfg.out, cfg.split, clip.key)
+        if clip.key not in ok or not path.is_file():
+            continue
+        meta = read_staged_meta(path)
+        want = {"captions": list(clip.captions), "audiocap_ids": list(clip.audiocap_ids)}
+        if all(meta.get(k) == want[k] for k in CAPTION_FIELDS):
+            continue
+        sample = read_staged_sample(path)
+        members = dict(sample.members, json=encode_json(dict(sample.meta, **want)))
+        write_staged_sample(path, Sample(sample.key, members))
+        updated.append(clip.key)
+    if updated:
+        log.info("captions: %d finished clips have new captions or audiocap_ids; their samples are updated",
+                 len(updated))
+    return updated
 
 
 def download_stage(cfg: BuildConfig, clips: list[Clip]) -> DownloadStageResult:
@@ -236,16 +301,22 @@ def download_stage(cfg: BuildConfig, clips: list[Clip]) -> DownloadStageResult:
 
         def on_result(clip: Clip, r) -> None:
             if r.status == OK:
+                # The attempts are real requests even when the last one succeeded; the status comes later.
+                ledger.add_attempts(clip.key, r.attempts)
                 result.media.append(MediaRef(clip, r.path, 0.0, r.media_sha256))
             else:
                 ledger.record(clip.key, r.status, r.reason, r.message, stage="download", attempts=r.attempts)
                 result.failed += 1
+                if r.reason == DISK_FULL:
+                    result.disk_full.append(clip.key)
             progress.step(ok=r.status == OK)
 
         batch = download_many(clips, cfg.download, cfg.out / "media", on_result)
         if batch.bot_wall is not None:
             result.bot_wall = str(batch.bot_wall)
             log.error("download stopped: %s (%d clips left pending)", batch.bot_wall, len(batch.untried))
+    if result.disk_full:
+        raise BuildError(_disk_full_message(cfg, f"{len(result.disk_full)} downloads hit it"))
     return result
 
 
@@ -255,10 +326,17 @@ def process_stage(cfg: BuildConfig, media: list[MediaRef], clip_runner: ClipRunn
     jobs = [_job(cfg, m) for m in sorted(media, key=lambda m: m.clip.key)]
     progress = _Progress("process", len(jobs))
     counts = {OK: 0, FAILED_PERMANENT: 0, FAILED_TRANSIENT: 0}
+    disk_full: list[str] = []
+    media_of = {j.key: Path(j.media_path) for j in jobs}
     with Ledger(cfg.out / LEDGER_NAME, cfg.split) as ledger:
         def land(o: ProcessOutcome) -> None:
             ledger.record(o.key, o.status, o.reason, o.message, media_sha256=o.media_sha256,
-                          stage="process" if o.status == OK else "extract")
+                          stage="process" if o.status == OK else "extract", attempts=0)
+            if o.reason == "truncated" and cfg.media_dir is None:
+                # Our own download ended early: drop it so the next run downloads the clip again.
+                media_of[o.key].unlink(missing_ok=True)
+            if o.reason == DISK_FULL:
+                disk_full.append(o.key)
             counts[o.status] += 1
             progress.step(ok=o.status == OK)
 
@@ -274,6 +352,8 @@ def process_stage(cfg: BuildConfig, media: list[MediaRef], clip_runner: ClipRunn
             with ProcessPoolExecutor(cfg.cpu_workers, mp_context=ctx, initializer=_worker_init) as pool:
                 for fut in as_completed([pool.submit(process_clip, j) for j in jobs]):
                     land(fut.result())
+    if disk_full:
+        raise BuildError(_disk_full_message(cfg, f"{len(disk_full)} clips could not be staged"))
     return counts
 
 
@@ -285,11 +365,22 @@ def process_clip(job: ProcessJob) -> ProcessOutcome:
         sample = stage_clip(Path(job.media_path), job.offset, meta, Path(job.out_path), job.extract, job.fbank)
         return ProcessOutcome(job.key, OK, media_sha256=sha, duration=sample.meta["duration"])
     except ExtractError as e:
-        status = FAILED_TRANSIENT if e.reason == "timeout" else FAILED_PERMANENT
+        # A truncated download is fetched again next run; a truncated file of the user's stays what it is.
+        transient = e.reason == "timeout" or (e.reason == "truncated" and not job.local_media)
+        status = FAILED_TRANSIENT if transient else FAILED_PERMANENT
         return ProcessOutcome(job.key, status, e.reason, e.message, media_sha256=job.media_sha256)
+    except OSError as e:
+        if e.errno not in _DISK_FULL_ERRNOS:
+            return _internal_error(job, e)
+        return ProcessOutcome(job.key, FAILED_TRANSIENT, DISK_FULL, f"{type(e).__name__}: {e}",
+                              media_sha256=job.media_sha256)
     except Exception as e:  # noqa: BLE001 - recorded with its traceback; a bug shows up as failures, loudly
-        return ProcessOutcome(job.key, FAILED_TRANSIENT, "internal-error",
-                              f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}")
+        return _internal_error(job, e)
+
+
+def _internal_error(job: ProcessJob, e: BaseException) -> ProcessOutcome:
+    return ProcessOutcome(job.key, FAILED_TRANSIENT, "internal-error",
+                          f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}")
 
 
 class ClipInternalError(RuntimeError):
@@ -323,13 +414,14 @@ def shard_stage(cfg: BuildConfig, clips: list[Clip]) -> tuple[ShardBuildResult, 
 
 
 def manifest_stage(cfg: BuildConfig, clips: list[Clip], shards: ShardBuildResult, num_shards: int,
-                   retried: int = 0) -> Path:
+                   retried: int = 0, updated: int = 0) -> Path:
     """The split's manifest entry. `changes`: samples added to/removed from the shards (read from the shards
-    themselves) and `retried`, the clips this run tried again after an earlier failure."""
+    themselves), `retried`, the clips this run tried again after an earlier failure, and `updated`, the
+    samples whose captions changed."""
     counts, failures = _split_status(cfg, clips)
     plan = dataset_manifest.shard_plan(cfg.out, cfg.split, len(clips), cfg.samples_per_shard)
     changes = dataset_manifest.Changes(added=len(shards.added_keys), removed=len(shards.removed_keys),
-                                       retried=retried)
+                                       retried=retried, updated=updated)
     entry = dataset_manifest.make_split_manifest(
         split=cfg.split, config=cfg.as_record(), extract_cfg=cfg.extract, fbank_cfg=cfg.fbank, inputs=cfg.csv,
         samples_per_shard=plan.samples_per_shard, num_shards=num_shards, build=shards, counts=counts,
@@ -359,9 +451,24 @@ def run_build(cfg: BuildConfig, stage_runner: StageRunner = _direct, clip_runner
     too many failures are reported in the result (`result.ok`).
 
     `stage_runner(name, fn, *args)` runs each stage (flows.py passes one that makes it a Prefect task);
-    `clip_runner` runs the CPU stage's clips elsewhere (flows.py: a Dask cluster) instead of a local pool."""
-    t0 = time.monotonic()
+    `clip_runner` runs the CPU stage's clips elsewhere (flows.py: a Dask cluster) instead of a local pool.
+
+    A full disk (ENOSPC anywhere, or the ledger failing) is a BuildError naming cfg.out."""
     check_tools()
+    try:
+        return _run_build(cfg, stage_runner, clip_runner)
+    except OSError as e:
+        if e.errno not in _DISK_FULL_ERRNOS:
+            raise
+        raise BuildError(_disk_full_message(cfg, f"{type(e).__name__}: {e}")) from e
+    except LedgerError as e:
+        if _looks_full(cfg, e):
+            raise BuildError(_disk_full_message(cfg, str(e))) from e
+        raise BuildError(f"{cfg.out}: {e}") from e
+
+
+def _run_build(cfg: BuildConfig, stage_runner: StageRunner, clip_runner: ClipRunner | None) -> BuildResult:
+    t0 = time.monotonic()
     cfg.out.mkdir(parents=True, exist_ok=True)
     check_fingerprint(cfg)
     stages: dict[str, StageStats] = {}
@@ -374,7 +481,9 @@ def run_build(cfg: BuildConfig, stage_runner: StageRunner = _direct, clip_runner
 
     loaded = timed("manifest", load_clips, cfg)
     clips = loaded.clips
-    plan = timed("ledger", prepare_ledger, cfg, clips)
+    plan = timed("ledger", prepare_ledger, cfg, clips, loaded.listed)
+    updated = timed("captions", caption_stage, cfg, [c for c in clips if c.key not in {t.key for t in plan.todo}])
+    stages["captions"].clips = len(updated)
     downloaded = timed("download", download_stage, cfg, plan.todo)
     stages["download"].clips, stages["download"].failed = len(plan.todo), downloaded.failed
     if clip_runner is None:
@@ -385,7 +494,8 @@ def run_build(cfg: BuildConfig, stage_runner: StageRunner = _direct, clip_runner
     stages["process"].failed = stages["process"].clips - processed[OK]
     shards, num_shards = timed("shards", shard_stage, cfg, clips)
     stages["shards"].clips = shards.num_samples
-    manifest_path = timed("dataset-manifest", manifest_stage, cfg, clips, shards, num_shards, len(plan.retried))
+    manifest_path = timed("dataset-manifest", manifest_stage, cfg, clips, shards, num_shards, len(plan.retried),
+                          len(updated))
 
     counts, failures = _split_status(cfg, clips)
     wanted = {c.key for c in clips}
@@ -398,7 +508,8 @@ def run_build(cfg: BuildConfig, stage_runner: StageRunner = _direct, clip_runner
         label = f"{e.status}/{e.reason or 'unknown'}"
         reasons[label] = reasons.get(label, 0) + 1
     changes = {"added": shards.added_keys, "removed": shards.removed_keys, "retried": plan.retried,
-               "new_rows": plan.new, "dropped_rows": plan.dropped, "shards_written": list(shards.written),
+               "updated": updated, "new_rows": plan.new, "dropped_rows": plan.dropped,
+               "shards_written": list(shards.written),
                "shards_removed": list(shards.removed)}
     result = BuildResult(split=cfg.split, out=cfg.out, total=len(clips), counts=counts, failure_rate=rate,
                          row_errors=[str(e) for e in loaded.errors],
@@ -415,13 +526,29 @@ def run_build(cfg: BuildConfig, stage_runner: StageRunner = _direct, clip_runner
 # ---------------------------------------------------------------------------------------------------------
 # Helpers
 
+def _disk_full_message(cfg: BuildConfig, detail: str) -> str:
+    return (f"{cfg.out}: no space left on device; free space and run again: finished clips are kept "
+            f"({detail})")
+
+
+def _looks_full(cfg: BuildConfig, e: LedgerError) -> bool:
+    """Whether a ledger failure is the disk being full (SQLite only says "disk I/O error" at times)."""
+    text = f"{e} {e.__cause__}".lower()
+    if "no space left" in text or "disk is full" in text:
+        return True
+    try:
+        return shutil.disk_usage(cfg.out).free < 2**20
+    except OSError:
+        return False
+
+
 def _job(cfg: BuildConfig, m: MediaRef) -> ProcessJob:
     c = m.clip
     meta = {"key": c.key, "youtube_id": c.youtube_id, "start_time": c.start_time, "split": cfg.split,
             "captions": list(c.captions), "audiocap_ids": list(c.audiocap_ids)}
     return ProcessJob(key=c.key, media_path=str(Path(m.path).absolute()), offset=m.offset, meta=meta,
                       out_path=str(staged_path(cfg.out, cfg.split, c.key)), extract=cfg.extract, fbank=cfg.fbank,
-                      media_sha256=m.media_sha256)
+                      media_sha256=m.media_sha256, local_media=cfg.media_dir is not None)
 
 
 def _split_status(cfg: BuildConfig, clips: list[Clip]) -> tuple[dict[str, int], list]:

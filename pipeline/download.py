@@ -129,11 +129,42 @@ _PERMANENT = [
 _TRANSIENT = [
     # Our disk, not the site: the clip is fine and a rerun after freeing space gets it.
     (r"no space left on device|disk quota exceeded", "disk-full"),
+    (r"^truncated download", "truncated"),
     (r"timed out|timeout", "timeout"),
     (r"connection (reset|refused|aborted)|remote end closed|broken pipe|incomplete ?read|eof occurred"
      r"|temporary failure in name resolution|network is unreachable|end of file|ends prematurely", "network"),
 ]
 _HTTP_STATUS = re.compile(r"(?:http error|server returned) (\d{3})")
+
+
+_FF_DURATION = re.compile(r"Duration: (\d+):(\d{2}):(\d{2}(?:\.\d+)?)")
+_FF_TIME = re.compile(r"time=(\d+):(\d{2}):(\d{2}(?:\.\d+)?)")
+TRUNCATION_TOLERANCE_S = 1.0
+
+
+def _seconds(m: re.Match) -> float:
+    return int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
+
+
+def truncation(ffmpeg_log: str, start: float, window: float,
+               tolerance_s: float = TRUNCATION_TOLERANCE_S) -> str | None:
+    """A message when the window ffmpeg copied ends well before where the source says it does, else None.
+
+    yt-dlp's ffmpeg re-muxes the window into a new file whose header only knows what arrived, so a transfer
+    cut short looks like a short video afterwards; only ffmpeg's log still has the source's declared
+    `Duration:` (first input) and the `time=` it reached."""
+    declared = _FF_DURATION.search(ffmpeg_log)
+    reached = None
+    for reached in _FF_TIME.finditer(ffmpeg_log):
+        pass
+    if declared is None or reached is None:
+        return None
+    total, got = _seconds(declared), _seconds(reached)
+    expected = min(total - start, window)
+    if expected - got <= tolerance_s:
+        return None
+    return (f"truncated download: ffmpeg copied {got:.2f} s of the window but the source declares {total:.2f} s "
+            f"({expected:.2f} s expected from {start:g} s): the transfer ended early")
 
 
 def classify_error(message: str) -> tuple[str, str]:
@@ -230,6 +261,9 @@ def download_clip(clip: Clip, cfg: DownloadConfig, media_dir: Path, pacer: Reque
         tmp = Path(tempfile.mkdtemp(prefix=f"{clip.key}.{os.getpid()}.", dir=tmp_root))
         try:
             ok, produced, message = _run_attempt(url, clip, cfg, tmp)
+            cut = truncation(message, clip.start_time, cfg.clip_seconds) if ok else None
+            if cut is not None:
+                ok, message = False, f"{cut}\n{message[-1000:]}"
             if ok:
                 _fsync(produced)
                 os.replace(produced, final)  # same filesystem: the finished name appears only when complete
@@ -309,6 +343,7 @@ def download_many(clips: list[Clip], cfg: DownloadConfig, media_dir: Path,
 # The child process: one yt-dlp attempt.
 
 def _run_attempt(url: str, clip: Clip, cfg: DownloadConfig, tmp: Path) -> tuple[bool, Path | None, str]:
+    """(ok, produced file, message): on failure the error, on success the tools' log (to check truncation)."""
     job = {
         "url": url,
         "tmp": str(tmp.resolve()),
@@ -339,7 +374,7 @@ def _run_attempt(url: str, clip: Clip, cfg: DownloadConfig, tmp: Path) -> tuple[
     except (IndexError, ValueError):
         return False, None, f"download worker exited {proc.returncode} without an answer: {_tail(err)}"
     if answer["ok"]:
-        return True, Path(answer["path"]), ""
+        return True, Path(answer["path"]), err.decode("utf-8", errors="replace")
     # yt-dlp only says "ffmpeg exited with code 1"; ffmpeg's own words (on the worker's stderr) name the cause.
     tool = _tail(err, 1000).strip()
     return False, None, answer["message"] + (f"\n{tool}" if tool else "")

@@ -18,12 +18,18 @@ always has F frames. The sample records how many frames were really decoded (`de
 
 JPEG bytes come from Pillow with a fixed quality and subsampling: deterministic for the same pixels.
 
+Truncated media: a file that ends early (a download cut off) decodes without an error, so it would look like a
+genuinely short video. When the decoded audio or video ends more than `truncation_tolerance_s` before
+min(what the container declares for that stream (ffprobe; the format's duration when the stream has none),
+the window), the clip is `truncated`. ffprobe runs only for clips that decode shorter than the window.
+
 Failures raise `ExtractError(reason, message)` with one of `REASONS`; `message` carries the tail of ffmpeg's
 stderr so a ledger entry says what went wrong.
 """
 from __future__ import annotations
 
 import io
+import json
 import numbers
 import re
 import subprocess
@@ -36,7 +42,7 @@ import ffmpeg
 import numpy as np
 from PIL import Image
 
-REASONS = ("no-audio-stream", "no-video-stream", "undecodable", "too-short", "timeout")
+REASONS = ("no-audio-stream", "no-video-stream", "undecodable", "too-short", "timeout", "truncated")
 
 # Pillow's JPEG subsampling codes; recorded by name in the config.
 _SUBSAMPLING = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2}
@@ -70,6 +76,10 @@ class ExtractConfig:
     # one decode. h264/aac decoding is bit-exact whatever the thread count, so this is not in the fingerprint.
     threads: int = 1
     ffmpeg_bin: str = "ffmpeg"
+    ffprobe_bin: str = "ffprobe"
+    # How far decoding may end before the declared end of a stream: container durations are rounded and the
+    # last frames of a stream may be dropped by the decoder; a cut-off download misses seconds.
+    truncation_tolerance_s: float = 1.0
 
     def __post_init__(self):
         if self.frames < 1:
@@ -87,9 +97,12 @@ class ExtractConfig:
             raise ValueError(f"ExtractConfig.frame_times must be 'center', got {self.frame_times!r}")
         if self.sample_rate <= 0 or self.timeout_s <= 0:
             raise ValueError("ExtractConfig.sample_rate and timeout_s must be positive")
+        if self.truncation_tolerance_s <= 0:
+            raise ValueError(f"ExtractConfig.truncation_tolerance_s must be > 0, got {self.truncation_tolerance_s}")
 
     def fingerprint_parts(self) -> dict:
-        """The settings that change the bytes of a sample (threads, timeout and binary path do not)."""
+        """The settings that change the bytes of a sample (threads, timeout, binary paths and the truncation
+        tolerance do not: the last only decides whether a clip becomes a sample at all)."""
         return {"sample_rate": self.sample_rate, "frames": self.frames, "size": self.size,
                 "jpeg_quality": self.jpeg_quality, "jpeg_subsampling": self.jpeg_subsampling,
                 "downmix": self.downmix, "frame_times": self.frame_times, "min_duration_s": self.min_duration_s,
@@ -122,6 +135,55 @@ def _classify_failure(stderr: bytes) -> ExtractError:
         if "V" in parts:
             return ExtractError("no-video-stream", f"media has no video stream (ffmpeg: {line.strip()[:200]})")
     return ExtractError("undecodable", _stderr_tail(stderr))
+
+
+def declared_durations(media_path: Path, cfg: ExtractConfig) -> dict[str, float]:
+    """Seconds the container declares for its first audio and first video stream ({"audio": .., "video": ..}),
+    from ffprobe; a stream without its own duration takes the format's. Missing when nothing is declared."""
+    cmd = [cfg.ffprobe_bin, "-v", "error", "-show_entries", "format=duration:stream=codec_type,duration,disposition",
+           "-of", "json", str(media_path)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, timeout=cfg.timeout_s)
+        info = json.loads(proc.stdout or b"{}")
+    except (subprocess.TimeoutExpired, ValueError):
+        return {}
+
+    def seconds(x) -> float | None:
+        try:
+            v = float(x)
+        except (TypeError, ValueError):
+            return None
+        return v if v > 0 else None
+
+    fmt = seconds((info.get("format") or {}).get("duration"))
+    out: dict[str, float] = {}
+    for st in info.get("streams") or []:
+        kind = st.get("codec_type")
+        # Cover pictures are "video" streams to ffprobe but not to our graph (V:0 skips them).
+        if kind == "video" and (st.get("disposition") or {}).get("attached_pic"):
+            continue
+        if kind in ("audio", "video") and kind not in out:
+            d = seconds(st.get("duration")) or fmt
+            if d is not None:
+                out[kind] = d
+    return out
+
+
+def check_truncation(media_path: Path, start: float, duration: float, audio_s: float, video_s: float,
+                     cfg: ExtractConfig) -> None:
+    """Raise ExtractError("truncated") when audio or video ends well before the end the container declares.
+
+    `video_s` is known to one frame step (duration / frames): the video's slack is one step more."""
+    declared = declared_durations(media_path, cfg)
+    slack = {"audio": cfg.truncation_tolerance_s, "video": cfg.truncation_tolerance_s + duration / cfg.frames}
+    for kind, got in (("audio", audio_s), ("video", video_s)):
+        if kind not in declared:
+            continue
+        expected = min(declared[kind] - start, duration)
+        if expected - got > slack[kind]:
+            raise ExtractError("truncated", f"{media_path.name}: {kind} decodes to {got:.2f} s of the window "
+                                            f"[{start:g}, {start + duration:g}) but the file declares "
+                                            f"{declared[kind]:.2f} s ({expected:.2f} s expected): the file ends early")
 
 
 def frame_times(cfg: ExtractConfig, duration: float) -> list[float]:
@@ -191,12 +253,17 @@ def extract_clip(media_path: Path | str, start: float, cfg: ExtractConfig = Extr
     waveform = np.frombuffer(proc.stdout, dtype="<i2").astype(np.int16)
     waveform = waveform[: int(round(duration * cfg.sample_rate))]
     real_duration = len(waveform) / cfg.sample_rate
+    frame_bytes = cfg.size * cfg.size * 3
+    decoded = len(raw_frames) // frame_bytes
+    step = duration / cfg.frames
+    # The video covers up to the last frame time it filled (+ half a step: the picture stays on screen).
+    video_s = min(duration, decoded * step)
+    if real_duration < duration - cfg.truncation_tolerance_s or video_s < duration - cfg.truncation_tolerance_s - step:
+        check_truncation(media_path, float(start), float(duration), real_duration, video_s, cfg)
     if real_duration < cfg.min_duration_s:
         raise ExtractError("too-short", f"{real_duration:.2f} s of audio in the window [{start}, {start + duration})"
                                         f" of {media_path.name}; at least {cfg.min_duration_s:g} s needed")
 
-    frame_bytes = cfg.size * cfg.size * 3
-    decoded = len(raw_frames) // frame_bytes
     if decoded == 0:
         if proc.stderr.strip():
             raise ExtractError("undecodable", f"video gave no frame in the window; {_stderr_tail(proc.stderr)}")

@@ -4,6 +4,12 @@ The ledger is what makes a rerun cheap and honest: finished clips are skipped, t
 again, permanent ones are kept (unless asked to retry them), and new manifest rows show up as `pending`.
 A `Ledger` is bound to one split; several splits share the file.
 
+Statuses: `pending`, `ok`, `failed-transient`, `failed-permanent`, and `removed`: the clip's row is gone from
+the CSV. A removed clip keeps its history (reason, message, attempts, media hash) but is never processed and
+counts in no failure rate; if its row comes back it is `pending` again. `attempts` counts real download
+attempts (yt-dlp runs, retries included, whether they ended in a failure or a success); a clip whose media
+was already on disk or came from --media-dir has none for that run.
+
 Only the orchestrating process writes to it (worker processes return results instead), and a lock serialises
 the download threads, so one connection suffices. WAL keeps readers (audits, a second terminal) from blocking
 the build.
@@ -25,7 +31,8 @@ OK = "ok"
 PENDING = "pending"
 FAILED_PERMANENT = "failed-permanent"
 FAILED_TRANSIENT = "failed-transient"
-STATUSES = (OK, FAILED_PERMANENT, FAILED_TRANSIENT, PENDING)
+REMOVED = "removed"
+STATUSES = (OK, FAILED_PERMANENT, FAILED_TRANSIENT, PENDING, REMOVED)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS clips (
@@ -33,9 +40,10 @@ CREATE TABLE IF NOT EXISTS clips (
     key          TEXT NOT NULL,
     youtube_id   TEXT NOT NULL,
     start_time   INTEGER NOT NULL,
-    status       TEXT NOT NULL CHECK (status IN ('ok', 'failed-permanent', 'failed-transient', 'pending')),
+    status       TEXT NOT NULL CHECK (status IN ('ok', 'failed-permanent', 'failed-transient', 'pending',
+                                                 'removed')),
     stage        TEXT,              -- the stage of the last outcome: download / extract / features / stage
-    attempts     INTEGER NOT NULL DEFAULT 0,
+    attempts     INTEGER NOT NULL DEFAULT 0,   -- download attempts (yt-dlp runs), over all builds
     reason       TEXT,              -- short machine-readable reason, e.g. http-404, no-audio-stream
     message      TEXT,              -- tail of the tool's own output
     media_sha256 TEXT,
@@ -45,6 +53,8 @@ CREATE TABLE IF NOT EXISTS clips (
     PRIMARY KEY (split, key)
 );
 """
+_COLUMNS = ("split, key, youtube_id, start_time, status, stage, attempts, reason, message, media_sha256, "
+            "created_at, updated_at, finished_at")
 # Messages are tool output tails; keep the file small and readable.
 MAX_MESSAGE_CHARS = 2000
 
@@ -82,6 +92,21 @@ class Ledger:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Files written before `removed` existed have a CHECK constraint without it; SQLite cannot alter a
+        constraint, so the table is copied into the current schema (one transaction: all or nothing)."""
+        sql = self._db.execute("SELECT sql FROM sqlite_master WHERE type='table' AND name='clips'").fetchone()[0]
+        if "'removed'" in sql:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        self._db.execute("ALTER TABLE clips RENAME TO clips_old")
+        # execute, not executescript: executescript would commit the open transaction first.
+        self._db.execute(_SCHEMA.replace("CREATE TABLE IF NOT EXISTS", "CREATE TABLE"))
+        self._db.execute(f"INSERT INTO clips ({_COLUMNS}) SELECT {_COLUMNS} FROM clips_old")
+        self._db.execute("DROP TABLE clips_old")
+        self._db.execute("COMMIT")
 
     @contextmanager
     def _errors(self, what: str):
@@ -114,8 +139,10 @@ class Ledger:
         self.close()
 
     def upsert_pending(self, clips: Iterable[Clip]) -> int:
-        """Add clips not yet in the ledger as pending; existing rows keep their status. Returns how many were new."""
+        """Add clips not yet in the ledger as pending, and bring `removed` ones back as pending; other rows keep
+        their status. Returns how many were new."""
         now = time.time()
+        clips = list(clips)
         rows = [(self.split, c.key, c.youtube_id, c.start_time, PENDING, now, now) for c in clips]
         with self._lock, self._errors("record new clips"):
             before = self._count()
@@ -123,12 +150,39 @@ class Ledger:
             self._db.executemany(
                 "INSERT OR IGNORE INTO clips (split, key, youtube_id, start_time, status, created_at, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            self._db.executemany(
+                "UPDATE clips SET status='pending', finished_at=NULL, updated_at=? WHERE split=? AND key=? AND "
+                "status='removed'", [(now, self.split, c.key) for c in clips])
             self._db.execute("COMMIT")
             return self._count() - before
 
+    def mark_removed(self, keys: Iterable[str]) -> int:
+        """Mark clips whose CSV row is gone as `removed` (history kept). Returns how many changed status."""
+        now = time.time()
+        with self._lock, self._errors("mark removed clips"):
+            self._db.execute("BEGIN")
+            changed = 0
+            for k in keys:
+                changed += self._db.execute(
+                    "UPDATE clips SET status='removed', updated_at=? WHERE split=? AND key=? AND status!='removed'",
+                    (now, self.split, k)).rowcount
+            self._db.execute("COMMIT")
+            return changed
+
+    def add_attempts(self, key: str, attempts: int, stage: str = "download") -> None:
+        """Count `attempts` download attempts that ended in a success (the clip's status is decided later)."""
+        if attempts <= 0:
+            return
+        with self._lock, self._errors(f"record attempts for {key}"):
+            cur = self._db.execute("UPDATE clips SET attempts=attempts+?, stage=?, updated_at=? WHERE split=? AND "
+                                   "key=?", (attempts, stage, time.time(), self.split, key))
+            if cur.rowcount != 1:
+                raise KeyError(f"clip {key!r} is not in the ledger for split {self.split!r}")
+
     def record(self, key: str, status: str, reason: str | None = None, message: str | None = None,
                media_sha256: str | None = None, stage: str | None = None, attempts: int = 1) -> None:
-        """Record the outcome of `attempts` more tries at a clip. `media_sha256=None` keeps the known hash."""
+        """Record the outcome of a clip, with `attempts` more download attempts (0 for an outcome of a later
+        stage). `media_sha256=None` keeps the known hash."""
         if status not in STATUSES:
             raise ValueError(f"status {status!r} is not one of {STATUSES}")
         if message is not None and len(message) > MAX_MESSAGE_CHARS:

@@ -39,6 +39,7 @@ Schema (format_version 2); every field is always present:
           "failures": [{"key": "...", "status": "failed-permanent", "reason": "unavailable", "message": "..."}],
           "norm_stats": {"mean": -4.3, "std": 4.3, "count": 1234, "over": "real-frames"},  # or null
           "changes": {"added": 0, "removed": 0, "retried": 0,   # samples vs the shards before this build
+                      "updated": 0,                              # samples given new captions (json only)
                       "shards_written": ["shards/train/train-00003.tar"], "shards_unchanged": 3,
                       "shards_removed": []}
         }
@@ -133,6 +134,7 @@ class Changes:
     added: int = 0
     removed: int = 0
     retried: int = 0
+    updated: int = 0       # samples whose json changed (new captions / audiocap_ids), same audio and frames
     shards_written: list[str] = field(default_factory=list)
     shards_unchanged: int = 0
     shards_removed: list[str] = field(default_factory=list)

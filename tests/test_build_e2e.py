@@ -25,6 +25,7 @@ from pipeline.build import BuildConfig, run_build
 from pipeline.download import DownloadConfig
 from pipeline.features import FbankConfig, compute_fbank
 from pipeline.ledger import Ledger
+from tests.fixtures_ops import OPS_CLIPS, clip_key, copy_build, ops_build  # noqa: F401  (ops_build: fixture)
 from tests.media import Route
 
 pytestmark = pytest.mark.slow  # a reference build, a CLI build under Prefect, a killed build and its rerun, ...
@@ -224,3 +225,87 @@ def test_exit_codes(audiocaps_media, media_server, tmp_path, monkeypatch, capsys
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert flows.main(base + ["--csv", str(audiocaps_media.csv_path), "--out", str(tmp_path / "d")]) == flows.EXIT_ERROR
     assert "ffmpeg and ffprobe not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the CSV changes between builds (ops build)
+
+def _ops_csv(path: Path, clips, captions: dict[str, str] | None = None) -> Path:
+    """The ops build's CSV (tests.fixtures_ops.make_build's rows), with some captions replaced by key."""
+    rows = ["audiocap_id,youtube_id,start_time,caption"]
+    for i, (yid, start, tone) in enumerate(OPS_CLIPS):
+        if (yid, start, tone) in clips:
+            caption = (captions or {}).get(clip_key(yid, start), f"a steady tone of {tone:g} hertz")
+            rows.append(f"{900000 + i},{yid},{start},{caption}")
+    path.write_bytes(("\r\n".join(rows) + "\r\n").encode())
+    return path
+
+
+def _ops_config(csv: Path, out: Path, **kw) -> BuildConfig:
+    # As tests.fixtures_ops.make_build: media is cached in out/media, the template points at a closed port.
+    return BuildConfig(csv=[csv], split="test", out=out, samples_per_shard=2,
+                       download=DownloadConfig(url_template="http://127.0.0.1:9/{youtube_id}.mp4", max_retries=0,
+                                               workers=1), **kw)
+
+
+def _shard_files(out: Path) -> dict[str, bytes]:
+    """Shards and their member indexes."""
+    d = out / "shards" / "test"
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if not p.name.startswith(".")}
+
+
+def test_changed_caption_updates_one_sample_and_equals_a_fresh_build(ops_build, tmp_path):
+    b = copy_build(ops_build, tmp_path / "v1")
+    before = _shard_files(b.out_dir)
+    yid, start, _ = OPS_CLIPS[2]
+    key = clip_key(yid, start)
+    v2 = _ops_csv(tmp_path / "v2.csv", OPS_CLIPS, {key: "a tone then a bird sings"})
+
+    result = run_build(_ops_config(v2, b.out_dir))
+    assert result.changes["updated"] == [key] and result.stages["process"].clips == 0   # nothing decoded again
+    after = _shard_files(b.out_dir)
+    changed = sorted(name for name in before if before[name] != after[name])
+    written = [Path(p).name for p in result.changes["shards_written"]]
+    assert len(written) == 1 and changed == sorted([written[0], written[0].replace(".tar", ".idx.json")])
+    entry = json.loads((b.out_dir / "manifest.json").read_text())["splits"]["test"]
+    assert entry["changes"]["updated"] == 1 and entry["changes"]["added"] == entry["changes"]["removed"] == 0
+    metas = {k: json.loads(m["json"]) for k, m in _samples(b.out_dir)}
+    assert metas[key]["captions"] == ["a tone then a bird sings"]
+
+    # A fresh build of v2 from the same media gives the same bytes, shards and indexes alike.
+    fresh = tmp_path / "fresh"
+    shutil.copytree(ops_build.out_dir / "media", fresh / "media")
+    run_build(_ops_config(v2, fresh))
+    assert _shard_files(fresh) == after
+    # The same CSV again: nothing to update.
+    assert run_build(_ops_config(v2, b.out_dir)).changes["updated"] == []
+
+
+def test_removed_row_is_removed_not_failed_and_comes_back(ops_build, tmp_path):
+    b = copy_build(ops_build, tmp_path / "out")
+    original = _shard_files(b.out_dir)
+    yid, start, _ = OPS_CLIPS[1]
+    gone = clip_key(yid, start)
+    v3 = _ops_csv(tmp_path / "v3.csv", [c for c in OPS_CLIPS if c[0] != yid])
+
+    result = run_build(_ops_config(v3, b.out_dir))
+    assert result.changes["dropped_rows"] == [gone] and result.changes["removed"] == [gone]
+    assert result.ok and result.failure_rate == 0 and result.counts["ok"] == len(OPS_CLIPS) - 1
+    with Ledger(b.out_dir / "ledger.sqlite", "test") as ledger:
+        e = ledger.get(gone)
+        assert (e.status, e.media_sha256 is not None) == ("removed", True)   # history kept
+    entry = json.loads((b.out_dir / "manifest.json").read_text())["splits"]["test"]
+    assert entry["failures"] == [] and entry["num_samples"] == len(OPS_CLIPS) - 1
+
+    # A --limit run leaves the rows it skips alone (they are still in the CSV): nothing is marked removed.
+    v1 = _ops_csv(tmp_path / "v1.csv", OPS_CLIPS)
+    limited = run_build(_ops_config(v1, b.out_dir, limit=1))   # the first row only
+    assert limited.changes["dropped_rows"] == []
+    with Ledger(b.out_dir / "ledger.sqlite", "test") as ledger:
+        assert ledger.counts()["removed"] == 1
+
+    # The row is back: pending, built again from the cached media, and the shards are the original ones.
+    back = run_build(_ops_config(v1, b.out_dir))
+    assert gone in back.changes["added"] and back.counts["ok"] == len(OPS_CLIPS)
+    with Ledger(b.out_dir / "ledger.sqlite", "test") as ledger:
+        assert ledger.get(gone).status == "ok" and ledger.counts()["removed"] == 0
+    assert _shard_files(b.out_dir) == original

@@ -231,13 +231,17 @@ def test_full_disk_leaves_nothing_half_written_taken_as_done(rel_media, rel_refe
     assert _shards(out) == _shards(rel_reference)
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/build.py (engineer J) lets OSError(ENOSPC) and LedgerError "
-                                       "escape run_build: they should become BuildError naming the directory and "
-                                       "'no space left', so flows.py prints it and exits 1")
-def test_full_disk_is_a_clear_build_error(rel_media, small_fs):
-    error = _full_disk_build(rel_media, small_fs / "out")
+def test_full_disk_is_a_clear_build_error(rel_media, small_fs, capsys):
+    out = small_fs / "out"
+    error = _full_disk_build(rel_media, out)
     assert isinstance(error, BuildError), repr(error)
-    assert "no space left" in str(error).lower() and str(small_fs) in str(error)
+    assert str(out) in str(error)
+    assert "no space left on device; free space and run again: finished clips are kept" in str(error)
+    # The command line says the same in one line and exits 1, without a traceback.
+    capsys.readouterr()
+    assert flows.main(_cli(rel_media.csv, out, rel_media.template)) == flows.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert f"build failed: {out}: no space left on device" in err and "Traceback" not in err
 
 
 # ------------------------------------------------------------------------------------------- server faults
@@ -276,8 +280,9 @@ def test_server_faults_each_end_as_a_sample_or_a_documented_failure(media_server
         "stalledxxAA": (Route(file=src, stall_s=30), "failed-transient", "timeout", 2),
         "htmlPagexAA": (Route(body=b"<html><body>gone</body></html>", content_type="text/html"),
                         "failed-permanent", "unsupported-url", 1),
-        # The file ends half way (an honest Content-Length): what decodes becomes a sample with its real duration.
-        "truncatedAA": (Route(body=data[: len(data) // 2]), "ok", None, 1),
+        # The file ends half way (an honest Content-Length) while its header declares 10 s: downloaded again next
+        # run, not taken for a short video.
+        "truncatedAA": (Route(body=data[: len(data) // 2]), "failed-transient", "truncated", 2),
         "zeroBytesAA": (Route(body=b""), "failed-permanent", "http-416", 1),
         "videoOnlyAA": (Route(file=make_media(tmp_path / "v.mp4", MediaSpec(4, audio=False))),
                         "failed-permanent", "no-audio-stream", 1),
@@ -299,10 +304,8 @@ def test_server_faults_each_end_as_a_sample_or_a_documented_failure(media_server
         got = {yid: ledger.get(f"{yid}_0_10000") for yid in routes}
     for yid, (_, status, reason, attempts) in routes.items():
         e = got[yid]
-        # (An ok clip's ledger row counts its processing, not its download attempts.)
         assert (e.status, e.reason) == (status, reason), (yid, e.message)
-        if status != "ok":
-            assert e.attempts == attempts, (yid, e.attempts)
+        assert e.attempts == attempts, (yid, e.attempts)   # real requests, a retry that succeeded included
         if status != "ok":
             assert e.message, yid  # the tool's own words are kept for the failure
     assert routes["flaky429xAA"][0].served > 1  # the 429 was retried, and the retry got the file
@@ -317,5 +320,35 @@ def test_server_faults_each_end_as_a_sample_or_a_documented_failure(media_server
                     durations[meta["youtube_id"]] = meta["duration"]
     assert set(durations) == ok and result.counts["ok"] == len(ok)
     assert durations["fourKxxxxAA"] == pytest.approx(2.0, abs=0.1)
-    assert 2.0 < durations["truncatedAA"] < 9.0
     assert durations["variableFAA"] == pytest.approx(10.0, abs=0.3)
+    # The truncated download is not kept: the next run fetches it again (here, whole) and makes a sample.
+    assert not (out / "media" / "truncatedAA_0_10000.mp4").exists()
+    assert "declares 10.00 s" in got["truncatedAA"].message
+    routes["truncatedAA"][0].body = None
+    routes["truncatedAA"][0].file = src
+    routes["stalledxxAA"][0].stall_s = 0        # (the rerun also retries the other transient failures)
+    hits = routes["truncatedAA"][0].served
+    run_build(cfg)
+    with Ledger(out / "ledger.sqlite", "test") as ledger:
+        e = ledger.get("truncatedAA_0_10000")
+    assert e.status == "ok" and routes["truncatedAA"][0].served > hits and e.attempts == 3
+
+
+def test_truncated_file_in_media_dir_is_a_permanent_failure(tmp_path):
+    """A user's own file that ends early will not get better by running again: failed-permanent truncated."""
+    media = tmp_path / "media"
+    media.mkdir()
+    src = make_media(tmp_path / "src.mp4", MediaSpec(10, width=160, height=120, tone_hz=500))
+    data = src.read_bytes()
+    (media / "truncMedia1_0.mp4").write_bytes(data[: len(data) // 2])
+    short = make_media(media / "shortMedia1_0.mp4", MediaSpec(4, width=160, height=120))   # honest 4 s
+    assert short.is_file()
+    csv = _write_csv(tmp_path / "m.csv", [("truncMedia1", 0), ("shortMedia1", 0)])
+    cfg = BuildConfig(csv=[csv], split="test", out=tmp_path / "out", media_dir=media, max_failure_rate=1.0,
+                      extract=ExtractConfig(frames=FRAMES))
+    result = run_build(cfg)
+    with Ledger(tmp_path / "out" / "ledger.sqlite", "test") as ledger:
+        trunc, ok = ledger.get("truncMedia1_0_10000"), ledger.get("shortMedia1_0_10000")
+    assert (trunc.status, trunc.reason) == ("failed-permanent", "truncated"), trunc.message
+    assert (ok.status, ok.reason) == ("ok", None) and result.counts["ok"] == 1
+    assert (media / "truncMedia1_0.mp4").is_file()    # the user's file is never deleted

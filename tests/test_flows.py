@@ -154,9 +154,11 @@ def test_incremental_rebuild_of_a_new_csv_version(ops_build, tmp_path):
     assert r2.changes["removed"] == [key[removed[0]]] and r2.changes["dropped_rows"] == [key[removed[0]]]
     with Ledger(out / "ledger.sqlite", "test") as ledger:
         broken = ledger.get(key["incrBroken5"])
-        assert (broken.status, broken.attempts) == ("failed-permanent", 1)
+        # --media-dir: no download attempt was ever made
+        assert (broken.status, broken.reason, broken.attempts) == ("failed-permanent", "undecodable", 0)
+        assert ledger.get(key[removed[0]]).status == "removed"    # history kept, in no failure count
     changes = load_dataset_manifest(out).splits["test"].changes
-    assert (changes.added, changes.removed, changes.retried) == (3, 1, 1)
+    assert (changes.added, changes.removed, changes.retried, changes.updated) == (3, 1, 1, 0)
 
     touched = {shard_index(key[y], 4) for y in ("incrNew0001", "incrNew0002", "incrLate003", removed[0])}
     touched = {f"shards/test/test-{i:05d}.tar" for i in touched}

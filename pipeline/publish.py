@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Publish a finished build (shards, then manifest.json) via fsspec.")
     p.add_argument("--out", required=True, type=Path, help="build directory holding manifest.json")
     p.add_argument("--publish", required=True, metavar="URL", help="destination: a path or fsspec URL")
-    p.add_argument("--prune", action="store_true", help="delete destination shards and indexes the manifest no longer lists")
+    p.add_argument("--prune", action="store_true",
+                   help="delete destination shards and indexes the manifest no longer lists")
     args = p.parse_args(argv)
     try:
         report = publish(args.out, args.publish, prune=args.prune)

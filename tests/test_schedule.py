@@ -201,5 +201,6 @@ def test_rebuild_flow_is_incremental_and_publishes(prefect_server, ops_build, tm
     entry = load_dataset_manifest(b.out_dir).splits["test"]
     assert [(s.path, s.sha256) for s in entry.shards] == before
     assert entry.changes.shards_written == [] and entry.changes.shards_unchanged == len(before)
-    assert result.publish.manifest_uploaded and len(result.publish.uploaded) == len(before)
+    # each shard goes with its member index
+    assert result.publish.manifest_uploaded and len(result.publish.uploaded) == 2 * len(before)
     assert [(s.path, s.sha256) for s in load_dataset_manifest(f"file://{dest}").splits["test"].shards] == before

@@ -35,6 +35,7 @@ from torch import nn
 
 from avcap.tokenizer import (validate_vocab, parse_vocab_text, special_ids, tokenizer_from_vocab,
                              tokenizer_vocab)
+from shards.atomic import fsync_dir
 
 FORMAT_VERSION = 1
 KINDS = ("cav_mae", "git", "avcap_original", "ours")
@@ -526,12 +527,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, model_config: Any, token
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    # The rename is durable only once the directory entry is on disk.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)  # the rename is durable only once the directory entry is on disk
     return path
 
 

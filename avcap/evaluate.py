@@ -18,8 +18,9 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from avcap.training import (DistEnv, Precision, _LoaderFactory, _atomic_write_text, _f, build_arg_parser,
-                            resolve_precision, setup_distributed, teardown_distributed)
+from avcap.training import (DistEnv, Precision, _LoaderFactory, _f, build_arg_parser, resolve_precision,
+                            setup_distributed, teardown_distributed)
+from shards.atomic import atomic_write_text
 
 
 @dataclass
@@ -111,7 +112,7 @@ def score_and_write(predictions: dict[str, str], references: dict[str, list[str]
                                                    spice_jars=spice_jars or None, unavailable=unavailable))
     scores["num_clips"] = len(predictions)
     scores["unavailable"] = unavailable
-    _atomic_write_text(results_path.with_name(results_path.stem + ".metrics.json"), json.dumps(scores, indent=2))
+    atomic_write_text(results_path.with_name(results_path.stem + ".metrics.json"), json.dumps(scores, indent=2))
     return scores
 
 
@@ -133,6 +134,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any] | None:
     if not cfg.checkpoint or not cfg.data:
         raise ValueError("--checkpoint and --data are required")
     env = setup_distributed(cfg.device, cfg.dist_timeout_s)
+    clean = False
     try:
         loaded = load_checkpoint(cfg.checkpoint)
         tokenizer = loaded.tokenizer
@@ -151,14 +153,16 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any] | None:
         preds, refs = caption_split(model, loader.open(0, train=False), loader.prepare_eval, tokenizer, env.device,
                                     precision, cfg.beam_size, cfg.max_gen_steps)
         merged = gather_predictions(preds, refs, env)
-        if merged is None:
-            return None
-        out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).with_name(f"eval-{cfg.split}.json")
-        scores = score_and_write(*merged, out, cfg.java, cfg.spice_jars)
-        print(json.dumps({"split": cfg.split, "results": str(out), **scores}, indent=2))
+        scores = None
+        if merged is not None:
+            out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).with_name(f"eval-{cfg.split}.json")
+            scores = score_and_write(*merged, out, cfg.java, cfg.spice_jars)
+            print(json.dumps({"split": cfg.split, "results": str(out), **scores}, indent=2))
+        clean = True
         return scores
     finally:
-        teardown_distributed()
+        # Only a rank that finished waits for its peers; a failing one must not block on a dead peer.
+        teardown_distributed(clean)
 
 
 def main(argv: list[str] | None = None) -> int:

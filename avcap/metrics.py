@@ -22,6 +22,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from shards.atomic import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "SPIDEr")
@@ -129,10 +131,7 @@ def write_coco_results(path: str | os.PathLike, predictions: dict[str, str]) -> 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = [{"image_id": k, "caption": predictions[k]} for k in sorted(predictions)]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(rows, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(rows, indent=1, ensure_ascii=False))
     return path
 
 

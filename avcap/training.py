@@ -41,6 +41,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from shards.atomic import atomic_copy, atomic_write_text
+
 
 # -----------------------------------------------------------------------------
 # config
@@ -564,7 +566,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     # Loader workers tokenize from a vocab file: the run's own copy, so a resume needs no --vocab.
     vocab_file = out / "vocab.txt"
     if env.is_main:
-        _atomic_write_text(vocab_file, "".join(t + "\n" for t in tokenizer_vocab(tokenizer)))
+        atomic_write_text(vocab_file, "".join(t + "\n" for t in tokenizer_vocab(tokenizer)))
     if env.enabled:
         dist.barrier()
     loader = _LoaderFactory(cfg, split, env, vocab_file=str(vocab_file))
@@ -592,7 +594,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
                     "frames_per_clip": split.frames_per_clip, "manifest": split.manifest_url,
                     "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                     "resumed_at_step": pos.step if resume_state else None}
-        _atomic_write_text(out / "config.json", json.dumps(run_info, indent=2, default=str))
+        atomic_write_text(out / "config.json", json.dumps(run_info, indent=2, default=str))
 
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
@@ -709,12 +711,6 @@ def _apply_freeze(model: torch.nn.Module, cfg: TrainConfig) -> None:
     model.freeze_decoder(cfg.freeze_text)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _read_best(ckpt_dir: Path) -> dict[str, Any] | None:
     path = ckpt_dir / "best.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -729,7 +725,6 @@ def _evaluate_epoch(cfg: TrainConfig, env: DistEnv, model: torch.nn.Module, toke
     preds, refs = caption_split(model, loader.open(epoch, train=False), loader.prepare_eval, tokenizer, env.device,
                                 precision, cfg.beam_size, cfg.max_gen_steps)
     merged = gather_predictions(preds, refs, env)
-    is_best = False
     if env.is_main:
         assert merged is not None
         results = Path(cfg.out) / "eval" / f"{cfg.eval_split}-epoch{epoch:03d}.json"
@@ -743,12 +738,8 @@ def _evaluate_epoch(cfg: TrainConfig, env: DistEnv, model: torch.nn.Module, toke
         if best is None or best.get("metric") != name or value > best["value"]:
             # A metric switch (jars added mid-run) restarts the comparison: values of different metrics don't compare.
             best = {"metric": name, "value": value, "epoch": epoch, "step": step, "results": str(results)}
-            is_best = True
-            tmp = latest.with_name(".best.pt.tmp")
-            import shutil
-            shutil.copyfile(latest, tmp)
-            os.replace(tmp, latest.with_name("best.pt"))
-            _atomic_write_text(latest.with_name("best.json"), json.dumps(best, indent=2))
+            atomic_copy(latest, latest.with_name("best.pt"))
+            atomic_write_text(latest.with_name("best.json"), json.dumps(best, indent=2))
     # Every rank keeps the same notion of "best" (only rank 0 uses it, but keep state uniform).
     return _gather_objects(best, env)[0] if env.enabled else best
 

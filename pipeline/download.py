@@ -30,6 +30,7 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 from pipeline.manifest import Clip, validate_youtube_id
+from shards.atomic import finalize
 
 DEFAULT_URL_TEMPLATE = "https://www.youtube.com/watch?v={youtube_id}"
 # The smallest video of at least 224 px (the frames are 224x224 crops) plus the best audio; `?` lets formats of
@@ -265,9 +266,7 @@ def download_clip(clip: Clip, cfg: DownloadConfig, media_dir: Path, pacer: Reque
             if cut is not None:
                 ok, message = False, f"{cut}\n{message[-1000:]}"
             if ok:
-                _fsync(produced)
-                os.replace(produced, final)  # same filesystem: the finished name appears only when complete
-                _fsync_dir(media_dir)
+                finalize(produced, final)  # same filesystem: the finished name appears only when complete
                 return DownloadResult(OK, final, attempts=attempt + 1, media_sha256=sha256_file(final))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -390,19 +389,6 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def _tail(b: bytes, n: int = 1500) -> str:
     return b.decode(errors="replace")[-n:]
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _Collect:

@@ -30,18 +30,19 @@ import json
 import math
 import os
 import re
-import secrets
 import tarfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import soundfile as sf
 import webdataset as wds
 
 from pipeline.features import FbankStats
+from shards.atomic import HashingFile as _HashingFile
+from shards.atomic import atomic_write_bytes, atomic_writer  # noqa: F401 - re-exported: callers import them from here
+from shards.atomic import fsync_dir as _fsync_dir
+from shards.atomic import temp_path as _tmp_path
 from shards.index import ShardIndex, index_path, scan_tar
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]{11}_\d+_\d+$")
@@ -85,56 +86,7 @@ def num_shards_for(num_samples: int, samples_per_shard: int = 256) -> int:
     return max(1, math.ceil(num_samples / samples_per_shard))
 
 
-# ---------------------------------------------------------------- atomic files
-
-class _HashingFile:
-    """File wrapper that hashes and counts what is written (tarfile's stream mode only calls write)."""
-
-    def __init__(self, f):
-        self.f, self.sha, self.size = f, hashlib.sha256(), 0
-
-    def write(self, data) -> int:
-        self.sha.update(data)
-        self.size += len(data)
-        return self.f.write(data)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _tmp_path(path: Path) -> Path:
-    # Leading dot + suffix after ".tar": no glob or regex for finished files can match a half-written one.
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-@contextmanager
-def atomic_writer(path: Path) -> Iterator[_HashingFile]:
-    """Write `path` via a temp file in the same directory: fsync, rename, fsync the directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            hf = _HashingFile(f)
-            yield hf
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with atomic_writer(path) as f:
-        f.write(data)
-
+# ---------------------------------------------------------------- temp files (writes: shards.atomic)
 
 def remove_stale_temps(directory: Path) -> list[Path]:
     """Delete temp files a killed writer left behind in `directory` (only ours: `.{name}.tmp-*`)."""

@@ -13,7 +13,7 @@ from pipeline.audit import (AuditConfig, AuditError, add_audit_arguments, audit_
                             sample_clips)
 from shards.manifest import fingerprint
 from shards.writer import Sample, file_sha256, write_shard
-from tests.fixtures_ops import copy_build, ops_build  # noqa: F401  (fixture; also registrable as a plugin)
+from tests.fixtures_ops import copy_build
 
 
 def _manifest(out: Path) -> dict:

@@ -25,7 +25,7 @@ from pipeline.build import BuildConfig, run_build
 from pipeline.download import DownloadConfig
 from pipeline.features import FbankConfig, compute_fbank
 from pipeline.ledger import Ledger
-from tests.fixtures_ops import OPS_CLIPS, clip_key, copy_build, ops_build  # noqa: F401  (ops_build: fixture)
+from tests.fixtures_ops import OPS_CLIPS, clip_key, copy_build
 from tests.media import Route
 
 pytestmark = pytest.mark.slow  # a reference build, a CLI build under Prefect, a killed build and its rerun, ...

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from avcap.evaluate import score_and_write, selection_metric
-from tests.fixtures_train import TINY_MODEL_OVERRIDES, learnable_data  # noqa: F401 (fixture)
+from tests.fixtures_train import TINY_MODEL_OVERRIDES
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -13,8 +13,7 @@ from pipeline.ledger import Ledger
 from pipeline.report import rms_dbfs
 from shards.manifest import load_dataset_manifest
 from shards.writer import shard_index
-from tests.fixtures_ops import (clip_key, ops_build, prefect_server, prefect_settings,  # noqa: F401 (fixtures)
-                                OPS_CLIPS)
+from tests.fixtures_ops import OPS_CLIPS, clip_key, prefect_settings
 from tests.media import MediaSpec, make_media
 
 DEAD_URL = "http://127.0.0.1:9/{youtube_id}.mp4"   # a closed port: only cached media can be used

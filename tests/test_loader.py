@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from shards.loader import LoaderConfig, ShardError, batches_per_epoch, load_split, make_loader
-from tests.fixtures_loader import build_dataset, clip_number, tiny_shards  # noqa: F401  (fixture)
+from tests.fixtures_loader import build_dataset, clip_number
 
 TRAIN_CLIPS = set(range(0, 16))   # shards of 5, 2, 9 clips
 VAL_CLIPS = set(range(16, 23))    # one shard of 7 clips

@@ -13,7 +13,7 @@ import pytest
 from pipeline.publish import PublishError, publish, sha256_file
 from shards.loader import LoaderConfig, make_loader
 from shards.manifest import load_dataset_manifest
-from tests.fixtures_ops import copy_build, ops_build  # noqa: F401  (fixture; also registrable as a plugin)
+from tests.fixtures_ops import copy_build
 
 
 def _read_back(url: str) -> dict[str, int]:

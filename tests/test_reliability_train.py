@@ -18,7 +18,7 @@ import torch
 
 from avcap.checkpoint import CheckpointError
 from avcap.training import TrainConfig, train
-from tests.fixtures_train import TrainData, learnable_data, make_train_data  # noqa: F401 (fixture)
+from tests.fixtures_train import TrainData, make_train_data
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_S = 180

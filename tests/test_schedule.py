@@ -15,8 +15,7 @@ import pytest
 from pipeline.audit import audit_flow
 from flows import build_flow
 from pipeline.schedule import ScheduleConfig, make_deployments, task_runner_for
-from tests.fixtures_ops import (copy_build, ops_build, prefect_server, prefect_settings,  # noqa: F401 (fixtures)
-                                stop_process)
+from tests.fixtures_ops import copy_build, prefect_settings, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_S = 120

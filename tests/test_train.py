@@ -20,7 +20,7 @@ import torch
 
 from avcap.training import (TrainConfig, WarmupCosine, build_arg_parser, check_dataset_matches, config_from_args,
                             train)
-from tests.fixtures_train import TrainData, learnable_data, make_train_data  # noqa: F401 (fixture)
+from tests.fixtures_train import TrainData, make_train_data
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_S = 180  # a hang fails the test instead of stalling the suite

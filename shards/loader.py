@@ -730,6 +730,11 @@ class ShardStream(IterableDataset):
             yield (*first, 0, False)
 
 
+def _worker_context():
+    import multiprocessing
+    return multiprocessing.get_context("forkserver")
+
+
 def make_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1, epoch: int = 0,
                 start_batch: int = 0) -> tuple[DataLoader | ShardStream, int]:
     """The rank's batches of one epoch and the epoch's batch count (identical on every rank).
@@ -743,6 +748,10 @@ def make_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1, epoch: in
     ds = ShardStream(info, cfg, rank, world_size, epoch, start_batch)
     if cfg.num_workers == 0:
         return ds, ds.total
+    # Workers start from a forkserver, not a fork of this process: the trainer already runs threads (gloo,
+    # OpenMP, the previous epoch's pin thread), and a fork taken while one of them holds a lock can leave the new
+    # worker waiting forever on it (seen: a fresh epoch's worker stuck at 0 s CPU, its peer rank waiting on it).
     dl = DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
-                    pin_memory=cfg.pin_memory, persistent_workers=False, in_order=True)
+                    pin_memory=cfg.pin_memory, persistent_workers=False, in_order=True,
+                    multiprocessing_context=_worker_context())
     return dl, ds.total

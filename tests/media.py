@@ -7,7 +7,6 @@ succeed, answer 500, stall, serve HTML instead of video. Every request is counte
 """
 from __future__ import annotations
 
-import re
 import subprocess
 import threading
 import time
@@ -15,6 +14,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from demo.server import parse_range
 
 
 @dataclass
@@ -82,7 +83,6 @@ class Route:
     served: int = 0              # requests answered so far (maintained by the server)
 
 
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -182,20 +182,15 @@ class MediaServer:
             def _content(self, data: bytes, route: Route, head: bool) -> None:
                 size = len(data)
                 start, end = 0, size - 1
-                rng = self.headers.get("Range")
-                m = _RANGE.match(rng.strip()) if rng else None
-                if m and (m.group(1) or m.group(2)):
-                    if m.group(1):
-                        start = int(m.group(1))
-                        end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
-                    else:  # suffix range: the last N bytes
-                        start = max(0, size - int(m.group(2)))
-                    if start >= size or start > end:
-                        self.send_response(416)
-                        self.send_header("Content-Range", f"bytes */{size}")
-                        self.send_header("Content-Length", "0")
-                        self.end_headers()
-                        return
+                rng = parse_range(self.headers.get("Range"), size)  # the demo server's Range rules
+                if rng == "unsatisfiable":
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{size}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if rng is not None:
+                    start, end = rng
                     self.send_response(206)
                     self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
                 else:

@@ -17,11 +17,14 @@ shortened run the test suite does (a few clips, a few steps): it checks the path
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -167,8 +170,8 @@ def train_model(data_dir: Path, vocab: Path, run_dir: Path, n_train: int, cfg: D
     print(f"[demo] {per_epoch} steps per epoch, {epochs} epochs, validation every {eval_every} epochs", flush=True)
     print(f"[demo] {' '.join(_short(c) for c in cmd[1:])}", flush=True)
     # One thread per process: the processes already fill the cores; more would only contend. No loader worker
-    # processes (--num-workers 0): decoding 8 small samples costs little next to a step, and a DataLoader forks
-    # fresh workers every epoch from a process with gloo threads: one such child hung at startup in a trial run.
+    # processes (--num-workers 0): decoding 8 small samples costs little next to a step, and starting workers
+    # each epoch cost more than it saved here (~10 against 4-5 steps/s).
     _run(cmd, "training", log_dir / "train.log", env={"OMP_NUM_THREADS": "1"})
     best = run_dir / "checkpoints" / "best.pt"
     latest = run_dir / "checkpoints" / "latest.pt"
@@ -353,18 +356,40 @@ def _manifest_counts(manifest: dict) -> str:
     return "; ".join(parts) or "(no splits)"
 
 
-def _run(cmd: list[str], what: str, log_path: Path, env: dict[str, str] | None = None) -> None:
-    """Run a stage command with its output shown live and kept in log_path; DemoError when it fails."""
+def _run(cmd: list[str], what: str, log_path: Path, env: dict[str, str] | None = None,
+         timeout_s: float = 1800.0) -> None:
+    """Run a stage command with its output shown live and kept in log_path; DemoError when it fails.
+
+    The stage runs in its own process group with a time limit (generous: several times a normal run), so a hung
+    stage ends the demo with a message instead of holding the terminal: torchrun's workers go with it."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, **(env or {})}
+    timed_out = threading.Event()
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        # Chunks, not lines: tqdm redraws its bar with carriage returns and no newline.
-        while chunk := proc.stdout.read1(1 << 16):
-            log.write(chunk)
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-        code = proc.wait()
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+        def kill() -> None:
+            timed_out.set()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        watchdog = threading.Timer(timeout_s, kill)
+        watchdog.start()
+        try:
+            # Chunks, not lines: tqdm redraws its bar with carriage returns and no newline.
+            while chunk := proc.stdout.read1(1 << 16):
+                log.write(chunk)
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+            code = proc.wait(timeout=60)  # stdout closed: the process is exiting
+        except BaseException:
+            kill()
+            raise
+        finally:
+            watchdog.cancel()
+    if timed_out.is_set():
+        raise DemoError(f"{what} did not finish within {timeout_s:.0f} s and was stopped; its output is in {log_path}")
     if code != 0:
         raise DemoError(f"{what} failed (exit {code}); its full output is in {log_path}")
 

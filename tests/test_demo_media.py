@@ -300,3 +300,20 @@ def test_quick_demo_end_to_end(tmp_path):
     ckpt = load_checkpoint(summary["checkpoint"])
     assert ckpt.frames_per_clip == 20 and ckpt.config.depth_a == 2 and ckpt.config.mode == "av"
     assert ckpt.config.patch_size == 32  # the demo's cheap model, not the tiny preset's 16
+
+
+def test_a_hung_stage_is_stopped_at_its_time_limit(tmp_path):
+    """A stage that never ends (here: a sleeping child that also keeps a grandchild) is killed as a group."""
+    import sys as _sys
+    import time as _time
+
+    from demo.run import DemoError, _run
+
+    cmd = [_sys.executable, "-c",
+           "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+           " print('started', flush=True); time.sleep(60)"]
+    t0 = _time.monotonic()
+    with pytest.raises(DemoError, match="did not finish within 2 s"):
+        _run(cmd, "hung stage", tmp_path / "hung.log", timeout_s=2)
+    assert _time.monotonic() - t0 < 30
+    assert b"started" in (tmp_path / "hung.log").read_bytes()

@@ -27,3 +27,17 @@ pytest_plugins = [
     "tests.fixtures_train",
     "tests.fixtures_ops",
 ]
+
+
+import pytest  # noqa: E402  (after the environment is set: see the module docstring)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test's small torch ops on one thread: on a shared 2-core box a second thread only adds contention
+    (measured ~5x slower for the model tests)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

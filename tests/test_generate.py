@@ -9,13 +9,7 @@ from avcap.model import AVCap, AVCapConfig
 CLS, SEP, PAD = 101, 102, 0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These ops are tiny: on a shared 2-core box extra threads only add contention (measured ~5x slower).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_model(num_frames: int = 1, seed: int = 0, sep_bias: float = 0.0, vocab: int = 300) -> AVCap:

@@ -12,13 +12,7 @@ SHAPES = REFERENCE_DIR / "full_size_state_dict_shapes.json"
 IDS = dict(cls_id=101, sep_id=102, pad_id=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # small ops on a shared 2-core box: extra threads only add contention
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def full_on_meta(**kw) -> AVCap:

@@ -15,13 +15,7 @@ from tests.conftest import REFERENCE_DIR
 TINY = REFERENCE_DIR / "tiny_avcap_seed1234"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # small ops on a shared 2-core box: extra threads only add contention
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

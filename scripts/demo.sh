@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PREFECT_HOME="${PREFECT_HOME:-$PWD/out/.prefect}"
+mkdir -p "$PREFECT_HOME"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 exec .venv/bin/python -m demo.run "$@"

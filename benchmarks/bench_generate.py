@@ -28,17 +28,13 @@ def run_variant(args: argparse.Namespace) -> dict:
     import torch
     from avcap.generate import beam_search_features
     from avcap.model import AVCap, AVCapConfig
+    from tests.fixtures_model import spread_decoder_weights
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     cfg = AVCapConfig.full(cls_id=101, sep_id=102, pad_id=0, num_frames=args.num_frames)
     model = AVCap(cfg).eval()
-    with torch.no_grad():
-        model.textual.embedding.words.weight.mul_(2.0)
-        for name, mod in model.textual.named_modules():
-            if isinstance(mod, torch.nn.Linear) and name != "output":
-                mod.weight.mul_(10.0)
-        model.textual.output.bias.normal_(0.0, 1.0)
+    spread_decoder_weights(model)
     audio = torch.randn(args.batch, cfg.audio_length, cfg.num_mel_bins)
     visual = torch.randn(args.batch, 3, cfg.img_size, cfg.img_size) if args.num_frames == 1 else \
         torch.randn(args.batch, 3, args.num_frames, cfg.img_size, cfg.img_size)

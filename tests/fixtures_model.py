@@ -42,6 +42,18 @@ def bert_layout(pieces: list[str], size: int = 1000) -> list[str]:
     return vocab
 
 
+def spread_decoder_weights(model) -> None:
+    """Scale a fresh model's decoder as the reference weights were (word embeddings x2, decoder Linear weights x10,
+    output bias ~N(0,1)), so logits are spread and argmax decisions sit far from float ties: cached and recomputed
+    generation can then be required to emit the same tokens."""
+    with torch.no_grad():
+        model.textual.embedding.words.weight.mul_(2.0)
+        for name, mod in model.textual.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name != "output":
+                mod.weight.mul_(10.0)
+        model.textual.output.bias.normal_(0.0, 1.0)
+
+
 def pretraining_only_keys(dim: int) -> dict[str, torch.Tensor]:
     """The 173 pretraining-only keys of a CAV-MAE release (MAE decoder, mask token), small random tensors."""
     g = torch.Generator().manual_seed(7)

@@ -5,6 +5,7 @@ import torch
 from avcap.generate import (CachedStepper, Hypotheses, RecomputeStepper, beam_search, beam_search_features,
                             caption_token_ids, greedy_search, greedy_search_features)
 from avcap.model import AVCap, AVCapConfig
+from tests.fixtures_model import spread_decoder_weights
 
 CLS, SEP, PAD = 101, 102, 0
 
@@ -17,12 +18,8 @@ def small_model(num_frames: int = 1, seed: int = 0, sep_bias: float = 0.0, vocab
     torch.manual_seed(seed)
     cfg = AVCapConfig.tiny(depth_a=1, depth_v=1, depth_u=1, vocab_size=vocab, num_frames=num_frames, text_layers=2)
     model = AVCap(cfg).double().eval()
+    spread_decoder_weights(model)
     with torch.no_grad():
-        model.textual.embedding.words.weight.mul_(2.0)
-        for name, mod in model.textual.named_modules():
-            if isinstance(mod, torch.nn.Linear) and name != "output":
-                mod.weight.mul_(10.0)
-        model.textual.output.bias.normal_(0.0, 1.0)
         model.textual.output.bias[SEP] += sep_bias  # make captions end at varied lengths
     return model
 

@@ -211,17 +211,9 @@ def check_shards(out: Path, split, report: AuditReport) -> dict[str, str]:
     where: dict[str, str] = {}
     for s in split.shards:
         path = out / s.path
-        if not path.is_file():
-            report.mismatches.append(Mismatch("shard-missing", s.path, "listed in the manifest but not on disk"))
+        if not _check_file(report, "shard", out, s):
             continue
         report.shards_checked += 1
-        size = path.stat().st_size
-        if size != s.bytes:
-            report.mismatches.append(Mismatch("shard-size", s.path, f"{size} bytes, manifest says {s.bytes}"))
-        got = _sha256_file(path)
-        if got != s.sha256:
-            report.mismatches.append(Mismatch("shard-sha256", s.path,
-                                              f"sha256 {got} does not match manifest {s.sha256}"))
         try:
             keys = _tar_keys(path)
         except (tarfile.TarError, OSError, EOFError) as e:
@@ -240,17 +232,24 @@ def check_shards(out: Path, split, report: AuditReport) -> dict[str, str]:
 
 def check_index(out: Path, index, report: AuditReport) -> None:
     """Size and sha256 of one member index sidecar (shards.manifest.IndexEntry) against the manifest."""
-    path = out / index.path
+    _check_file(report, "index", out, index)
+
+
+def _check_file(report: AuditReport, kind: str, out: Path, entry) -> bool:
+    """A file the manifest vouches for (path, bytes, sha256): `{kind}-missing/-size/-sha256` mismatches.
+    Returns whether the file exists, so callers can go on to read it."""
+    path = out / entry.path
     if not path.is_file():
-        report.mismatches.append(Mismatch("index-missing", index.path, "listed in the manifest but not on disk"))
-        return
+        report.mismatches.append(Mismatch(f"{kind}-missing", entry.path, "listed in the manifest but not on disk"))
+        return False
     size = path.stat().st_size
-    if size != index.bytes:
-        report.mismatches.append(Mismatch("index-size", index.path, f"{size} bytes, manifest says {index.bytes}"))
+    if size != entry.bytes:
+        report.mismatches.append(Mismatch(f"{kind}-size", entry.path, f"{size} bytes, manifest says {entry.bytes}"))
     got = _sha256_file(path)
-    if got != index.sha256:
-        report.mismatches.append(Mismatch("index-sha256", index.path,
-                                          f"sha256 {got} does not match manifest {index.sha256}"))
+    if got != entry.sha256:
+        report.mismatches.append(Mismatch(f"{kind}-sha256", entry.path,
+                                          f"sha256 {got} does not match manifest {entry.sha256}"))
+    return True
 
 
 def _tar_keys(path: Path) -> list[str]:

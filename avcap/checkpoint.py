@@ -1,4 +1,4 @@
-"""Loading the checkpoints a user brings, and saving/loading our own (SPEC §5).
+"""Loading the checkpoints a user brings, and saving/loading our own (docs/original.md §5).
 
 Layouts read by `load_pretrained(model, path, kind="auto")`:
 - `cav_mae`:        CAV-MAE release `.pth`, plain state dict `module.<encoder key>` (+ pretraining-only keys);

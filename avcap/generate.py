@@ -1,10 +1,10 @@
-"""Caption generation: the original's beam search (SPEC.md §4) and greedy decoding, with or without a KV cache.
+"""Caption generation: the original's beam search (docs/original.md §4) and greedy decoding, with or without a KV cache.
 
 Two interchangeable decoder "steppers" produce the next-token logits for every live row:
 
 - `RecomputeStepper` mirrors the original: every step re-runs the projection and all decoder layers over
   [prefix; all tokens so far] for every beam, and the vocabulary projection over every text position.
-- `CachedStepper`: the prefix never attends to text (SPEC §3 mask), so its keys/values per layer are computed
+- `CachedStepper`: the prefix never attends to text (docs/original.md §3 mask), so its keys/values per layer are computed
   once per sample and shared by that sample's beams; text keys/values are appended as tokens arrive and each
   step runs only the newest token through the layers, and the vocabulary projection only on it.
 
@@ -309,7 +309,7 @@ def greedy_search(model: AVCap, audio: torch.Tensor | None, visual: torch.Tensor
 
 
 def caption_token_ids(row: torch.Tensor | list[int], cls_id: int, sep_id: int) -> list[int]:
-    """Token ids strictly between the first [CLS] and the first [SEP] after it (SPEC §4); decode them with
+    """Token ids strictly between the first [CLS] and the first [SEP] after it (docs/original.md §4); decode them with
     the tokenizer."""
     ids = row.tolist() if isinstance(row, torch.Tensor) else list(row)
     start = ids.index(cls_id) + 1 if cls_id in ids else 0

@@ -1,10 +1,10 @@
-"""AVCap: a CAV-MAE audio-visual encoder feeding a GiT text decoder (SPEC.md §2-3).
+"""AVCap: a CAV-MAE audio-visual encoder feeding a GiT text decoder (docs/original.md §2-3).
 
 The module tree is laid out so that `state_dict()` keys are exactly the original captioner's:
 `av_encoder.*` (CAV-MAE fine-tuning encoder) and `textual.*` (GiT `TransformerDecoderTextualHead` with a
 BERT encoder used as a decoder). Checkpoint loaders (avcap.checkpoint) rely on that, so renaming a module here
 breaks loading real weights; tests/test_model.py checks every key and shape against
-/work/shared/reference/full_size_state_dict_shapes.json.
+tests/data/reference/full_size_state_dict_shapes.json.
 
 Attention everywhere goes through `F.scaled_dot_product_attention`. The decoder's layers expose `qkv` and
 `finish` separately so that avcap.generate can run them one token at a time against a KV cache.
@@ -102,7 +102,7 @@ class AVCapConfig:
 
     @classmethod
     def tiny(cls, **overrides) -> "AVCapConfig":
-        """Matches /work/shared/reference/tiny_avcap_seed1234/config.json (its vocab has [CLS]=101, [SEP]=102,
+        """Matches tests/data/reference/tiny_avcap_seed1234/config.json (its vocab has [CLS]=101, [SEP]=102,
         [PAD]=0: those are the reference's ids, not defaults for real tokenizers)."""
         base = dict(cls_id=101, sep_id=102, pad_id=0, vocab_size=1000, embed_dim=64, num_heads=4,
                     depth_a=11, depth_v=11, depth_u=1, text_hidden=64, text_layers=2, text_heads=4, text_ffn=256,

@@ -1,4 +1,4 @@
-"""BERT uncased WordPiece tokenizer for captions (SPEC §1 "Text", §4 "Text").
+"""BERT uncased WordPiece tokenizer for captions (docs/original.md §1 "Text", §4 "Text").
 
 The captioner was trained with `bert-base-uncased` ([CLS]=101, [SEP]=102, [PAD]=0, vocab 30522), but nothing here
 assumes those numbers: every special id is read from the tokenizer, so a small vocab built for tests or a demo
@@ -22,7 +22,7 @@ from transformers import BertTokenizerFast
 # Tokens every vocab must hold; the first five lines of a vocab we build, in this order ([PAD] = 0 because batches
 # are padded with 0 in both tokens and need_predict, as the original does).
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-MAX_WORDPIECES = 40  # SPEC §1: [CLS] + wordpieces[:40] + [SEP]
+MAX_WORDPIECES = 40  # docs/original.md §1: [CLS] + wordpieces[:40] + [SEP]
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def special_ids(tok: BertTokenizerFast) -> SpecialIds:
 def encode_captions(tok: BertTokenizerFast, captions: Sequence[str],
                     max_wordpieces: int = MAX_WORDPIECES) -> CaptionBatch:
     """[CLS] + wordpieces[:max_wordpieces] + [SEP] per caption; need_predict 0 at [CLS], 1 on the rest, and
-    both padded with the pad id to the longest caption of the batch (SPEC §1)."""
+    both padded with the pad id to the longest caption of the batch (docs/original.md §1)."""
     if isinstance(captions, str):
         raise TypeError("encode_captions takes a list of captions, got a single string")
     if max_wordpieces < 1:
@@ -156,7 +156,7 @@ def encode_captions(tok: BertTokenizerFast, captions: Sequence[str],
 
 def decode_tokens(tok: BertTokenizerFast, ids: Sequence[int] | torch.Tensor) -> str:
     """Caption text from one row of ids: the tokens strictly between the first [CLS] and the first [SEP] after it
-    (the whole row after [CLS] if it has no [SEP]), WordPiece-decoded (SPEC §4)."""
+    (the whole row after [CLS] if it has no [SEP]), WordPiece-decoded (docs/original.md §4)."""
     if isinstance(ids, torch.Tensor):
         if ids.dim() != 1:
             raise ValueError(f"decode_tokens takes one row of ids, got shape {tuple(ids.shape)}; "

@@ -3,7 +3,7 @@
 The pieces, top to bottom:
 - `TrainConfig`: every knob of a run; `train.py`'s flags are generated from its fields one-to-one.
 - `setup_distributed`: torchrun env vars -> process group (nccl on GPU, gloo on CPU).
-- `build_optimizer` / `WarmupCosine`: AdamW over trainable parameters, per-step warmup-cosine (SPEC §6).
+- `build_optimizer` / `WarmupCosine`: AdamW over trainable parameters, per-step warmup-cosine (docs/original.md §6).
 - checkpoint state: everything needed to continue a run exactly, as plain types so that
   `torch.load(weights_only=True)` opens it; stored in avcap.checkpoint's `extra` so the same file also captions.
 - `train(cfg)`: the loop.
@@ -81,7 +81,7 @@ class TrainConfig:
     init_from: str = _f("", "a trained captioner checkpoint to start from (weights only, a fresh run)")
     freeze_encoder: bool = _f(False, "freeze the audio-visual encoder")
     freeze_text: bool = _f(False, "freeze the text decoder (the projection stays trainable)")
-    # optimization (SPEC §6 defaults)
+    # optimization (docs/original.md §6 defaults)
     epochs: int = _f(10, "training epochs")
     batch_size: int = _f(8, "samples per rank per micro-batch")
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
@@ -248,7 +248,7 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the parameters that train; the original also handed frozen ones to AdamW (SPEC §6)."""
+    """AdamW over the parameters that train; the original also handed frozen ones to AdamW (docs/original.md §6)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: --freeze-encoder and --freeze-text froze the whole model")
@@ -427,7 +427,7 @@ class RunLogger:
 # model and data wiring
 
 def build_model_config(cfg: TrainConfig, tokenizer: Any) -> Any:
-    """The preset, sized to the tokenizer (vocab size and special ids come from it, SPEC §1 'Ours')."""
+    """The preset, sized to the tokenizer (vocab size and special ids come from it, docs/original.md §1 'Ours')."""
     from avcap.model import AVCapConfig
     from avcap.tokenizer import special_ids
     ids = special_ids(tokenizer)

@@ -3,7 +3,7 @@
 Each variant runs in its own subprocess so that its peak resident memory (ru_maxrss) is its own. Both build the
 same seeded random model (full size: 768 wide, one frame -> 708-token prefix, vocab 30522), encode the same
 random clip(s), and beam-search with beam 4, 2 candidates per beam, length penalty 0.6. The decoder weights are
-spread as in /work/shared/reference (word embeddings x2, decoder Linear weights x10, output bias ~N(0,1)) so
+spread as in tests/data/reference (word embeddings x2, decoder Linear weights x10, output bias ~N(0,1)) so
 that argmax decisions are far from float32 ties and the two variants can be required to emit the same tokens.
 
     .venv/bin/python benchmarks/bench_generate.py --threads 2 --max-steps 42

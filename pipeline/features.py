@@ -1,4 +1,4 @@
-"""Stage 4, Features: the Kaldi log-mel filterbank of SPEC.md section 1, computed once per clip.
+"""Stage 4, Features: the Kaldi log-mel filterbank of docs/original.md §1, computed once per clip.
 
 waveform (int16, or float32 already scaled as int16/32768) -> subtract its mean (one scalar) ->
 `torchaudio.compliance.kaldi.fbank` with the parameters of `FbankConfig` -> [T, 128] with T = 1 + (N - 400) // 160
@@ -9,7 +9,7 @@ stored fbank exactly: that is the pipeline's self-check.
 
 Normalization statistics (`FbankStats`) count only the real frames of each clip, never the zero padding: padding
 is a property of the clip length, not of the audio, and the loader applies the normalization before it matters
-(SPEC: padding ends up at -mean/std after normalization).
+(docs/original.md §1: padding ends up at -mean/std after normalization).
 """
 from __future__ import annotations
 

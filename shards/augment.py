@@ -2,7 +2,7 @@
 
 The original applied SpecAugment, noise, roll and normalization per sample in every loader worker (1.3 ms per
 sample on one core). Here the loader only decodes, and `prepare_batch` does the same operations on a whole
-batch at once on the training device (GPU in production, CPU in tests), in the original's order (SPEC §1):
+batch at once on the training device (GPU in production, CPU in tests), in the original's order (docs/original.md §1):
 
     audio:  FrequencyMasking(48) + TimeMasking(192) on [B,1,mel,time], iid per sample (train only)
             -> (fbank - mean) / std          (masks and padding become +1.003 at the AudioCaps defaults)

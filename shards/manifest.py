@@ -54,7 +54,7 @@ keep `index: null` until rebuilt).
 `norm_stats` is the mean/std of fbank values over the real (unpadded) frames of every sample of the split (the
 fbank as stored: float16); padding rows are excluded because their amount depends on clip lengths, not audio.
 The loader normalizes with the train split's pair only when told to (its default is the AudioCaps pair from
-SPEC.md, for checkpoint compatibility).
+docs/original.md, for checkpoint compatibility).
 """
 from __future__ import annotations
 

@@ -15,9 +15,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("AVCAP_SHARED", REPO_ROOT.parent / "shared"))
-AUDIOCAPS_DIR = SHARED / "data" / "audiocaps"
-REFERENCE_DIR = SHARED / "reference"
+# Everything the tests read lives in the repository: the AudioCaps CSVs under data/, the reference fixtures
+# (the original implementation's outputs) under tests/data/reference/.
+AUDIOCAPS_DIR = REPO_ROOT / "data" / "audiocaps"
+REFERENCE_DIR = REPO_ROOT / "tests" / "data" / "reference"
 
 # Fixture modules: each area of the project keeps its fixtures in its own file.
 pytest_plugins = [

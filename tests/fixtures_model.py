@@ -1,6 +1,6 @@
 """Fixtures for the model, tokenizer and checkpoint tests (register as "tests.fixtures_model" in conftest).
 
-- `reference_dir`, `reference_inputs`, `reference_expected`: /work/shared/reference/tiny_avcap_seed1234 and its
+- `reference_dir`, `reference_inputs`, `reference_expected`: tests/data/reference/tiny_avcap_seed1234 and its
   tensors (the original implementation's outputs for a tiny random model).
 - `tiny_config`: AVCapConfig.tiny() with dropout off, the reference model's config.
 - `caption_vocab_path` / `caption_tokenizer`: a 1000-piece uncased WordPiece vocab learned from AudioCaps train
@@ -14,17 +14,16 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("AVCAP_SHARED", REPO_ROOT.parent / "shared"))
-TINY_REFERENCE = SHARED / "reference" / "tiny_avcap_seed1234"
-FULL_SIZE_SHAPES = SHARED / "reference" / "full_size_state_dict_shapes.json"
-AUDIOCAPS_TRAIN = SHARED / "data" / "audiocaps" / "train.csv"
+from tests.conftest import AUDIOCAPS_DIR, REFERENCE_DIR
+
+TINY_REFERENCE = REFERENCE_DIR / "tiny_avcap_seed1234"
+FULL_SIZE_SHAPES = REFERENCE_DIR / "full_size_state_dict_shapes.json"
+AUDIOCAPS_TRAIN = AUDIOCAPS_DIR / "train.csv"
 
 
 def audiocaps_captions(limit: int = 2000) -> list[str]:
@@ -77,8 +76,11 @@ def pretraining_only_keys(dim: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    if not (TINY_REFERENCE / "expected.pt").is_file():
-        pytest.skip(f"reference outputs not found at {TINY_REFERENCE} (set AVCAP_SHARED)")
+    # The fixtures are part of the repository: a missing one is a broken checkout, so fail loudly.
+    missing = [n for n in ("config.json", "inputs.pt", "expected.pt", "avcap_state_dict.pt", "cav_mae.pth", "git.pt")
+               if not (TINY_REFERENCE / n).is_file()]
+    if missing:
+        pytest.fail(f"reference fixtures missing from {TINY_REFERENCE}: {', '.join(missing)}")
     return TINY_REFERENCE
 
 

@@ -1,6 +1,6 @@
 """Checkpoint loading (every layout a user brings) and our own save/load format.
 
-The numerical checks load /work/shared/reference/tiny_avcap_seed1234 through avcap.checkpoint and compare with
+The numerical checks load tests/data/reference/tiny_avcap_seed1234 through avcap.checkpoint and compare with
 what the ORIGINAL implementation computed on the same weights (features, logits, loss, beam-search ids).
 """
 from __future__ import annotations

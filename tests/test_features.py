@@ -1,4 +1,4 @@
-"""pipeline.features: SPEC.md section 1 fbank, padding/cutting, normalization stats over real frames."""
+"""pipeline.features: docs/original.md §1 fbank, padding/cutting, normalization stats over real frames."""
 from __future__ import annotations
 
 import numpy as np
@@ -17,7 +17,7 @@ def _waveform(seconds: float, seed: int = 0) -> np.ndarray:
 
 
 def spec_fbank(w_int16: np.ndarray) -> torch.Tensor:
-    """SPEC.md section 1, written out independently of FbankConfig."""
+    """docs/original.md §1, written out independently of FbankConfig."""
     # compute_fbank pins one torch thread (float16 results differ in ~0.5 % of values between 1 and 2 threads,
     # the waveform mean's reduction included), so the independent reference runs on one thread too.
     threads = torch.get_num_threads()

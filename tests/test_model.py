@@ -37,8 +37,6 @@ def inputs(cfg: AVCapConfig, batch: int = 2, dtype=torch.float32):
 @pytest.mark.parametrize("num_frames,group", [(1, "cav_mae_finetune_encoder_frames1"),
                                               (4, "cav_mae_finetune_encoder_frames4")])
 def test_full_size_state_dict_is_the_original_layout(num_frames, group):
-    if not SHAPES.exists():
-        pytest.skip(f"{SHAPES} not found")
     ref = json.loads(SHAPES.read_text())
     want = {**{f"av_encoder.{k}": v for k, v in ref[group].items()}, **ref["avcap_textual_decoder_base"]}
     got = {k: list(v.shape) for k, v in full_on_meta(num_frames=num_frames).state_dict().items()}
@@ -172,7 +170,7 @@ def test_loss_is_the_label_smoothed_kl_over_predicted_positions():
     want = F.kl_div(F.log_softmax(logits, -1), q, reduction="none").sum(-1).mean()
     torch.testing.assert_close(out["loss"], want, rtol=1e-5, atol=1e-6)
     assert out["logits"].shape == (2, 5, 200)
-    # KL = smoothed CE - H(q): at the full vocabulary the offset is -1.358 (SPEC §3)
+    # KL = smoothed CE - H(q): at the full vocabulary the offset is -1.358 (docs/original.md §3)
     lg = torch.randn(4, 30522)
     tg = torch.randint(0, 30522, (4,))
     q = torch.full_like(lg, 0.1 / 30521).scatter(1, tg[:, None], 0.9)

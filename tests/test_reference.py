@@ -1,4 +1,4 @@
-"""Reproduce the original implementation's outputs on /work/shared/reference/tiny_avcap_seed1234.
+"""Reproduce the original implementation's outputs on tests/data/reference/tiny_avcap_seed1234.
 
 The captioner checkpoint's keys are the model's own, so it loads strictly with `load_state_dict`. The other two
 layouts (CAV-MAE .pth, GiT .pt) go through avcap.checkpoint and are tested with it.
@@ -20,8 +20,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def reference():
-    if not TINY.is_dir():
-        pytest.skip(f"reference data not found at {TINY}")
     load = lambda name: torch.load(TINY / name, weights_only=True)  # noqa: E731
     model = AVCap(AVCapConfig.tiny())
     model.load_state_dict(load("avcap_state_dict.pt"), strict=True)

@@ -102,7 +102,7 @@ def test_stage_clip_from_real_media_fbank_equals_its_flac(tmp_path):
     assert m["duration"] == 10.0 and m["fbank_frames"] == 998 and m["frames"] == 20 and m["split"] == "test"
     wav, sr = decode_flac(back.members["flac"])
     assert sr == 16000 and wav.shape == (160000,)
-    # The stored fbank is exactly torchaudio's Kaldi fbank of the stored FLAC (SPEC section 1).
+    # The stored fbank is exactly torchaudio's Kaldi fbank of the stored FLAC (docs/original.md §1).
     ref = spec_fbank(wav)
     fb = back.fbank
     assert fb.shape == (1024, 128) and fb.dtype == np.float16

@@ -1,4 +1,4 @@
-"""WordPiece tokenizer: vocab building and loading, caption encoding (SPEC §1), decoding (SPEC §4)."""
+"""WordPiece tokenizer: vocab building and loading, caption encoding (docs/original.md §1), decoding (docs/original.md §4)."""
 from __future__ import annotations
 
 import pytest

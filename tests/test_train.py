@@ -65,7 +65,7 @@ def test_every_trainconfig_field_is_one_flag():
     cfg = config_from_args(["--data", "d", "--grad-accum", "3", "--no-tensorboard", "--clip-grad", "1.5",
                             "--precision", "fp32"])
     assert (cfg.data, cfg.grad_accum, cfg.tensorboard, cfg.clip_grad, cfg.precision) == ("d", 3, False, 1.5, "fp32")
-    # SPEC §6 defaults
+    # docs/original.md §6 defaults
     d = TrainConfig()
     assert (d.lr, d.weight_decay, d.beta1, d.beta2, d.warmup_lr, d.min_lr) == (1e-4, 5e-7, 0.95, 0.999, 2e-7, 1e-6)
 

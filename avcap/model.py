@@ -439,9 +439,24 @@ class TextualHead(nn.Module):
     def layers(self) -> nn.ModuleList:
         return self.transformer.encoder.layer
 
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _run(module: nn.Module, x: torch.Tensor, fp32: bool) -> torch.Tensor:
+        if fp32 and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return module(x.float())
+        return module(x)
+
+    def project(self, features: torch.Tensor, fp32: bool = False) -> torch.Tensor:
+        """The prefix projection; `fp32` runs it in float32 even under autocast (generation's precision policy)."""
+        return self._run(self.av_projection, features, fp32)
+
+    def logits(self, hidden: torch.Tensor, fp32: bool = False) -> torch.Tensor:
+        """Vocabulary logits of decoder outputs; `fp32` as in `project`."""
+        return self._run(self.output, hidden, fp32)
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, fp32_head: bool = False) -> torch.Tensor:
         """Teacher-forced logits [B, T, V] for tokens [B, T] given encoder features [B, P, D]."""
-        prefix = self.av_projection(features)
+        prefix = self.project(features, fp32_head)
         text = self.embedding(tokens)
         P, T = prefix.shape[1], text.shape[1]
         if T > self.cfg.max_positions:
@@ -450,7 +465,7 @@ class TextualHead(nn.Module):
         mask = prefix_mask(P, T, x.device)
         for layer in self.layers:
             x = layer(x, mask)
-        return self.output(x[:, P:])
+        return self.logits(x[:, P:], fp32_head)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -156,9 +156,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any] | None:
         merged = gather_predictions(preds, refs, env)
         scores = None
         if merged is not None:
-            ckpt = Path(cfg.checkpoint)
-            # beside a .pt checkpoint; inside an export folder
-            out = Path(cfg.out) if cfg.out else (ckpt if ckpt.is_dir() else ckpt.parent) / f"eval-{cfg.split}.json"
+            out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).with_name(f"eval-{cfg.split}.json")
             scores = score_and_write(*merged, out, cfg.java, cfg.spice_jars, gen)
             print(json.dumps({"split": cfg.split, "results": str(out), **scores}, indent=2))
         clean = True

@@ -196,24 +196,27 @@ def read_json(path: Path) -> dict:
 def hub_snapshot(name: str) -> Path:
     """The local snapshot folder of hub repository `name`: the cached one, else downloaded when the hub is
     reachable. A CheckpointError saying how to fetch it when neither works."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-    from huggingface_hub import constants
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(name, allow_patterns=HF_HUB_PATTERNS, local_files_only=True))
+    except IncompleteSnapshotError as e:
+        # Some optional file (e.g. tokenizer_config.json) was not fetched: enough when config and weights are there.
+        partial = Path(e.snapshot_path)
+        if (partial / "config.json").is_file() and any((partial / f).is_file() for f in HF_WEIGHT_FILES):
+            return partial
     except LocalEntryNotFoundError:
         pass
+    where = f"{name}: no such file or folder here, and not in the local Hugging Face cache ({constants.HF_HUB_CACHE})"
     how = (f"fetch it once where the hub is reachable (`hf download {name}` or huggingface_hub.snapshot_download"
            f"({name!r})) into the cache, or pass the folder of a save_pretrained copy")
     if constants.HF_HUB_OFFLINE:
-        raise CheckpointError(f"{name}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub "
-                              f"is switched off (HF_HUB_OFFLINE=1); {how}")
+        raise CheckpointError(f"{where}, and the hub is switched off (HF_HUB_OFFLINE=1); {how}")
     try:
         return Path(snapshot_download(name, allow_patterns=HF_HUB_PATTERNS))
     except Exception as e:  # unreachable hub, unknown or gated repository: the same advice
-        raise CheckpointError(f"{name}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
-                              f"downloading it failed ({type(e).__name__}: {e}); {how}") from e
+        raise CheckpointError(f"{where}, and downloading it failed ({type(e).__name__}: {e}); {how}") from e
 
 
 def hf_folder_files(folder: Path) -> list[Path]:

@@ -195,6 +195,7 @@ def map_onto(model: nn.Module, state: Mapping[str, torch.Tensor], layout: Layout
     to_load: dict[str, torch.Tensor] = {}
     file_key_of: dict[str, str] = {}
     mismatched: list[str] = []
+    misfit_weights: set[str] = set()
     pre_skipped = layout.pre_skip(state, model_state)
 
     for file_key, tensor in state.items():
@@ -218,6 +219,7 @@ def map_onto(model: nn.Module, state: Mapping[str, torch.Tensor], layout: Layout
             if reason is not None:
                 report.skipped.append(KeyNote(model_key, f"{reason} {_shape(tensor)} does not fit "
                                                          f"{_shape(expected)}; freshly initialised"))
+                misfit_weights.add(model_key)
                 continue
             mismatched.append(f"{file_key} {_shape(tensor)} vs model {model_key} {_shape(expected)}")
             continue
@@ -227,7 +229,6 @@ def map_onto(model: nn.Module, state: Mapping[str, torch.Tensor], layout: Layout
                               + "; ".join(mismatched[:20]) + (" ..." if len(mismatched) > 20 else ""))
 
     # A Linear whose weight misfit keeps its fresh weight, so its bias (trained for the other weight) goes too.
-    misfit_weights = {n.key for n in report.skipped if n.key.endswith(".weight") and "does not fit" in n.reason}
     for key in list(to_load):
         if key.endswith(".bias") and key[:-len("bias")] + "weight" in misfit_weights:
             del to_load[key]

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from avcap.generate import GenerationConfig
+from avcap.generate import GenerationConfig, generation_from_flags
 from shards.atomic import atomic_copy, atomic_write_text
 
 
@@ -141,6 +141,10 @@ class TrainConfig:
             problems.append(f"learning rates must be positive (lr={self.lr}, min_lr={self.min_lr}, warmup_lr={self.warmup_lr})")
         if self.clip_grad < 0:
             problems.append(f"clip_grad must be >= 0, got {self.clip_grad}")
+        try:  # at start, not at the first evaluation an epoch later
+            generation_from_flags(self)
+        except ValueError as e:
+            problems.append(str(e))
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
 
@@ -738,7 +742,6 @@ def _evaluate_epoch(cfg: TrainConfig, env: DistEnv, model: torch.nn.Module, toke
                     logger: RunLogger) -> dict[str, Any] | None:
     """Caption the eval split, score on rank 0, keep the best checkpoint by CIDEr-D (SPIDEr when available)."""
     from avcap.evaluate import caption_split, gather_predictions, score_and_write, selection_metric
-    from avcap.generate import generation_from_flags
 
     # Generation has its own precision (--gen-precision), not the training one: see avcap.generate.
     gen = generation_from_flags(cfg)

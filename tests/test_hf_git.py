@@ -217,5 +217,46 @@ def test_hub_name_resolves_from_an_offline_cache(hf_git, tmp_path):
     assert lines["KIND"] == f"hf-git {sum(k.startswith('textual.') for k in our_model().state_dict())}"
     assert lines["CLS"] == f"{CLS} {VOCAB}"
     error = lines["ERROR"]
-    assert "avcap-test/not-cached: not in the local Hugging Face cache" in error
+    assert "avcap-test/not-cached: no such file or folder here, and not in the local Hugging Face cache" in error
     assert "HF_HUB_OFFLINE=1" in error and "hf download avcap-test/not-cached" in error
+
+
+def test_train_takes_decoder_and_tokenizer_from_a_hugging_face_folder(learnable_data, tmp_path, capsys):
+    """train.py --pretrained-text FOLDER without --vocab: the folder's weights and its vocab.txt."""
+    from transformers import GitForCausalLM
+    from avcap.checkpoint import load_checkpoint
+    from avcap.tokenizer import load_tokenizer, read_vocab_file, special_ids
+    from avcap.training import TrainConfig, train
+    from tests.fixtures_train import TINY_MODEL_OVERRIDES as O
+
+    ids = special_ids(load_tokenizer(learnable_data.vocab))
+    vocab = read_vocab_file(learnable_data.vocab)
+    torch.manual_seed(1)
+    hf = GitForCausalLM(git_config(vocab_size=len(vocab), hidden_size=O["text_hidden"],
+                                   num_hidden_layers=O["text_layers"], num_attention_heads=O["text_heads"],
+                                   intermediate_size=O["text_ffn"], max_position_embeddings=O["max_positions"],
+                                   pad_token_id=ids.pad, bos_token_id=ids.cls, eos_token_id=ids.sep,
+                                   vision_config=dict(hidden_size=O["embed_dim"], intermediate_size=64,
+                                                      num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                                                      patch_size=16)))
+    with torch.no_grad():
+        hf.output.weight.copy_(hf.git.embeddings.word_embeddings.weight)
+    folder = tmp_path / "git-for-train"
+    hf.save_pretrained(folder)
+    shutil.copy(learnable_data.vocab, folder / "vocab.txt")
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(data=str(learnable_data.root), out=str(out), pretrained_text=str(folder), model="tiny",
+                      model_overrides=learnable_data.model_overrides, batch_size=4, num_workers=0, epochs=1,
+                      max_steps=1, eval_every=0, progress=False, tensorboard=False, lr=1e-12, warmup_lr=0.0,
+                      freeze_encoder=True)
+    assert cfg.vocab == ""
+    train(cfg)
+    assert f"pretrained weights from {folder}" in capsys.readouterr().out
+    assert read_vocab_file(out / "vocab.txt") == vocab  # the folder's tokenizer, not bert-base-uncased
+    state = load_checkpoint(out / "checkpoints" / "latest.pt").model.state_dict()
+    # one step at lr ~0 (AdamW's first step moves by ~lr): the decoder is the file's
+    torch.testing.assert_close(state["textual.transformer.encoder.layer.0.intermediate.dense.weight"],
+                               hf.git.encoder.layer[0].intermediate.dense.weight, rtol=0, atol=1e-9)
+    torch.testing.assert_close(state["textual.av_projection.0.weight"],
+                               hf.git.visual_projection.visual_projection[0].weight, rtol=0, atol=1e-9)

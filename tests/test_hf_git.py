@@ -260,3 +260,23 @@ def test_train_takes_decoder_and_tokenizer_from_a_hugging_face_folder(learnable_
                                hf.git.encoder.layer[0].intermediate.dense.weight, rtol=0, atol=1e-9)
     torch.testing.assert_close(state["textual.av_projection.0.weight"],
                                hf.git.visual_projection.visual_projection[0].weight, rtol=0, atol=1e-9)
+
+
+def test_a_wider_projection_like_git_large_is_a_reported_skip(hf_git, tmp_path):
+    from safetensors.torch import load_file, save_file
+    state = load_file(hf_git.safetensors / "model.safetensors")
+    state["git.visual_projection.visual_projection.0.weight"] = torch.randn(64, 96)  # 96-wide image features
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    config = json.loads((hf_git.safetensors / "config.json").read_text())
+    config["vision_config"]["hidden_size"] = 96
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file(state, folder / "model.safetensors")
+    model = our_model()
+    fresh = model.textual.av_projection[0].weight.clone()
+    report = load_pretrained(model, folder)
+    skipped = {n.key: n.reason for n in report.skipped if n.key.startswith("textual.")}
+    assert set(skipped) == {"textual.av_projection.0.weight", "textual.av_projection.0.bias"}
+    assert "GiT-large projection [64, 96] does not fit [64, 64]" in skipped["textual.av_projection.0.weight"]
+    assert torch.equal(model.textual.av_projection[0].weight, fresh)
+    assert torch.equal(model.textual.embedding.words.weight, state["git.embeddings.word_embeddings.weight"])

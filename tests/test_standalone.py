@@ -73,7 +73,7 @@ def _project_files() -> list[Path]:
 
 # Each pattern is written so that its own source text does not match it: this file is scanned like any other.
 _SIBLING = re.compile(r"\.\./" + "shared")
-_SPEC = re.compile(r"\b" + "SPEC" + r"\.md\b")
+_SPEC = re.compile(r"\b" + "SPEC" + r"(?:\.md\b|\s*§)")   # the file, or a citation of its sections
 _ENV = re.compile("AVCAP_" + "SHARED")
 # An absolute path of a development machine: the work, root, home/<name> (but the image's own user, avcap) and
 # Users/<name> folders at the top of a Unix file system, or a Windows user folder. The slash must start the path:
@@ -145,6 +145,7 @@ def test_no_tracked_file_points_outside_the_repository():
 @pytest.mark.parametrize("rel, line", [
     ("README.md", "flows.py build --csv ../" "shared/data/audiocaps/train.csv"),
     ("avcap/model.py", "see " "SPEC" ".md §3"),
+    ("avcap/model.py", "# eps 1e-8 (" "SPEC" " §3)"),
     ("tests/conftest.py", "os.environ['AVCAP_" "SHARED']"),
     ("avcap/model.py", '"""Weights under /' 'work/shared/reference."""'),
     ("BENCHMARKS.md", "python bench.py --out /" "root/tmp/x"),
@@ -170,6 +171,7 @@ def test_scan_flags_outside_paths(rel, line):
     ("scripts/x.sh", 'cd "$(dirname "$0")/.."'),
     ("tests/x.py", "bad = '../../../tmp/pwned'  # a path traversal the CSV reader must refuse"),
     ("docs/x.md", "data/work/ and ./root/ are relative"),
+    ("avcap/tokenizer.py", 'SPECIAL_TOKENS = ("[PAD]", "[UNK]")  # docs/original.md §1'),
 ])
 def test_scan_leaves_project_paths_alone(rel, line):
     assert not _offences(rel, line), line

@@ -177,6 +177,36 @@ def test_scan_leaves_project_paths_alone(rel, line):
     assert not _offences(rel, line), line
 
 
+# ------------------------------------------------------------------------------- docs/original.md citations
+
+_CITATION = re.compile(r"docs/original\.md §(\d+)(?:[-–](\d+))?(?:,? [\"'“]([A-Z][\w ]*)[\"'”])?")
+
+
+def test_every_citation_of_docs_original_names_a_section_it_has():
+    """`docs/original.md §N` (or §N-M, or §N "Subsection") must point at a numbered section, and a named
+    subsection must be a heading inside that section."""
+    doc = (REPO_ROOT / "docs" / "original.md").read_text()
+    sections = {int(m.group(1)): m.start() for m in re.finditer(r"^## (\d+)\. ", doc, re.MULTILINE)}
+    assert sorted(sections) == list(range(1, 8)), sorted(sections)
+    bounds = sorted(sections.values()) + [len(doc)]
+    body = {n: doc[start:bounds[bounds.index(start) + 1]] for n, start in sections.items()}
+    bad, cited = [], 0
+    for path in _project_files():
+        if path.suffix not in (".py", ".md", ".sh", ".toml") or path.name == "test_standalone.py":
+            continue
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for m in _CITATION.finditer(line):
+                cited += 1
+                first, last, sub = int(m.group(1)), int(m.group(2) or m.group(1)), m.group(3)
+                where = f"{path.relative_to(REPO_ROOT)}:{n}: {m.group(0)}"
+                if not all(k in body for k in range(first, last + 1)):
+                    bad.append(f"{where}: no such section")
+                elif sub and not re.search(rf"^###+ {re.escape(sub.strip())}\b", body[first], re.MULTILINE):
+                    bad.append(f"{where}: §{first} has no subsection {sub!r}")
+    assert cited > 10, "the citation pattern no longer finds the code's citations"
+    assert not bad, "\n".join(bad)
+
+
 # ------------------------------------------------------------------------------------------- skip policy
 
 _MODULE_SKIP = "import pytest\npytest.skip('no data', allow_module_level=True)\ndef test_it():\n    pass\n"

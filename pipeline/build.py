@@ -150,6 +150,7 @@ class StageStats:
     clips: int = 0          # clips the stage handled this run
     failed: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0   # this process's CPU time in the stage (all its threads): the driver's share
 
     @property
     def clips_per_s(self) -> float:
@@ -460,9 +461,9 @@ def _run_build(cfg: BuildConfig, stage_runner: StageRunner, clip_runner: ClipRun
     stages: dict[str, StageStats] = {}
 
     def timed(name: str, fn: Callable, *args):
-        t = time.monotonic()
+        t, cpu = time.monotonic(), time.process_time()
         out = stage_runner(name, fn, *args)
-        stages[name] = StageStats(seconds=time.monotonic() - t)
+        stages[name] = StageStats(seconds=time.monotonic() - t, cpu_seconds=time.process_time() - cpu)
         return out
 
     loaded = timed("manifest", load_clips, cfg)

@@ -29,6 +29,7 @@ pytest_plugins = [
     "tests.fixtures_loader",
     "tests.fixtures_train",
     "tests.fixtures_ops",
+    "tests.fixtures_dask",
 ]
 
 

@@ -407,7 +407,8 @@ def generate(model: AVCap, audio: torch.Tensor | None, visual: torch.Tensor | No
 @dataclass
 class PrecisionCheck:
     precision: str           # fp32 | bf16 | fp16
-    policy: str              # "fp32 head" (what generate does) | "plain autocast" (everything under autocast)
+    policy: str              # "no autocast" (fp32) | "fp32 head" (what generate does under bf16/fp16) |
+                             # "plain autocast" (everything under autocast)
     tokens_differing: int    # from the expected tokens
     tokens_total: int
 
@@ -433,7 +434,8 @@ def precision_parity(model: AVCap, audio: torch.Tensor | None, visual: torch.Ten
     checks = []
     for precision in precisions:
         setting = GenerationConfig(**{**gen.to_dict(), "precision": precision})
-        policies = [("fp32 head", True)] + ([("plain autocast", False)] if precision != "fp32" else [])
+        policies = [("no autocast", True)] if precision == "fp32" else [("fp32 head", True),
+                                                                        ("plain autocast", False)]
         for policy, fp32_head in policies:
             with setting.autocast(device):
                 tokens, _ = beam_search(model, audio, visual, beam_size=gen.beam_size,

@@ -57,7 +57,7 @@ def test_precision_parity_measures_every_policy(reference_checkpoint, reference_
                               reference_expected["predictions"],
                               GenerationConfig(**settings(reference_dir, "fp32")))
     assert [(c.precision, c.policy) for c in checks] == [
-        ("fp32", "fp32 head"), ("bf16", "fp32 head"), ("bf16", "plain autocast"), ("fp16", "fp32 head"),
+        ("fp32", "no autocast"), ("bf16", "fp32 head"), ("bf16", "plain autocast"), ("fp16", "fp32 head"),
         ("fp16", "plain autocast")]
     assert checks[0].ok and all(c.tokens_total == reference_expected["predictions"].numel() for c in checks)
 

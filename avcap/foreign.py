@@ -275,8 +275,8 @@ def read_state(source: Source) -> dict[str, torch.Tensor]:
 
 
 def tokenizer_source(path: str | Path) -> str | None:
-    """Where the tokenizer of a pretrained-text source lives: the folder of a Hugging Face GiT checkpoint (which
-    carries BERT's WordPiece vocab.txt), the hub name itself, or None for a bare file."""
+    """Where the tokenizer of a pretrained-text source lives: a Hugging Face GiT folder holding BERT's WordPiece
+    vocab.txt, the cached snapshot folder of a hub name, or None (a bare file; a folder without vocab.txt)."""
     p = Path(path)
     if p.is_dir():
         return str(p) if (p / "vocab.txt").is_file() else None

@@ -424,12 +424,15 @@ def precision_parity(model: AVCap, audio: torch.Tensor | None, visual: torch.Ten
 
     `expected`: the tokens to reproduce (e.g. a reference fixture's); by default the float32 tokens. For bf16
     and fp16 both policies are measured: `generate`'s (autocast, float32 head) and plain autocast. The
-    measurement behind the default generation precision; benchmarks run it on CPU and on CUDA."""
+    measurement behind the default generation precision; benchmarks run it on CPU and on CUDA (inputs are moved
+    to the model's device)."""
     gen = gen or GenerationConfig()
+    device = _device_of(model)
+    audio = audio.to(device) if audio is not None else None
+    visual = visual.to(device) if visual is not None else None
     if expected is None:
         expected, _ = generate(model, audio, visual, GenerationConfig(**{**gen.to_dict(), "precision": "fp32"}),
                                mode)
-    device = _device_of(model)
     expected = expected.to(device)
     checks = []
     for precision in precisions:

@@ -4,17 +4,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# ffmpeg is required; espeak-ng only gives the demo its speech clips (the demo drops that class without it).
+# ffmpeg is required; espeak-ng only gives the demo its speech clips (the demo drops that class without it);
+# chromium is the real browser the gallery tests load their pages in (headless).
 missing=()
 if ! command -v ffmpeg >/dev/null 2>&1 || ! command -v ffprobe >/dev/null 2>&1; then missing+=(ffmpeg); fi
 if ! command -v espeak-ng >/dev/null 2>&1; then missing+=(espeak-ng); fi
+if ! command -v chromium >/dev/null 2>&1; then missing+=(chromium); fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "[setup] installing ${missing[*]} from Debian" >&2
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -q >&2
   if ! DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}" >&2; then
     command -v ffmpeg >/dev/null 2>&1 || { echo "[setup] could not install ffmpeg" >&2; exit 1; }
-    echo "[setup] warning: espeak-ng not installed; the demo runs without its speech class" >&2
+    command -v espeak-ng >/dev/null 2>&1 || \
+      echo "[setup] warning: espeak-ng not installed; the demo runs without its speech class" >&2
+    command -v chromium >/dev/null 2>&1 || \
+      echo "[setup] warning: chromium not installed; the gallery's browser tests will fail" >&2
   fi
 fi
 

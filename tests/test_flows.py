@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import flows
+from pipeline.params import BuildParams
 from pipeline.build import run_build
 from pipeline.ledger import Ledger
 from pipeline.report import rms_dbfs
@@ -138,7 +139,7 @@ def test_incremental_rebuild_of_a_new_csv_version(ops_build, tmp_path):
     def build(csv: Path, out: Path):
         params = dict(csv=[str(csv)], split="test", out_dir=str(out), media_dir=str(media),
                       url_template=DEAD_URL, samples_per_shard=2, frames=4, max_retries=0)
-        return run_build(flows.make_config(**params))
+        return run_build(BuildParams(**params).to_build_config())
 
     out = tmp_path / "out"
     r1 = build(v1, out)

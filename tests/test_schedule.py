@@ -169,6 +169,7 @@ def test_audit_cli_runs_the_flow_and_exits_nonzero_on_mismatch(prefect_server, o
 def test_serve_arguments_make_the_schedule_config(tmp_path):
     import argparse
 
+    from pipeline.params import BuildParams
     from pipeline.schedule import add_serve_arguments, serve_config_from_args
     p = argparse.ArgumentParser()
     add_serve_arguments(p)
@@ -177,8 +178,11 @@ def test_serve_arguments_make_the_schedule_config(tmp_path):
                                                "--timezone", "Asia/Tokyo", "--publish", "s3://bucket/avcap"]))
     assert cfg.out_dir == str(Path("data").absolute()) and cfg.rebuild_cron == "0 1 * * *"
     assert cfg.audit_cron is None and cfg.timezone == "Asia/Tokyo"
-    assert cfg.rebuild_parameters == {"csv": [str(Path("a.csv").absolute()), str(Path("b.csv").absolute())],
-                                      "split": "train", "cpu_workers": 1, "publish_url": "s3://bucket/avcap"}
+    # Every build parameter is in the deployment (what the UI shows is what runs), paths absolute.
+    want = {**BuildParams(split="train", out_dir="data").as_dict(),
+            "csv": [str(Path("a.csv").absolute()), str(Path("b.csv").absolute())], "publish_url": "s3://bucket/avcap"}
+    del want["out_dir"]
+    assert cfg.rebuild_parameters == want
     rebuild, audit = make_deployments(build_flow, audit_flow, cfg)
     assert audit.schedules == [] and rebuild.schedules[0].schedule.timezone == "Asia/Tokyo"
 

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 from PIL import Image, ImageFilter
 
 REPO = Path(__file__).resolve().parent.parent

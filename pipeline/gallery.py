@@ -215,23 +215,53 @@ def spectrogram_png(fbank, real_frames: int | None) -> bytes:
     return buf.getvalue()
 
 
-def _read_samples(info, want: dict[str, set[str]]) -> dict[str, dict[str, bytes]]:
-    """{key: {member: bytes}} of the wanted members of the wanted keys, through the loader's shard readers."""
+def _read_samples(info, want: dict[str, set[str]], take) -> None:
+    """Calls take(key, {member: bytes}) with the wanted members of each wanted key, through the loader's shard
+    readers."""
     from shards.loader import ShardError, open_shard_reader
-    got: dict[str, dict[str, bytes]] = {}
     for shard in info.shards:
         reader = None
         try:
             reader = open_shard_reader(shard)
             for key, members in reader.samples(lambda k: want.get(k)):
                 if members is not None:
-                    got[key] = {m: bytes(v) for m, v in members.items()}
+                    take(key, {m: bytes(v) for m, v in members.items()})
         except (ShardError, OSError) as err:
             raise GalleryError(f"shard {shard.url} cannot be read: {err}") from err
         finally:
             if reader is not None:
                 reader.close()
-    return got
+
+
+def _score(predictions: dict[str, str], jsons: dict[str, bytes], metrics: dict | None, results: Path
+           ) -> tuple[dict, dict[str, float], list[str]]:
+    """(split metrics, per-clip CIDEr-D, warnings) of the predictions against the clips' own captions."""
+    from avcap import metrics as M
+    references = {}
+    for k in predictions:
+        try:
+            caps = json.loads(jsons[k])["captions"]
+            if not isinstance(caps, list):
+                raise TypeError("captions is not a list")
+        except (KeyError, ValueError, TypeError) as err:
+            raise GalleryError(f"clip {k}: its json member has no captions to score against ({err})") from err
+        references[k] = [str(c) for c in caps]
+    try:
+        if metrics is None:
+            metrics = dict(M.score_captions(predictions, references))
+            java = M.java_available()
+        else:
+            java = _java_used(metrics) and M.java_available()
+        per_clip = M.cider_d_per_clip(predictions, references, use_java=java)
+    except ValueError as err:
+        raise GalleryError(f"results file {results}: {err}") from err
+    mean = sum(per_clip.values()) / len(per_clip)
+    warnings = []
+    if not math.isclose(mean, float(metrics["CIDEr"]), rel_tol=1e-9, abs_tol=1e-9):
+        warnings.append(f"the mean of the per-clip CIDEr-D ({mean:.6f}) differs from the metrics' CIDEr-D "
+                        f"({float(metrics['CIDEr']):.6f}): the metrics were computed on other clips, other "
+                        f"references or with another tokenizer")
+    return metrics, per_clip, warnings
 
 
 def _list_keys(info) -> list[str]:
@@ -558,31 +588,6 @@ def write_gallery(data: str | Path, split: str = "test", out: str | Path | None 
     want: dict[str, set[str]] = {k: {"json"} for k in (predictions or {})}
     for k in chosen:
         want[k] = {"json", "flac", "fbank.npy"} | {f"frame{i:02d}.jpg" for i in frame_ids}
-    members = _read_samples(info, want) if info is not None else {}
-
-    if predictions is not None:
-        from avcap import metrics as M
-        references = {}
-        for k in predictions:
-            try:
-                caps = json.loads(members[k]["json"])["captions"]
-            except (KeyError, ValueError, TypeError) as err:
-                raise GalleryError(f"clip {k}: its json member has no captions to score against ({err})") from err
-            references[k] = [str(c) for c in caps]
-        try:
-            if metrics is None:
-                metrics = dict(M.score_captions(predictions, references))
-                java = M.java_available()
-            else:
-                java = _java_used(metrics) and M.java_available()
-            per_clip = M.cider_d_per_clip(predictions, references, use_java=java)
-        except ValueError as err:
-            raise GalleryError(f"results file {results}: {err}") from err
-        mean = sum(per_clip.values()) / len(per_clip)
-        if not math.isclose(mean, float(metrics["CIDEr"]), rel_tol=1e-9, abs_tol=1e-9):
-            warnings.append(f"the mean of the per-clip CIDEr-D ({mean:.6f}) differs from the metrics' CIDEr-D "
-                            f"({float(metrics['CIDEr']):.6f}): the metrics were computed on other clips, other "
-                            f"references or with another tokenizer")
 
     reports = out / "reports"
     reports.mkdir(parents=True, exist_ok=True)
@@ -590,14 +595,26 @@ def write_gallery(data: str | Path, split: str = "test", out: str | Path | None 
     final_assets = reports / assets_name
     tmp_assets = Path(tempfile.mkdtemp(prefix=f".{assets_name}.tmp-", dir=reports))
     try:
-        cards = []
-        for n, k in enumerate(chosen):
-            card = _make_card(n, k, members.get(k, {}), frame_ids, tmp_assets)
-            if predictions is not None:
-                card.generated, card.cider = predictions[k], per_clip[k]
-            cards.append(card)
+        number = {k: n for n, k in enumerate(chosen)}
+        made: dict[str, Card] = {}
+        jsons: dict[str, bytes] = {}
+
+        def take(key: str, members: dict[str, bytes]) -> None:
+            # Cards are made as their samples are read: only one sample's members are held at a time.
+            if key in number:
+                made[key] = _make_card(number[key], key, members, frame_ids, tmp_assets)
+            if predictions is not None and key in predictions and "json" in members:
+                jsons[key] = members["json"]
+
+        if info is not None:
+            _read_samples(info, want, take)
+        cards = [made[k] for k in chosen]
         if predictions is not None:
-            cards.sort(key=lambda c: (c.cider, c.key))
+            metrics, per_clip, note = _score(predictions, jsons, metrics, results)
+            warnings += note
+            for c in cards:
+                c.generated, c.cider = predictions[c.key], per_clip[c.key]
+            cards.sort(key=lambda c: (c.cider, c.key))       # worst first, as the page opens
         plots = []
         here = _local_dir(data)
         if here is not None:

@@ -164,7 +164,7 @@ def build_flow(**parameters):
         from pipeline.report import build_report
         _stage_task("report", build_report, result, True)
         from pipeline.gallery import build_gallery_artifact
-        _stage_task("gallery", build_gallery_artifact, out_dir, split)
+        _stage_task("gallery", build_gallery_artifact, p.out_dir, p.split)
     if not result.ok:
         raise BuildFailed(failure_message(result), result)
     if p.publish_url:

@@ -360,7 +360,8 @@ padding:2px 10px;cursor:pointer}.filters button.on,.sorts button.on{background:#
 audio{width:100%;margin:6px 0}.facts{color:#555;font-size:12px}.problem{background:#fdd;padding:4px}
 .gen{background:#eef4ff;padding:4px;margin:4px 0}.score{font-weight:bold}
 ol.caps{margin:4px 0;padding-left:20px}.warn{background:#fea;padding:6px}
-.fp{font-family:monospace;word-break:break-all}
+.fp{font-family:monospace;word-break:break-all}.row{display:flex;gap:32px;flex-wrap:wrap;align-items:flex-start}
+.row>div{max-width:560px}
 """
 
 # Reads only data-* attributes the page wrote itself; writes what it sees into the DOM (audio metadata and
@@ -476,27 +477,30 @@ def _page(*, split: str, data: str, entry: dict, counts: dict[str, int], failure
          f'<span id="cards-count">{len(cards)}</span> cards (a seeded sample: --sample {sample} --seed {seed})'
          + (f" · results <code>{e(results)}</code>" if results else "") + "</p>"]
     h += [f'<p class="warn">{e(w)}</p>' for w in warnings]
-    h.append("<h2>Clips by status</h2>" + _table(((s, n) for s, n in counts.items()), ("status", "clips")))
-    h.append('<h2>Failure reasons</h2><p class="filters" id="reason-filter">'
+    fp = entry.get("fingerprint")
+    tools = entry.get("tool_versions")
+    h.append('<div class="row"><div><h2>Clips by status</h2>' + _table([tuple(counts.values())], tuple(counts)) +
+             '</div><div><h2>Failure reasons</h2><p class="filters" id="reason-filter">'
              '<button data-reason="" class=on>all</button>' +
              "".join(f'<button data-reason="{e(r)}">{e(r)} <span class="n">{n}</span></button>'
-                     for r, n in reasons.items()) + "</p>")
+                     for r, n in reasons.items()) + "</p></div>"
+             f'<div><h2>Manifest</h2><p>fingerprint <span class="fp" id="fingerprint">{e(fp or "not recorded")}'
+             "</span>" + (f'<br>updated {e(entry.get("updated_at"))}' if entry.get("updated_at") else "") + "</p>" +
+             ("<details><summary>tool versions</summary>" +
+              _table(((k, v) for k, v in sorted(tools.items())), ("tool", "version")) + "</details>"
+              if isinstance(tools, dict) and tools else "") + "</div></div>")
+    if metrics is not None:
+        names = [k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        missing = metrics.get("unavailable") or {}
+        h.append('<h2>Split metrics</h2><table id="metrics"><thead><tr>' +
+                 "".join(f"<th>{e(k)}</th>" for k in names) + "</tr></thead><tbody><tr>" +
+                 "".join(f'<td class="num" data-metric="{e(k)}">{e(round(float(metrics[k]), 4))}</td>'
+                         for k in names) + "</tr></tbody></table>" +
+                 (f'<p class="facts">unavailable: {e("; ".join(f"{k} ({v})" for k, v in missing.items()))}</p>'
+                  if isinstance(missing, dict) and missing else ""))
     if plots:
         h.append('<h2>Build plots</h2><div class="plots">' +
                  "".join(f'<img src="{e(rel)}/{e(p)}" alt="{e(p)}">' for p in plots) + "</div>")
-    fp = entry.get("fingerprint")
-    h.append(f'<h2>Manifest</h2><p>fingerprint <span class="fp" id="fingerprint">{e(fp or "not recorded")}</span>'
-             + (f' · updated {e(entry.get("updated_at"))}' if entry.get("updated_at") else "") + "</p>")
-    tools = entry.get("tool_versions")
-    if isinstance(tools, dict) and tools:
-        h.append("<details><summary>tool versions</summary>" +
-                 _table(((k, v) for k, v in sorted(tools.items())), ("tool", "version")) + "</details>")
-    if metrics is not None:
-        names = [k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        h.append('<h2>Split metrics</h2><table id="metrics"><tbody>' + "".join(
-            f'<tr><th>{e(k)}</th><td class="num" data-metric="{e(k)}">{e(round(float(metrics[k]), 6))}</td></tr>'
-            for k in names) + "".join(f"<tr><th>{e(k)}</th><td>unavailable: {e(v)}</td></tr>"
-                                      for k, v in (metrics.get("unavailable") or {}).items()) + "</tbody></table>")
     h.append('<p>audio: <span id="audio-status">scripts did not run</span></p></header>')
     if per_clip is not None:
         h.append('<section><p class="sorts">sort cards: <button data-sort="worst" class=on>worst CIDEr-D first'

@@ -155,6 +155,30 @@ def test_page_structure_links_audio_and_failure_filter(gallery_build, tmp_path):
     assert not any(a.get("src") == "x" for a in _Page(every_text).find("img"))
 
 
+def test_reads_only_what_it_shows_through_the_member_index(gallery_build, tmp_path, monkeypatch):
+    """Every read goes through the loader's indexed reader; a sampled clip's members are json, flac, fbank.npy
+    and the 4 strip frames, another clip's nothing (with results: its json alone, for the references)."""
+    from shards import loader
+    asked: dict[str, set[str]] = {}
+    real = loader.IndexedShardReader.samples
+
+    def spy(self, want):
+        def record(key):
+            got = want(key)
+            asked[key] = asked.get(key, set()) | set(got or ())
+            return got
+        return real(self, record)
+
+    monkeypatch.setattr(loader.IndexedShardReader, "samples", spy)
+    monkeypatch.setattr(loader, "TarSampleReader", None)     # header parsing would fail loudly
+    page = write_gallery(gallery_build.out_dir, "test", out=tmp_path, sample=2, seed=3)
+    shown = {c["data-key"] for c in _Page(page.html.read_text()).find("article", "card")}
+    strip = {f"frame{i:02d}.jpg" for i in strip_frames(20)}
+    assert len(asked) == 4 and len(shown) == 2
+    for key, members in asked.items():
+        assert members == ({"json", "flac", "fbank.npy"} | strip if key in shown else set()), key
+
+
 def test_results_page_per_clip_cider_adds_up(gallery_build, tmp_path):
     """--results: generated captions and per-clip CIDEr-D on the cards, worst first; their mean is the split's
     CIDEr-D of the metrics file; a results file naming a clip not in the split is refused by name."""

@@ -348,7 +348,7 @@ header,section{padding:12px 20px}header{background:#fff;border-bottom:1px solid 
 h1{font-size:20px;margin:4px 0 8px}h2{font-size:16px;margin:14px 0 6px}
 table{border-collapse:collapse;background:#fff}td,th{border:1px solid #ddd;padding:3px 7px;text-align:left;
 vertical-align:top}th{background:#eee}.num{text-align:right;font-variant-numeric:tabular-nums}
-.plots img{height:170px;margin-right:8px;border:1px solid #ddd;background:#fff}
+.plots img{height:130px;margin-right:8px;border:1px solid #ddd;background:#fff}
 .filters button,.sorts button{margin:2px 4px 2px 0;border:1px solid #999;background:#fff;border-radius:12px;
 padding:2px 10px;cursor:pointer}.filters button.on,.sorts button.on{background:#335;color:#fff}
 .cards{display:flex;flex-wrap:wrap;gap:12px;padding:12px 20px}

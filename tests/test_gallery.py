@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import html.parser
+import io
 import json
 import shutil
 import subprocess
@@ -135,12 +136,13 @@ def test_page_structure_links_audio_and_failure_filter(gallery_build, tmp_path):
     assert {a["data-reason"] for a in page.find("tr") if "data-reason" in a} == reasons
 
     members = _members(out, "test")
+    assert len(page.find("audio")) == 3
     for card, audio in zip(cards, page.find("audio")):
         data = (page_path.parent / audio["src"]).read_bytes()
         member = members[card["data-key"]]["flac"]
         assert data == member
         played, sr = sf.read(page_path.parent / audio["src"], dtype="int16")
-        want, want_sr = sf.read(__import__("io").BytesIO(member), dtype="int16")
+        want, want_sr = sf.read(io.BytesIO(member), dtype="int16")
         assert sr == want_sr == 16000 and np.array_equal(played, want)
     # the same seed gives the same cards
     again = write_gallery(out, "test", sample=3, seed=7)
@@ -177,6 +179,13 @@ def test_reads_only_what_it_shows_through_the_member_index(gallery_build, tmp_pa
     assert len(asked) == 4 and len(shown) == 2
     for key, members in asked.items():
         assert members == ({"json", "flac", "fbank.npy"} | strip if key in shown else set()), key
+
+    results = _results(gallery_build, tmp_path)
+    asked.clear()
+    page = write_gallery(gallery_build.out_dir, "test", out=tmp_path, results=results, sample=2, seed=3)
+    shown = {c["data-key"] for c in _Page(page.html.read_text()).find("article", "card")}
+    for key, members in asked.items():
+        assert members == ({"json", "flac", "fbank.npy"} | strip if key in shown else {"json"}), key
 
 
 def test_results_page_per_clip_cider_adds_up(gallery_build, tmp_path):

@@ -15,12 +15,16 @@ step uses (fp16 fbank 0.17 ms, one 224² JPEG 0.4 ms). Two readers here:
   its first sample. The index itself is checked against the manifest (its sha256, the shard's size and sha256).
 - TarSampleReader (any other shard: manifest format 1, hand-made datasets, remote URLs): parses the 512-byte
   ustar headers itself and skips unused members (a seek on local files, a discarding read on streams). Shards
-  are opened with webdataset's `gopen` (local paths, `pipe:`, http(s), gs, ...) or fsspec (s3://, ...).
+  are opened with webdataset's `gopen` (local paths, `pipe:`, http(s), gs, ...) or fsspec (s3://, ...). A
+  manifest only ever names relative paths (shards.manifest.check_manifest); `pipe:` and other locations come
+  from the user's `shard_base` alone.
 
 Batch counts are a function of the manifest alone, so every rank knows them without communication:
 - train: every rank yields exactly `batches_per_epoch = max(1, total // (world_size * batch_size))` batches; a
   slot whose shards hold fewer samples than its quota wraps around (re-reads its shards, reshuffled), so uneven
   shards never leave a DDP rank waiting on another;
+- a sample that does not decode (skip_bad_shards) is skipped and the next one takes its row, so the counts
+  above hold; a resumed epoch then decodes the batches it skips, since the skipped samples decide where it is;
 - eval: every clip is read exactly once across all ranks and workers; when a split has fewer shards than
   slots, the slots that share a shard take every k-th sample of it. Every worker yields the same number of
   batches, padded with repeated samples whose `valid` flag is False, which the caller drops after gathering.

@@ -10,7 +10,10 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import warnings
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -39,6 +42,11 @@ def _epoch(cfg: LoaderConfig, world_size: int) -> list[list[dict]]:
 
 
 # ------------------------------------------------------------------ 1: a manifest is data, never a command
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
 
 @pytest.fixture(scope="module")
 def small_shards(tmp_path_factory) -> Path:
@@ -79,6 +87,22 @@ def test_a_manifest_entry_that_is_a_command_or_leaves_the_dataset_is_refused_by_
         msg = str(e.value)
         assert "manifest.json" in msg and "'val'" in msg and "#0" in msg and repr(path) in msg, msg
         assert not marker.exists(), path
+    # A manifest read over HTTP: its entries resolve on the same scheme and host, and a command is refused.
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/ds/manifest.json"
+        (root / "manifest.json").write_text(json.dumps(good))
+        assert [s.url for s in load_split(url, "train").shards] == [
+            f"http://127.0.0.1:{server.server_port}/ds/shards/train/train-0000{i}.tar" for i in (0, 1)]
+        _edit_manifest(root, lambda m: m["splits"]["val"]["shards"][0].update(path=f"pipe:touch {marker}"))
+        with pytest.raises(ValueError, match=r"split 'val' shard #0 'pipe:touch .*' is a URL or command"):
+            list(make_loader(LoaderConfig(data=url, split="val", batch_size=3, num_workers=0, train=False))[0])
+        assert not marker.exists()
+    finally:
+        server.shutdown()
+        server.server_close()
+
     # train.py the same, before anything else happens
     _edit_manifest(root, lambda m: m["splits"]["train"]["shards"][1].update(path=f"pipe:touch {marker}"))
     r = subprocess.run([sys.executable, "train.py", "--data", str(root), "--out", str(tmp_path / "run"),

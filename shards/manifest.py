@@ -404,7 +404,7 @@ def read_manifest(data: str | Path) -> tuple[str, dict]:
             with fsspec.open(location, "rb") as f:
                 raw = f.read()
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"dataset manifest {location} does not exist (--data {str(data)!r})") from e
+        raise FileNotFoundError(f"dataset manifest {location} does not exist") from e
     return location, parse_manifest(raw, location)
 
 

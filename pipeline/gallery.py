@@ -536,7 +536,8 @@ def write_gallery(data: str | Path, split: str = "test", out: str | Path | None 
     """Write `OUT/reports/gallery-{split}.html` (+ `OUT/reports/gallery-{split}/`) for the split of the dataset
     at `data` (a directory or manifest URL); OUT defaults to `data`. See the module docstring."""
     from shards.atomic import atomic_write_text
-    from shards.loader import load_split, read_manifest
+    from shards.loader import load_split
+    from shards.manifest import read_manifest
     from shards.writer import validate_split
 
     data = str(data)

@@ -41,8 +41,12 @@ from avcap.tokenizer import (validate_vocab, parse_vocab_text, read_vocab_file, 
 from shards.atomic import fsync_dir
 
 __all__ = ["CheckpointError", "KeyNote", "LoadReport", "LoadedCheckpoint", "load_pretrained", "map_state_dict",
-           "save_checkpoint", "save_export", "load_checkpoint", "read_torch_file", "remove_stale_temps",
+           "save_checkpoint", "save_export", "load_checkpoint", "read_torch_file", "read_checkpoint_file",
+           "remove_stale_temps",
            "is_export_dir"]
+
+# The reader of our .pt checkpoints (and of every torch file): avcap.statemap's, under the name callers use.
+read_checkpoint_file = read_torch_file
 
 FORMAT_VERSION = 1
 KINDS = foreign.KINDS + ("ours",)

@@ -9,7 +9,8 @@ Stages and where their state lives (all under `cfg.out`, nothing is written else
                   run must do
   caption_stage   finished clips whose captions/audiocap_ids changed in the CSV: the staged sample gets the new
                   json (audio and frames are kept, nothing is decoded again), so only its shard changes
-  download_stage  media/{key}.mp4 (or the user's --media-dir); download failures recorded as they land
+  download_stage  media/{key}.mp4 (or the user's --media-dir); download failures recorded as they land; the
+                  preflight (pipeline.doctor) first, and a bot wall or rate limit stops the stage
   process_stage   staging/{split}/{key}.tar via shards.writer.stage_clip (extract + fbank + encode), one
                   clip per CPU worker (a local process pool, or a `clip_runner` such as flows' Dask runner);
                   outcomes recorded as they land
@@ -544,7 +545,8 @@ def _run_build(cfg: BuildConfig, stage_runner: StageRunner, clip_runner: ClipRun
     result = BuildResult(split=cfg.split, out=cfg.out, total=len(clips), counts=counts, failure_rate=rate,
                          row_errors=[str(e) for e in loaded.errors],
                          shards=[asdict(s) for s in shards.shards], manifest_path=manifest_path,
-                         bot_wall=downloaded.bot_wall, rate_limit=downloaded.rate_limit, too_many_failures=rate > cfg.max_failure_rate,
+                         bot_wall=downloaded.bot_wall, rate_limit=downloaded.rate_limit,
+                         too_many_failures=rate > cfg.max_failure_rate,
                          stages=stages, reasons=dict(sorted(reasons.items())), changes=changes,
                          seconds=time.monotonic() - t0, ok_keys=ok_keys)
     log.info("build of %s: %s, failure rate %.1f%% in %.1f s; shards: %d samples added, %d removed, %d clips "

@@ -533,9 +533,9 @@ def _no_formats_wall(streak: int, first: list[bool], cfg: DownloadConfig) -> str
 # ---------------------------------------------------------------------------------------------------------
 # The child process: one yt-dlp attempt.
 
-def _run_attempt(url: str, clip: Clip, cfg: DownloadConfig, tmp: Path) -> tuple[bool, Path | None, str]:
-    """(ok, produced file, message): on failure the error, on success the tools' log (to check truncation)."""
-    job = {
+def worker_job(url: str, clip: Clip, cfg: DownloadConfig, tmp: Path) -> dict:
+    """What the download child gets on stdin: everything it needs, as JSON."""
+    return {
         "url": url,
         "tmp": str(tmp.resolve()),
         "start": clip.start_time,
@@ -551,6 +551,11 @@ def _run_attempt(url: str, clip: Clip, cfg: DownloadConfig, tmp: Path) -> tuple[
         "cache_dir": str(Path(cfg.cache_dir).resolve()) if cfg.cache_dir else None,
         **cfg.ytdlp_options(),
     }
+
+
+def _run_attempt(url: str, clip: Clip, cfg: DownloadConfig, tmp: Path) -> tuple[bool, Path | None, str]:
+    """(ok, produced file, message): on failure the error, on success the tools' log (to check truncation)."""
+    job = worker_job(url, clip, cfg, tmp)
     # Own session: on timeout the whole group goes, the ffmpeg that yt-dlp started included.
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.download", "--worker"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,

@@ -344,7 +344,8 @@ def check_downloads(cfg: BuildConfig, clips: int) -> None:
     hours = expected_hours(clips, cfg.download)
     pace = f"at most {cfg.download.max_per_hour:g}/hour" if cfg.download.max_per_hour else "no per-hour cap"
     log.info("download: %d clips, %s%s", clips, pace,
-             f": expected {hours:.1f} h or more" if hours is not None else "")
+             "" if hours is None else f": expected {hours:.1f} h or more" if hours >= 1
+             else f": expected {60 * hours:.0f} min or more")
     if report.failed:
         raise BuildError("preflight failed: " + "; ".join(c.line() for c in report.failed)
                          + " (python flows.py doctor shows every check)")

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+from datetime import date
 from pathlib import Path
 
 import io
@@ -19,7 +20,7 @@ import pytest
 from PIL import Image
 
 import flows
-from pipeline.doctor import ejs_version, js_runtime_info
+from pipeline.doctor import ejs_version, js_runtime_info, run_checks
 from pipeline.download import (DownloadConfig, RequestPacer, classify_error, download_clip, download_many,
                                expected_hours)
 from pipeline.extract import ExtractConfig, extract_clip
@@ -135,17 +136,28 @@ def test_doctor_reads_cookies_without_printing_them(tmp_path, capsys):
     assert "is not a Netscape cookies file" in capsys.readouterr().out
 
 
-def test_youtube_build_without_js_runtime_stops_before_any_download(tmp_path, capsys):
+def test_doctor_warns_when_the_pinned_ytdlp_is_old():
+    old = {c.name: c for c in run_checks(DownloadConfig(), today=date(2027, 1, 30)).checks}["yt-dlp"]
+    assert old.status == "warn" and "96 days ago" in old.detail and "pip install -U yt-dlp" in old.detail
+    fresh = {c.name: c for c in run_checks(DownloadConfig(), today=date(2026, 11, 1)).checks}["yt-dlp"]
+    assert fresh.status == "ok"
+
+
+def test_youtube_build_without_js_runtime_stops_before_any_download(tmp_path, capsys, caplog):
     csv = tmp_path / "c.csv"
-    csv.write_text("audiocap_id,youtube_id,start_time,caption\n1,AAAAAAAAAAA,0,a sound\n")
+    csv.write_text("audiocap_id,youtube_id,start_time,caption\n"
+                   + "".join(f"{i},{y},0,a sound\n" for i, y in enumerate(IDS)))
     out = tmp_path / "o"
     rc = flows.main(["build", "--split", "test", "--csv", str(csv), "--out", str(out), "--no-prefect",
                      "--no-report", "--js-runtime", "deno:/nonexistent/deno", "--proxy", DEAD_PROXY])
     assert rc == 1
     err = capsys.readouterr().err
     assert "preflight failed: js-runtime: deno:/nonexistent/deno not found" in err and "pip install" in err
-    assert _statuses(out) == {"AAAAAAAAAAA": "pending"}
+    assert set(_statuses(out).values()) == {"pending"}
     assert not (out / "media").exists()
+    # The preflight in short, and the expected duration at a guest's pace.
+    assert "preflight: yt-dlp: 2026.10.26" in caplog.text
+    assert "download: 3 clips, at most 250/hour: expected 1 min or more" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------ classifier

@@ -12,7 +12,7 @@ by the scheduled `rebuild` deployment alike (a rebuild is the same build on the 
 fixed shard count make it incremental). Each stage of `pipeline.build` is a Prefect task with its own retries
 and time limit (STAGE_TASKS); parallelism inside a stage has its own limits: download threads
 (`--download-workers`, so downloads are throttled apart from CPU work) and CPU processes (`--cpu-workers`), or
-one Prefect task per clip on a Dask cluster (`--dask-address`). Downloads get no Prefect retries: their backoff
+chunks of clips on a Dask cluster (`--dask-address`, pipeline.dask_runner). Downloads get no Prefect retries: their backoff
 lives in pipeline.download, and a second layer would multiply it.
 
 Secrets are never flow parameters (Prefect stores parameters in its database and shows them in the UI): the
@@ -72,7 +72,8 @@ class StageTask:
 
 
 # Per stage: retries only where a retry is safe and useful. download: 0 (backoff lives in pipeline.download);
-# process: 0 for the stage (a clip failure is an outcome, not an exception; per-clip retries on Dask below);
+# process: 0 for the stage (a clip failure is an outcome, not an exception; on Dask a chunk whose worker died
+# is re-run by Dask and redoes only its unfinished clips, see pipeline.dask_runner);
 # captions, shards, manifest and publish are idempotent and atomic per file, so a transient I/O error is worth
 # one more try.
 # Time limits only where a bound is known: stage length otherwise scales with the clip count.
@@ -87,7 +88,6 @@ STAGE_TASKS = {
     "publish": StageTask(retries=2, retry_delay_s=10),
     "report": StageTask(timeout_s=1800),
 }
-CLIP_TASK = StageTask(retries=2, retry_delay_s=1)   # per clip on Dask: a sick worker or a bug, tried again
 
 
 class BuildFailed(RuntimeError):
@@ -105,36 +105,6 @@ def _stage_task(name: str, fn, *args, **kwargs):
     # is left to do).
     return task(fn, name=name, retries=opts.retries, retry_delay_seconds=opts.retry_delay_s,
                 timeout_seconds=opts.timeout_s, cache_policy=NO_CACHE, log_prints=True)(*args, **kwargs)
-
-
-def dask_clip_runner(address: str, clip_timeout_s: float | None = None):
-    """A pipeline.build ClipRunner: one Prefect task per clip (pipeline.build.process_clip_or_raise) on the Dask
-    scheduler at `address`, through prefect-dask. Outcomes are yielded as they land so the ledger records them
-    at once. A clip whose task still fails after CLIP_TASK.retries is recorded as a transient internal error."""
-    from prefect.futures import as_completed
-
-    from pipeline.build import ClipInternalError, ProcessOutcome, process_clip_or_raise
-    from pipeline.ledger import FAILED_TRANSIENT
-    from pipeline.schedule import task_runner_for
-
-    clip_task = task(process_clip_or_raise, name="process-clip", retries=CLIP_TASK.retries,
-                     retry_delay_seconds=CLIP_TASK.retry_delay_s, timeout_seconds=clip_timeout_s,
-                     cache_policy=NO_CACHE)
-
-    def run(jobs):
-        if not jobs:
-            return
-        with task_runner_for(address) as runner:
-            futures = {runner.submit(clip_task, {"job": j}): j for j in jobs}
-            for fut in as_completed(list(futures)):
-                try:
-                    yield fut.result()
-                except ClipInternalError as e:
-                    yield e.outcome
-                except Exception as e:  # noqa: BLE001 - a lost worker, a timeout: the clip is tried next run
-                    yield ProcessOutcome(futures[fut].key, FAILED_TRANSIENT, "internal-error",
-                                         f"{type(e).__name__}: {e}")
-    return run
 
 
 def _proxy(proxy_secret: str | None) -> str | None:
@@ -162,9 +132,7 @@ def build_flow(**parameters):
 
     p = BuildParams(**parameters)
     cfg = p.to_build_config(proxy=_proxy(p.proxy_secret))
-    clip_runner = (dask_clip_runner(p.dask_address, clip_timeout_s=3 * cfg.extract.timeout_s)
-                   if p.dask_address else None)
-    result = run_build(cfg, stage_runner=_stage_task, clip_runner=clip_runner)
+    result = run_build(cfg, stage_runner=_stage_task, clip_runner=p.clip_runner())
     if p.report:
         from pipeline.report import build_report
         _stage_task("report", build_report, result, True)
@@ -189,7 +157,7 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proxy", help=f"proxy URL for yt-dlp (or set {PROXY_ENV}); never stored by Prefect, "
                                    "redacted in the manifest")
     p.add_argument("--no-prefect", action="store_true",
-                   help="run the stages directly, without a Prefect flow (no Dask, no artifacts)")
+                   help="run the stages directly, without a Prefect flow (no artifacts)")
 
 
 @contextmanager
@@ -214,7 +182,7 @@ def _run_direct(p: BuildParams, proxy: str | None):
     from pipeline.publish import publish
     from pipeline.report import build_report
 
-    result = run_build(p.to_build_config(proxy=proxy))
+    result = run_build(p.to_build_config(proxy=proxy), clip_runner=p.clip_runner())
     if p.report:
         build_report(result, artifacts=False)
     if not result.ok:
@@ -228,9 +196,6 @@ def cmd_build(a: argparse.Namespace) -> int:
     from pipeline.build import BuildError
     from pipeline.publish import PublishError
 
-    if a.dask_address and a.no_prefect:
-        print("build failed: --dask-address runs clips as Prefect tasks; drop --no-prefect", file=sys.stderr)
-        return EXIT_ERROR
     proxy = a.proxy or os.environ.get(PROXY_ENV)
     try:
         params = build_params_from_args(a)

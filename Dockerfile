@@ -27,9 +27,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /opt/avcap
 
 # The pinned dependencies first, from pyproject.toml alone (yt-dlp[default,deno] brings the deno binary, on PATH
-# as /usr/local/bin/deno, and the EJS scripts YouTube downloads need): this layer (torch trio included) is
-# rebuilt only when
-# the pins change, not on every source edit.
+# as /usr/local/bin/deno, and the EJS scripts YouTube downloads need): this layer (torch trio included) is rebuilt
+# only when the pins change, not on every source edit.
 # The test extra (pytest) comes too: the image documents `python -m pytest`.
 COPY pyproject.toml ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \

@@ -383,7 +383,8 @@ def download_clip(clip: Clip, cfg: DownloadConfig, media_dir: Path, pacer: Reque
                   sleep: Callable[[float], None] = time.sleep) -> DownloadResult:
     """Download the clip's window to `media_dir/{key}.mp4` (atomic), retrying transient errors with backoff.
 
-    Raises BotWallError on a bot check. A file already at the destination is returned as is."""
+    Raises BotWallError on a bot check, RateLimitError on a rate limit (also an HTTP 429 through every retry).
+    A file already at the destination is returned as is."""
     media_dir = Path(media_dir)
     final = media_dir / f"{clip.key}.mp4"
     if final.is_file():

@@ -6,6 +6,7 @@
     python flows.py serve --out DIR --split train [--csv train.csv] [--cron "0 3 * * *"]
     python flows.py publish --out DIR --publish URL [--prune]
     python flows.py doctor [--url-template T] [--cookies F] [--proxy P] [--out DIR] [--js-runtime NAME[:PATH]]
+    python flows.py gallery --out DIR [--split S] [--results RESULTS.json] [--sample N] [--seed K]
 
 `build_flow` is THE build: a module-level Prefect flow with plain JSON parameters, run by `flows.py build` and
 by the scheduled `rebuild` deployment alike (a rebuild is the same build on the same DIR: the ledger and the
@@ -136,6 +137,8 @@ def build_flow(**parameters):
     if p.report:
         from pipeline.report import build_report
         _stage_task("report", build_report, result, True)
+        from pipeline.gallery import build_gallery_artifact
+        _stage_task("gallery", build_gallery_artifact, p.out_dir, p.split)
     if not result.ok:
         raise BuildFailed(failure_message(result), result)
     if p.publish_url:
@@ -255,6 +258,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def make_parser() -> argparse.ArgumentParser:
     from pipeline.audit import add_audit_arguments, audit_main
     from pipeline.doctor import add_doctor_arguments, doctor_main
+    from pipeline.gallery import add_gallery_arguments, gallery_main
     from pipeline.schedule import add_serve_arguments
 
     parser = argparse.ArgumentParser(prog="flows.py", description="\n\n".join(__doc__.split("\n\n")[:2]),
@@ -290,6 +294,13 @@ def make_parser() -> argparse.ArgumentParser:
                                         "a build can start, 1 a check would stop it.")
     add_doctor_arguments(doctor)
     doctor.set_defaults(func=doctor_main)
+    gallery = sub.add_parser("gallery", help="an HTML page of a split's clips, failures and generated captions",
+                             description="Write DIR/reports/gallery-SPLIT.html (+ its files in "
+                                         "DIR/reports/gallery-SPLIT/): sampled clips with frames, audio, "
+                                         "spectrogram and captions; with --results, generated captions and "
+                                         "per-clip CIDEr-D. Exit 0 written, 1 could not.")
+    add_gallery_arguments(gallery)
+    gallery.set_defaults(func=gallery_main)
     return parser
 
 

@@ -187,7 +187,9 @@ def _run_direct(p: BuildParams, proxy: str | None):
 
     result = run_build(p.to_build_config(proxy=proxy), clip_runner=p.clip_runner())
     if p.report:
+        from pipeline.gallery import build_gallery_artifact
         build_report(result, artifacts=False)
+        build_gallery_artifact(p.out_dir, p.split, artifacts=False)
     if not result.ok:
         raise BuildFailed(failure_message(result), result)
     if p.publish_url:

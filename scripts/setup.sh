@@ -4,9 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# ffmpeg is required; espeak-ng only gives the demo its speech clips (the demo drops that class without it).
+# ffmpeg is required; nginx is the remote shard store of the tests (tests/remote_store.py); espeak-ng only
+# gives the demo its speech clips (the demo drops that class without it).
+has_nginx() { command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; }
 missing=()
 if ! command -v ffmpeg >/dev/null 2>&1 || ! command -v ffprobe >/dev/null 2>&1; then missing+=(ffmpeg); fi
+if ! has_nginx; then missing+=(nginx); fi
 if ! command -v espeak-ng >/dev/null 2>&1; then missing+=(espeak-ng); fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "[setup] installing ${missing[*]} from Debian" >&2
@@ -14,6 +17,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -q >&2
   if ! DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}" >&2; then
     command -v ffmpeg >/dev/null 2>&1 || { echo "[setup] could not install ffmpeg" >&2; exit 1; }
+    has_nginx || { echo "[setup] could not install nginx" >&2; exit 1; }
     echo "[setup] warning: espeak-ng not installed; the demo runs without its speech class" >&2
   fi
 fi

@@ -241,10 +241,8 @@ class TarSampleReader:
             except ValueError:   # an empty file cannot be mapped; reading it reports the truncation
                 self.mm = None
         self.src: Any = self.mm if self.mm is not None else self.f
-        try:
-            self.seekable = self.mm is not None or self.f.seekable()
-        except Exception:
-            self.seekable = False
+        # Only local files seek; a remote stream (fsspec's HTTP stream cannot seek) skips by reading.
+        self.seekable = self.mm is not None or isinstance(self.f, io.BufferedReader)
         self.pending: tuple[str, str, int] | None = None   # a header read ahead: (key, suffix, size)
         self.offset = 0
 
@@ -253,8 +251,20 @@ class TarSampleReader:
             self.mm.close()
         self.f.close()
 
-    def _read(self, n: int) -> bytes:
+    def _read_upto(self, n: int) -> bytes:
+        """Up to n bytes, fewer only at the end: a stream's read may return less than asked for."""
         b = self.src.read(n)
+        if len(b) == n or self.seekable or not b:
+            return b
+        parts = [b]
+        got = len(b)
+        while got < n and (more := self.src.read(n - got)):
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+    def _read(self, n: int) -> bytes:
+        b = self._read_upto(n)
         if len(b) != n:
             raise ShardError(f"shard {self.url}: truncated tar (wanted {n} bytes at offset {self.offset}, got {len(b)})")
         self.offset += n
@@ -274,7 +284,7 @@ class TarSampleReader:
         """Next regular member as (key, suffix, size), data not yet consumed; None at the end of the archive."""
         longname = None
         while True:
-            hdr = self.src.read(TAR_BLOCK)
+            hdr = self._read_upto(TAR_BLOCK)
             if len(hdr) == 0:
                 raise ShardError(f"shard {self.url}: truncated tar (no end-of-archive marker at offset {self.offset})")
             if len(hdr) != TAR_BLOCK:
@@ -655,13 +665,20 @@ class ShardStream(IterableDataset):
             return F // 2 if nf == 1 else (F - nf) // 2
         return _hash_int("frame", self.cfg.seed, self.epoch, pass_idx, key) % (F - nf + 1)
 
+    @staticmethod
+    def _remote_indexed(shard: ShardInfo) -> bool:
+        return shard.index_url is not None and is_remote(shard.url)
+
+    def _remote_store(self) -> RemoteStore:
+        if self._store is None:
+            self._store = RemoteStore(self.cfg.remote)
+        return self._store
+
     def _open_reader(self, shard: ShardInfo, cache: SlotCache) -> Any:
         if shard.index_url is not None and local_path(shard.url) is not None:
             return IndexedShardReader(shard)
-        if shard.index_url is not None and is_remote(shard.url):
-            if self._store is None:
-                self._store = RemoteStore(self.cfg.remote)
-            return RemoteShardReader(shard, self._store, cache)
+        if self._remote_indexed(shard):
+            return RemoteShardReader(shard, self._remote_store(), cache)
         return TarSampleReader(shard.url, self.cfg.remote)   # pipe: and shards without an index: streamed
 
     def _read_parts(self, parts: list[SlotPart], pass_idx: int, limit: int | None = None,
@@ -672,10 +689,12 @@ class ShardStream(IterableDataset):
         remote shard, fetched)."""
         cache = cache if cache is not None else SlotCache()
         taken = 0
-        for part in parts:
+        for k, part in enumerate(parts):
             if limit is not None and taken >= limit:
                 return
             shard = self.info.shards[part.shard]
+            if k + 1 < len(parts) and self._remote_indexed(self.info.shards[parts[k + 1].shard]):
+                cache.open_ahead(self.info.shards[parts[k + 1].shard], self._remote_store())
             reader = None
             idx = 0
             try:
@@ -746,12 +765,15 @@ class ShardStream(IterableDataset):
 
         buf: list[tuple] = []
         size = max(1, self.cfg.shuffle_buffer)
-        for row in passes():
-            buf.append(row)
-            if len(buf) >= size:
-                j = rng.randrange(len(buf))
-                buf[j], buf[-1] = buf[-1], buf[j]
-                yield buf.pop()
+        try:
+            for row in passes():
+                buf.append(row)
+                if len(buf) >= size:
+                    j = rng.randrange(len(buf))
+                    buf[j], buf[-1] = buf[-1], buf[j]
+                    yield buf.pop()
+        finally:
+            cache.close()
         while buf:
             j = rng.randrange(len(buf))
             buf[j], buf[-1] = buf[-1], buf[j]
@@ -762,16 +784,19 @@ class ShardStream(IterableDataset):
         first = None
         n = 0
         cache = SlotCache()
-        for url, key, members, f0 in self._read_parts(self.plan[slot], 0, cache=cache):
-            first = first or (url, key, members, f0)
-            n += 1
-            yield url, key, members, f0, 0, True
-        if n >= rows:
-            return
-        if first is None:   # a slot without samples of its own pads with the split's first clip
-            first = next(self._read_parts([SlotPart(0)], 0, limit=1, cache=cache), None)
-            if first is None:
-                raise ShardError(f"split {self.info.split!r}: no readable sample to pad eval batches with")
+        try:
+            for url, key, members, f0 in self._read_parts(self.plan[slot], 0, cache=cache):
+                first = first or (url, key, members, f0)
+                n += 1
+                yield url, key, members, f0, 0, True
+            if n >= rows:
+                return
+            if first is None:   # a slot without samples of its own pads with the split's first clip
+                first = next(self._read_parts([SlotPart(0)], 0, limit=1, cache=cache), None)
+                if first is None:
+                    raise ShardError(f"split {self.info.split!r}: no readable sample to pad eval batches with")
+        finally:
+            cache.close()
         for _ in range(rows - n):
             yield (*first, 0, False)
 

@@ -186,6 +186,25 @@ class SlotCache:
     indexes: dict[str, ShardIndex] = field(default_factory=dict)
     members: dict[tuple[str, int], Any] = field(default_factory=dict)
     kept: set[tuple[str, str]] = field(default_factory=set)
+    opening: dict[str, Future] = field(default_factory=dict)   # indexes being fetched ahead (`open_ahead`)
+    _pool: ThreadPoolExecutor | None = None
+
+    def open_ahead(self, shard: Any, store: "RemoteStore") -> None:
+        """Start fetching the index of the shard the slot reads next, so that opening it costs no round trip
+        after the current shard's last sample; a failure surfaces when that shard is opened."""
+        if shard.url in self.indexes or shard.url in self.opening:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1)
+        self.opening[shard.url] = self._pool.submit(_open_index, shard, store)
+
+    def close(self) -> None:
+        """End the slot's epoch: drop what was opened ahead and not used, and wait for a fetch under way (bounded
+        by the timeouts), so no request of this epoch outlives it."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self.opening.clear()
 
     def get(self, url: str, offset: int) -> Any:
         return self.members.get((url, offset))
@@ -200,6 +219,53 @@ class SlotCache:
             self.members[(url, off)] = data
 
 
+def _open_index(shard: Any, store: RemoteStore) -> ShardIndex:
+    """Fetch, check and parse a remote shard's member index (and check the shard's size), in one round trip."""
+    where = f"index {shard.index_url} of shard {shard.url}"
+    with ThreadPoolExecutor(1) as pool:   # the index and the end probe in one round trip
+        end = pool.submit(_check_end, shard, store) if shard.bytes is not None else None
+        try:
+            raw = store.cat(shard.index_url)
+        except RemoteReadError as e:
+            raise ShardIndexError(f"{where}: listed in the manifest but cannot be read ({e})") from e
+        if end is not None:
+            end.result()
+    if shard.index_sha256 is not None and hashlib.sha256(raw).hexdigest() != shard.index_sha256:
+        raise ShardIndexError(f"{where}: sha256 differs from the manifest's (stale or replaced index)")
+    name = unquote(urlparse(shard.url).path.rsplit("/", 1)[-1])
+    try:
+        index = ShardIndex.from_json(raw, where)
+        index.check_shard(name, shard.bytes if shard.bytes is not None else index.shard_bytes, shard.sha256,
+                          where)
+    except ValueError as e:
+        raise ShardIndexError(str(e)) from e
+    return index
+
+
+def _check_end(shard: Any, store: RemoteStore) -> None:
+    """The shard's size against the manifest, without a HEAD (fsspec's HTTP `info` turns a 503 into
+    FileNotFoundError and falls back to a GET of the whole file): its last two blocks, which in a tar are the
+    zero end-of-archive marker, are read where the manifest's size puts them. A shorter shard answers 416 or
+    a short read, a longer or different one (almost always) other bytes there; a replacement that passes
+    still fails the header check of its first member."""
+    size, n = shard.bytes, 2 * TAR_BLOCK
+    what = f"shard {shard.url}: the manifest says {size} bytes"
+    if size < n:
+        raise ShardError(f"{what}, too few for a tar")
+    try:
+        (tail,) = store.cat_ranges(shard.url, [size - n], [size])
+    except RemoteNotFound:
+        raise
+    except (RemoteReadError, ShardError) as e:
+        if not isinstance(e, ShardError) and getattr(e.__cause__, "status", None) != 416:
+            raise
+        raise ShardError(f"{what}, but it is shorter (its last {n} bytes cannot be read: {e}): truncated or "
+                         f"replaced") from e
+    if tail.count(0) != n:
+        raise ShardError(f"{what}, but its last {n} bytes are not the end of a tar (another size): "
+                         f"truncated or replaced")
+
+
 class RemoteShardReader:
     """Reads a remote shard through its member index; same interface as shards.loader.TarSampleReader.
 
@@ -212,53 +278,11 @@ class RemoteShardReader:
         self.cache = cache if cache is not None else SlotCache()
         index = self.cache.indexes.get(shard.url)
         if index is None:
-            index = self.cache.indexes[shard.url] = self._open_index(shard)
+            ahead = self.cache.opening.pop(shard.url, None)
+            index = ahead.result() if ahead is not None else _open_index(shard, store)
+            self.cache.indexes[shard.url] = index
         self.index = index
         self.member_pos = {m: j for j, m in enumerate(index.members)}
-
-    def _open_index(self, shard: Any) -> ShardIndex:
-        where = f"index {shard.index_url} of shard {shard.url}"
-        with ThreadPoolExecutor(1) as pool:   # the index and the end probe in one round trip
-            end = pool.submit(self._check_end, shard) if shard.bytes is not None else None
-            try:
-                raw = self.store.cat(shard.index_url)
-            except RemoteReadError as e:
-                raise ShardIndexError(f"{where}: listed in the manifest but cannot be read ({e})") from e
-            if end is not None:
-                end.result()
-        if shard.index_sha256 is not None and hashlib.sha256(raw).hexdigest() != shard.index_sha256:
-            raise ShardIndexError(f"{where}: sha256 differs from the manifest's (stale or replaced index)")
-        name = unquote(urlparse(shard.url).path.rsplit("/", 1)[-1])
-        try:
-            index = ShardIndex.from_json(raw, where)
-            index.check_shard(name, shard.bytes if shard.bytes is not None else index.shard_bytes, shard.sha256,
-                              where)
-        except ValueError as e:
-            raise ShardIndexError(str(e)) from e
-        return index
-
-    def _check_end(self, shard: Any) -> None:
-        """The shard's size against the manifest, without a HEAD (fsspec's HTTP `info` turns a 503 into
-        FileNotFoundError and falls back to a GET of the whole file): its last two blocks, which in a tar are the
-        zero end-of-archive marker, are read where the manifest's size puts them. A shorter shard answers 416 or
-        a short read, a longer or different one (almost always) other bytes there; a replacement that passes
-        still fails the header check of its first member."""
-        size, n = shard.bytes, 2 * TAR_BLOCK
-        what = f"shard {shard.url}: the manifest says {size} bytes"
-        if size < n:
-            raise ShardError(f"{what}, too few for a tar")
-        try:
-            (tail,) = self.store.cat_ranges(shard.url, [size - n], [size])
-        except RemoteNotFound:
-            raise
-        except (RemoteReadError, ShardError) as e:
-            if not isinstance(e, ShardError) and getattr(e.__cause__, "status", None) != 416:
-                raise
-            raise ShardError(f"{what}, but it is shorter (its last {n} bytes cannot be read: {e}): truncated or "
-                             f"replaced") from e
-        if tail.count(0) != n:
-            raise ShardError(f"{what}, but its last {n} bytes are not the end of a tar (another size): "
-                             f"truncated or replaced")
 
     def __len__(self) -> int:
         return len(self.index)
@@ -338,6 +362,4 @@ class RemoteShardReader:
                     self.cache.keep(self.url, key, fetched)
                     yield key, out
         finally:
-            for _, fut in pending:
-                fut.cancel()
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=True, cancel_futures=True)   # after an error or an early stop: no stray request

@@ -216,6 +216,11 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.upstream.close()
 
 
+class _ProxyServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256   # the default listen backlog (5) drops a burst of concurrent connects: 1 s SYN retries
+
+
 class FaultProxy:
     """Threaded HTTP proxy to 127.0.0.1:`upstream_port` that adds `delay_s` per request and scripted faults."""
 
@@ -245,8 +250,7 @@ class FaultProxy:
             self.requests.append((method, path, fault))
 
     def start(self) -> "FaultProxy":
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _ProxyHandler)
-        self.server.daemon_threads = True
+        self.server = _ProxyServer(("127.0.0.1", 0), _ProxyHandler)
         self.server.proxy = self
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
@@ -262,3 +266,34 @@ class FaultProxy:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class ProxyProcess:
+    """A FaultProxy (delay only) in a process of its own, so that its CPU and GIL do not count against the loader
+    being measured (benchmarks/bench_remote.py). A context manager; `url` once started."""
+
+    def __init__(self, upstream_port: int, delay_s: float):
+        self.upstream_port, self.delay_s = upstream_port, delay_s
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def __enter__(self) -> "ProxyProcess":
+        import sys
+        root = Path(__file__).resolve().parent.parent
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.remote_store", str(self.upstream_port),
+                                      str(self.delay_s)], cwd=root, stdout=subprocess.PIPE, text=True)
+        self.url = self.proc.stdout.readline().strip()
+        if not self.url.startswith("http://"):
+            raise RuntimeError(f"the proxy process did not start (said {self.url!r})")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+if __name__ == "__main__":   # python -m tests.remote_store UPSTREAM_PORT DELAY_S: prints its URL, serves
+    import sys
+    with FaultProxy(int(sys.argv[1]), float(sys.argv[2])) as _proxy:
+        print(_proxy.url, flush=True)
+        threading.Event().wait()

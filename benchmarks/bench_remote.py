@@ -4,8 +4,8 @@
 
 The clips of benchmarks/bench_loader.py (10 s 16 kHz audio as flac, 20 x 224² JPEG q90, fp16 fbank, json),
 written by shards.writer with their member index, served by nginx on loopback (tests.remote_store, the store of
-the tests) with 0, 20 and 80 ms added to every request by the delaying proxy in front of it (tests.remote_store, run in a
-process of its own). One loader worker
+the tests) with 0, 20 and 80 ms added to every request by a delaying proxy in front of it (tests.remote_store's byte pump,
+in a process of its own, so that neither its CPU nor its HTTP handling is the loader's). One loader worker
 (num_workers=0: the loader runs in this process, as one DataLoader worker would), train mode, one frame, one
 epoch, torch 1 thread. Rows:
 - local: the indexed reader (mmap of the shard files);

@@ -52,7 +52,7 @@ class RemoteConfig:
     attempts: int = 5              # tries per request on transient errors
     backoff_s: float = 0.1         # wait before the 2nd try; doubles for each further one
     window_samples: int = 16       # samples whose ranges go out as one batch of concurrent requests
-    windows_ahead: int = 3         # batches in flight while the current one is decoded
+    windows_ahead: int = 6         # batches in flight while the current one is decoded (~27 MB of members)
     max_gap: int = 4096            # ranges at most this far apart are fetched as one request
 
 
@@ -118,7 +118,11 @@ class RemoteStore:
         if got is None:
             import fsspec
             protocol = fsspec.utils.get_protocol(url)
-            got = self._fs[url] = fsspec.core.url_to_fs(url, **storage_options(protocol, self.cfg))
+            try:
+                got = self._fs[url] = fsspec.core.url_to_fs(url, **storage_options(protocol, self.cfg))
+            except ImportError as e:   # fsspec names the package; s3fs comes with this project's [s3] extra
+                raise RemoteReadError(f"{url}: no filesystem for {protocol}:// ({e}; for s3:// install the "
+                                      f"project's [s3] extra)") from e
         return got
 
     def _retry(self, url: str, what: str, call: Callable[[], Any]) -> Any:

@@ -268,9 +268,51 @@ class FaultProxy:
         self.stop()
 
 
+async def _delay_pump(reader, writer, upstream_port: int, delay_s: float) -> None:
+    """One client connection of the DelayProxy: each chunk from the client (a request head: HTTP clients do not
+    pipeline) waits `delay_s`, then goes to nginx; nginx's bytes come back unparsed."""
+    import asyncio
+    up_reader, up_writer = await asyncio.open_connection("127.0.0.1", upstream_port)
+
+    async def client_to_upstream():
+        while chunk := await reader.read(1 << 16):
+            await asyncio.sleep(delay_s)
+            up_writer.write(chunk)
+            await up_writer.drain()
+        up_writer.close()
+
+    async def upstream_to_client():
+        while chunk := await up_reader.read(1 << 20):
+            writer.write(chunk)
+            await writer.drain()
+        writer.close()
+
+    try:
+        await asyncio.gather(client_to_upstream(), upstream_to_client())
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+        up_writer.close()
+
+
+def serve_delay_proxy(upstream_port: int, delay_s: float) -> None:
+    """A byte-pumping latency proxy (asyncio, no HTTP parsing): the benchmark's, where FaultProxy's per-request
+    Python HTTP handling would be the bottleneck. Prints its URL, then serves until killed."""
+    import asyncio
+
+    async def main():
+        server = await asyncio.start_server(lambda r, w: _delay_pump(r, w, upstream_port, delay_s), "127.0.0.1", 0,
+                                            backlog=256)
+        print(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", flush=True)
+        await server.serve_forever()
+
+    asyncio.run(main())
+
+
 class ProxyProcess:
-    """A FaultProxy (delay only) in a process of its own, so that its CPU and GIL do not count against the loader
-    being measured (benchmarks/bench_remote.py). A context manager; `url` once started."""
+    """The delay proxy (serve_delay_proxy) in a process of its own, so that its CPU does not count against the
+    loader being measured (benchmarks/bench_remote.py). A context manager; `url` once started."""
 
     def __init__(self, upstream_port: int, delay_s: float):
         self.upstream_port, self.delay_s = upstream_port, delay_s
@@ -294,6 +336,4 @@ class ProxyProcess:
 
 if __name__ == "__main__":   # python -m tests.remote_store UPSTREAM_PORT DELAY_S: prints its URL, serves
     import sys
-    with FaultProxy(int(sys.argv[1]), float(sys.argv[2])) as _proxy:
-        print(_proxy.url, flush=True)
-        threading.Event().wait()
+    serve_delay_proxy(int(sys.argv[1]), float(sys.argv[2]))

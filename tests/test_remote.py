@@ -145,3 +145,20 @@ def test_shard_replaced_by_another_of_the_same_name_is_caught(tmp_path):
         with pytest.raises(ShardError, match=rf"train-00000.tar: the manifest says {len(original)} bytes, but it "
                                              r"is shorter"):
             run_epoch(LoaderConfig(**{**cfg.__dict__, "data": url}), 1)
+
+
+def test_unindexed_shards_stream_over_http_without_curl(served_shards, monkeypatch):
+    """Shards without an index are streamed whole, through fsspec: nothing runs a `curl` binary (the Docker image
+    has none), so the run works with an empty PATH."""
+    root, nginx = served_shards
+    m = json.loads((root / "manifest.json").read_text())
+    m["format_version"] = 1
+    for s in m["splits"]["train"]["shards"]:
+        s["index"] = None
+    (root / "manifest-noindex.json").write_text(json.dumps(m))
+    local = batches_as_data(run_epoch(_cfg(str(root)), 1))
+    before = len(nginx.log())
+    monkeypatch.setenv("PATH", "")
+    same_batches(local, batches_as_data(run_epoch(_cfg(f"{nginx.url}/manifest-noindex.json"), 1)))
+    gets = [line for line in nginx.log()[before:] if line.method == "GET" and line.path.endswith(".tar")]
+    assert gets and all(line.range == "-" for line in gets)   # whole-shard GETs, no index read

@@ -17,12 +17,16 @@ step uses (fp16 fbank 0.17 ms, one 224² JPEG 0.4 ms). Two readers here:
   members only, coalesced, several requests in flight, retried on transient errors; same header check.
 - TarSampleReader (any other shard: manifest format 1, hand-made datasets, `pipe:` URLs): parses the 512-byte
   ustar headers itself and skips unused members (a seek on local files, a discarding read on streams). Shards
-  are opened as local files, with webdataset's `gopen` (`pipe:`) or as fsspec streams (any other URL).
+  are opened as local files, with webdataset's `gopen` (`pipe:`) or as fsspec streams (any other URL). A
+  manifest only ever names relative paths (shards.manifest.check_manifest); `pipe:` and other locations come
+  from the user's `shard_base` alone.
 
 Batch counts are a function of the manifest alone, so every rank knows them without communication:
 - train: every rank yields exactly `batches_per_epoch = max(1, total // (world_size * batch_size))` batches; a
   slot whose shards hold fewer samples than its quota wraps around (re-reads its shards, reshuffled), so uneven
   shards never leave a DDP rank waiting on another;
+- a sample that does not decode (skip_bad_shards) is skipped and the next one takes its row, so the counts
+  above hold; a resumed epoch then decodes the batches it skips, since the skipped samples decide where it is;
 - eval: every clip is read exactly once across all ranks and workers; when a split has fewer shards than
   slots, the slots that share a shard take every k-th sample of it. Every worker yields the same number of
   batches, padded with repeated samples whose `valid` flag is False, which the caller drops after gathering.
@@ -59,7 +63,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator
-from urllib.parse import urljoin, urlparse, uses_relative
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -68,7 +72,8 @@ from torchvision.io import ImageReadMode
 from torchvision.io import decode_jpeg as _decode
 
 from shards.index import ShardError, ShardIndex, ShardIndexError, check_member_header
-from shards.remote import RemoteConfig, RemoteReadError, RemoteShardReader, RemoteStore, SlotCache, is_remote, storage_options
+from shards.remote import (RemoteConfig, RemoteReadError, RemoteShardReader, RemoteStore, SlotCache, is_remote,
+                           storage_options)
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +83,7 @@ TAR_BLOCK = 512
 @dataclass
 class LoaderConfig:
     data: str                        # dataset directory, or the URL / path of its manifest.json
+    shard_base: str = ""             # read the manifest's shard paths under this path / URL (pipe: too)
     split: str = "train"
     batch_size: int = 8
     num_workers: int = 2             # decode workers per rank; 0 decodes in the calling process
@@ -122,63 +128,36 @@ class SplitInfo:
 # -----------------------------------------------------------------------------
 # manifest
 
-def _manifest_url(data: str) -> str:
-    if data.endswith(".json"):
-        return data
-    if urlparse(data).scheme in ("", "file"):
-        return str(Path(data) / "manifest.json")
-    return data.rstrip("/") + "/manifest.json"
+def load_split(data: str, split: str, shard_base: str = "") -> SplitInfo:
+    """Read the shard list of `split` from the dataset manifest (a directory or a manifest URL).
 
-
-def _resolve(base_url: str, path: str) -> str:
-    """A shard path relative to the manifest resolves against the manifest's location; absolute ones stay."""
-    if urlparse(path).scheme or path.startswith("/"):
-        return path
-    scheme = urlparse(base_url).scheme
-    if scheme in ("", "file"):
-        return str(Path(base_url).parent / path)
-    if scheme in uses_relative:
-        return urljoin(base_url, path)
-    # urljoin knows only the schemes in uses_relative: for s3://, gs://, memory:// ... it would return the bare
-    # relative path, which then opens as a local file.
-    return base_url.rsplit("/", 1)[0] + "/" + path
-
-
-def load_split(data: str, split: str) -> SplitInfo:
-    """Read the shard list of `split` from the dataset manifest (a directory or a manifest URL)."""
-    url = _manifest_url(data)
-    try:
-        raw = json.loads(read_url(url))
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"dataset manifest {url} does not exist (--data {data!r})") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"dataset manifest {url} is not valid JSON: {e}") from e
-    splits = raw.get("splits")
-    if not isinstance(splits, dict) or split not in splits:
-        have = sorted(splits) if isinstance(splits, dict) else "none"
-        raise ValueError(f"dataset manifest {url} has no split {split!r} (splits: {have})")
+    The manifest is read and checked by shards.manifest (relative paths only, each shard once, counts that add
+    up); every shard and index path resolves under the manifest's location, or under `shard_base` when the user
+    gives one (shards.manifest.resolve_path)."""
+    from shards.manifest import ManifestError, read_manifest, resolve_path
+    url, raw = read_manifest(data)
+    splits = raw["splits"]
+    if split not in splits:
+        raise ManifestError(f"dataset manifest {url} has no split {split!r} (splits: {sorted(splits)})")
     entry = splits[split]
-    shard_entries = entry.get("shards") if isinstance(entry, dict) else entry
-    if not shard_entries:
-        raise ValueError(f"dataset manifest {url}: split {split!r} lists no shards")
+    if not entry["shards"]:
+        raise ManifestError(f"dataset manifest {url}: split {split!r} lists no shards")
     shards = []
-    for i, s in enumerate(shard_entries):
-        if "path" not in s and "url" not in s or "num_samples" not in s:
-            raise ValueError(f"dataset manifest {url}: split {split!r} shard #{i} lacks path/url or num_samples: {s}")
+    for s in entry["shards"]:
         index = s.get("index")
-        if index is not None and not (isinstance(index, dict) and "path" in index and "sha256" in index):
-            raise ValueError(f"dataset manifest {url}: split {split!r} shard #{i} has a malformed index entry: {index}")
-        shards.append(ShardInfo(_resolve(url, s.get("url") or s["path"]), int(s["num_samples"]),
+        shards.append(ShardInfo(resolve_path(url, s["path"], shard_base), s["num_samples"],
                                 bytes=int(s["bytes"]) if s.get("bytes") is not None else None,
                                 sha256=s.get("sha256"),
-                                index_url=_resolve(url, index["path"]) if index else None,
+                                index_url=resolve_path(url, index["path"], shard_base) if index else None,
                                 index_sha256=index["sha256"] if index else None))
+    if not sum(s.num_samples for s in shards):
+        raise ManifestError(f"dataset manifest {url}: split {split!r} holds no samples")
     # Two manifest shapes: the pipeline's (shards.manifest: per split, fingerprint_parts.extract/fbank) and a
     # flat one (top-level frames_per_clip / fbank) that hand-made test datasets use.
-    parts = entry.get("fingerprint_parts", {}) if isinstance(entry, dict) else {}
+    parts = entry.get("fingerprint_parts") or {}
     frames = (parts.get("extract") or {}).get("frames", raw.get("frames_per_clip"))
     if frames is None:
-        raise ValueError(f"dataset manifest {url}: split {split!r} does not say its frames per clip")
+        raise ManifestError(f"dataset manifest {url}: split {split!r} does not say its frames per clip")
     fbank = parts.get("fbank") or raw.get("fbank") or {}
     return SplitInfo(split=split, shards=shards, frames_per_clip=int(frames), manifest_url=url, fbank=dict(fbank),
                      target_length=int(fbank.get("target_length", 1024)),
@@ -193,14 +172,6 @@ def local_path(url: str) -> str | None:
     return urlparse(url).path if scheme == "file" else None
 
 
-def read_url(url: str, remote: RemoteConfig | None = None) -> bytes:
-    """The whole content of a small file (a manifest, an index): remote ones in one GET, retried like shards."""
-    if is_remote(url):
-        return RemoteStore(remote).cat(url)
-    with open_url(url) as f:
-        return f.read()
-
-
 def open_url(url: str, remote: RemoteConfig | None = None) -> IO[bytes]:
     """Open a local path, a `pipe:` command (webdataset's gopen) or any fsspec URL (http(s), s3, gs, ...) as a
     stream. Remote URLs go through fsspec, not webdataset's gopen, which would run a `curl` binary."""
@@ -213,7 +184,7 @@ def open_url(url: str, remote: RemoteConfig | None = None) -> IO[bytes]:
         return wds_gopen.gopen(url, "rb")
     import fsspec
     protocol = fsspec.utils.get_protocol(url)
-    # block_size=0: one streaming GET over HTTP instead of a HEAD and a request per 5 MB block
+    # block_size=0: one streaming GET over HTTP instead of a request per 5 MB block
     extra = {"block_size": 0} if protocol in ("http", "https") else {}
     return fsspec.open(url, "rb", **extra, **storage_options(protocol, remote or RemoteConfig())).open()
 
@@ -415,6 +386,21 @@ class IndexedShardReader:
             yield key, members
 
 
+def is_remote_indexed(shard: ShardInfo) -> bool:
+    return shard.index_url is not None and is_remote(shard.url)
+
+
+def open_shard_reader(shard: ShardInfo, store: RemoteStore | None = None, cache: SlotCache | None = None
+                      ) -> IndexedShardReader | RemoteShardReader | TarSampleReader:
+    """The reader for a shard: through its member index when it has one (a local mmap, or ranged reads of a
+    remote URL through `store`), else header parsing of the whole stream (`pipe:`, shards without an index)."""
+    if shard.index_url is not None and local_path(shard.url) is not None:
+        return IndexedShardReader(shard)
+    if is_remote_indexed(shard):
+        return RemoteShardReader(shard, store or RemoteStore(), cache)
+    return TarSampleReader(shard.url, store.cfg if store is not None else None)
+
+
 # -----------------------------------------------------------------------------
 # epoch plan
 
@@ -541,66 +527,83 @@ class _BatchMemory:
 
 
 class _Batcher:
-    """Decodes raw samples straight into preallocated batch tensors (one copy per member)."""
+    """Decodes each sample as it is added straight into the batch tensors (one copy per member).
+
+    Decoding at `add` (not when the batch is full) is what lets a caller skip one sample that does not decode:
+    `add` raises ShardError and the row it was filling is simply filled by the next sample."""
 
     def __init__(self, info: SplitInfo, cfg: LoaderConfig, tokenizer):
         self.info, self.cfg, self.tok = info, cfg, tokenizer
         self.nf = cfg.num_frames
-        self.rows: list[tuple] = []   # (url, key, members, frame0, caption_pick, valid)
+        self.B = cfg.batch_size
         self.npy_headers: dict[bytes, tuple] = {}
         self.memory = _BatchMemory()
+        self._start()
 
-    def add(self, url: str, key: str, members: dict[str, bytes], frame0: int, caption_pick: int, valid: bool) -> None:
-        self.rows.append((url, key, members, frame0, caption_pick, valid))
+    def _start(self) -> None:
+        self.n = 0
+        self.fbank: torch.Tensor | None = None
+        self.frames: torch.Tensor | None = None   # [B, nf, H, W, 3]: the JPEG decoder's layout (module docstring)
+        self.keys: list[str] = []
+        self.captions: list[list[str]] = []
+        self.caption: list[str] = []
+        self.frame_index: list[int] = []
+        self.valid: list[bool] = []
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self.n
+
+    def add(self, url: str, key: str, members: dict[str, bytes], frame0: int, caption_pick: int, valid: bool) -> None:
+        """Decode one sample into row len(self); ShardError (naming shard and key) leaves the batch as it was."""
+        T, M, i = self.info.target_length, self.info.num_mel_bins, self.n
+        what = f"shard {url} sample {key}"
+        missing = [m for m in self._members(frame0) if m not in members]
+        if missing:
+            raise ShardError(f"{what}: missing member(s) {missing}")
+        try:
+            meta = json.loads(bytes(members["json"]))
+            caps = list(meta["captions"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ShardError(f"{what}: json member lacks a 'captions' list ({e})") from e
+        if not caps or not all(isinstance(c, str) for c in caps):
+            raise ShardError(f"{what}: json 'captions' must be a non-empty list of strings, got {caps!r}")
+        fb = decode_npy(members["fbank.npy"], what, self.npy_headers)
+        if fb.shape != (T, M) or fb.dtype != np.float16:
+            raise ShardError(f"{what}: fbank.npy is {fb.dtype}{list(fb.shape)}, expected float16[{T}, {M}]")
+        hwcs = [decode_jpeg(members[f"frame{frame0 + j:02d}.jpg"], what).permute(1, 2, 0).numpy()
+                for j in range(self.nf)]
+        if self.frames is None:
+            self.frames = self.memory.empty((self.B, self.nf, *hwcs[0].shape), torch.uint8)
+        for j, hwc in enumerate(hwcs):
+            if hwc.shape != tuple(self.frames.shape[2:]):
+                raise ShardError(f"{what}: frame {frame0 + j} is {list(hwc.shape)} (HWC), "
+                                 f"other frames {list(self.frames.shape[2:])}")
+        if self.fbank is None:
+            self.fbank = self.memory.empty((self.B, T, M), torch.float16)
+        # Copy through numpy: the decoded arrays are read-only views of the tar bytes.
+        self.fbank.numpy()[i] = fb
+        frames_np = self.frames.numpy()
+        for j, hwc in enumerate(hwcs):
+            frames_np[i, j] = hwc
+        self.n += 1
+        self.keys.append(key)
+        self.captions.append(caps)
+        self.caption.append(caps[caption_pick % len(caps)])
+        self.frame_index.append(frame0)
+        self.valid.append(valid)
 
     def emit(self) -> dict[str, Any]:
-        B, T, M = len(self.rows), self.info.target_length, self.info.num_mel_bins
-        fbank = self.memory.empty((B, T, M), torch.float16)
-        fbank_np = fbank.numpy()   # copy through numpy: the decoded array is a read-only view of the tar bytes
-        frames_hwc = None          # [B, nf, H, W, 3]: the JPEG decoder's own layout (see the module docstring)
-        keys, captions, caption, frame_index, valid = [], [], [], [], []
-        for i, (url, key, members, frame0, pick, ok) in enumerate(self.rows):
-            what = f"shard {url} sample {key}"
-            missing = [m for m in self._members(frame0) if m not in members]
-            if missing:
-                raise ShardError(f"{what}: missing member(s) {missing}")
-            fb = decode_npy(members["fbank.npy"], what, self.npy_headers)
-            if fb.shape != (T, M) or fb.dtype != np.float16:
-                raise ShardError(f"{what}: fbank.npy is {fb.dtype}{list(fb.shape)}, expected float16[{T}, {M}]")
-            fbank_np[i] = fb
-            for j in range(self.nf):
-                hwc = decode_jpeg(members[f"frame{frame0 + j:02d}.jpg"], what).permute(1, 2, 0).numpy()
-                if frames_hwc is None:
-                    frames = self.memory.empty((B, self.nf, *hwc.shape), torch.uint8)
-                    frames_hwc = frames.numpy()
-                if hwc.shape != frames_hwc.shape[2:]:
-                    raise ShardError(f"{what}: frame {frame0 + j} is {list(hwc.shape)} (HWC), "
-                                     f"other frames {list(frames_hwc.shape[2:])}")
-                frames_hwc[i, j] = hwc
-            try:
-                meta = json.loads(bytes(members["json"]))
-                caps = list(meta["captions"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise ShardError(f"{what}: json member lacks a 'captions' list ({e})") from e
-            if not caps or not all(isinstance(c, str) for c in caps):
-                raise ShardError(f"{what}: json 'captions' must be a non-empty list of strings, got {caps!r}")
-            keys.append(key)
-            captions.append(caps)
-            caption.append(caps[pick % len(caps)])
-            frame_index.append(frame0)
-            valid.append(ok)
-        frames = frames.permute(0, 1, 4, 2, 3)
-        batch: dict[str, Any] = dict(fbank=fbank, frames=frames, frame_index=torch.tensor(frame_index),
-                                     keys=keys, captions=captions, caption=caption,
-                                     valid=torch.tensor(valid, dtype=torch.bool))
+        assert self.n == self.B and self.fbank is not None and self.frames is not None
+        batch: dict[str, Any] = dict(fbank=self.fbank, frames=self.frames.permute(0, 1, 4, 2, 3),
+                                     frame_index=torch.tensor(self.frame_index), keys=self.keys,
+                                     captions=self.captions, caption=self.caption,
+                                     valid=torch.tensor(self.valid, dtype=torch.bool))
         if self.tok is not None:
             from avcap.tokenizer import encode_captions
-            tokens, need_predict = encode_captions(self.tok, caption, max_wordpieces=self.cfg.max_caption_tokens)
+            tokens, need_predict = encode_captions(self.tok, self.caption,
+                                                   max_wordpieces=self.cfg.max_caption_tokens)
             batch["tokens"], batch["need_predict"] = torch.as_tensor(tokens), torch.as_tensor(need_predict)
-        self.rows = []
+        self._start()
         return batch
 
     def _members(self, frame0: int) -> list[str]:
@@ -625,7 +628,8 @@ class ShardStream(IterableDataset):
         if not 0 <= start_batch <= self.total:
             raise ValueError(f"start_batch {start_batch} outside the epoch's {self.total} batches")
         self.start_batch = start_batch
-        self._store: RemoteStore | None = None
+        self._store: RemoteStore | None = None   # made in the worker on first use (fsspec sessions stay there)
+        self.bad_samples = 0   # samples skipped because a member did not decode (skip_bad_shards)
         self.plan = plan_epoch(info, world_size * self.workers, cfg.seed, epoch, cfg.train)
 
     def __len__(self) -> int:
@@ -648,14 +652,44 @@ class ShardStream(IterableDataset):
         B = self.cfg.batch_size
         quota = len(range(role, self.total, self.workers))
         skip = len(range(role, self.start_batch, self.workers))
-        self._store = None   # made in the worker on first use: fsspec's sessions do not cross processes
-        rows = self._train_rows(slot, role, quota * B) if self.cfg.train else self._eval_rows(slot, quota * B)
-        for n, row in zip(range(quota * B), rows):
-            if n < skip * B:
-                continue   # read (to keep the shuffle identical) but not decoded
-            batcher.add(*row)
+        rows = self._train_rows(slot, role, quota * B) if self.cfg.train else self._eval_rows(slot)
+        done = 0        # batches of this role made (or, when resuming, passed over)
+        passed = 0      # rows passed over without decoding, when resuming
+        pad = None      # eval: a row that decoded, to pad the last batches with (valid=False)
+        bad_in_a_row = 0
+        while done < quota:
+            row = next(rows, None)
+            if row is None:   # eval: the slot's samples are done; pad up to the quota every worker yields
+                pad = pad or self._pad_row()
+                row = (*pad, 0, False)
+            if done < skip and not self.cfg.skip_bad_shards:
+                # Read (to keep the shuffle identical) but not decoded. With skip_bad_shards the skipped batches
+                # are decoded like the others: which samples do not decode decides where the epoch stands.
+                passed += 1
+                if passed == B:
+                    done, passed = done + 1, 0
+                continue
+            try:
+                batcher.add(*row)
+            except ShardError as e:
+                if not self.cfg.skip_bad_shards or not row[5]:
+                    raise
+                self.bad_samples += 1
+                bad_in_a_row += 1
+                warnings.warn(f"skipped sample {row[1]} of shard {row[0]} ({self.bad_samples} skipped so far by "
+                              f"rank {self.rank} loader role {role}): {e}")
+                if bad_in_a_row > self.info.num_samples:
+                    raise ShardError(f"rank {self.rank} loader role {role}: no sample of its shards decodes "
+                                     f"(last: {e})") from e
+                continue
+            bad_in_a_row = 0
+            if pad is None and row[5]:
+                pad = row[:4]
             if len(batcher) == B:
-                yield batcher.emit()
+                batch = batcher.emit()
+                done += 1
+                if done > skip:
+                    yield batch
 
     # -- reading ---------------------------------------------------------------
 
@@ -665,40 +699,32 @@ class ShardStream(IterableDataset):
             return F // 2 if nf == 1 else (F - nf) // 2
         return _hash_int("frame", self.cfg.seed, self.epoch, pass_idx, key) % (F - nf + 1)
 
-    @staticmethod
-    def _remote_indexed(shard: ShardInfo) -> bool:
-        return shard.index_url is not None and is_remote(shard.url)
-
     def _remote_store(self) -> RemoteStore:
         if self._store is None:
             self._store = RemoteStore(self.cfg.remote)
         return self._store
-
-    def _open_reader(self, shard: ShardInfo, cache: SlotCache) -> Any:
-        if shard.index_url is not None and local_path(shard.url) is not None:
-            return IndexedShardReader(shard)
-        if self._remote_indexed(shard):
-            return RemoteShardReader(shard, self._remote_store(), cache)
-        return TarSampleReader(shard.url, self.cfg.remote)   # pipe: and shards without an index: streamed
 
     def _read_parts(self, parts: list[SlotPart], pass_idx: int, limit: int | None = None,
                     cache: SlotCache | None = None) -> Iterator[tuple[str, str, dict[str, bytes], int]]:
         """Raw samples (url, key, members, frame0) of a slot's parts, checking counts against the manifest.
 
         Stops after `limit` samples: what the slot still needs this epoch, so nothing past it is read (or, for a
-        remote shard, fetched)."""
-        cache = cache if cache is not None else SlotCache()
+        remote shard, fetched). `cache` (the slot's, for the epoch) keeps what remote shards already gave."""
+        if cache is None:   # one of its own, ended with this generator
+            yield from self._read_parts(parts, pass_idx, limit, own := SlotCache())
+            own.close()
+            return
         taken = 0
         for k, part in enumerate(parts):
             if limit is not None and taken >= limit:
                 return
             shard = self.info.shards[part.shard]
-            if k + 1 < len(parts) and self._remote_indexed(self.info.shards[parts[k + 1].shard]):
+            if k + 1 < len(parts) and is_remote_indexed(self.info.shards[parts[k + 1].shard]):
                 cache.open_ahead(self.info.shards[parts[k + 1].shard], self._remote_store())
             reader = None
             idx = 0
             try:
-                reader = self._open_reader(shard, cache)
+                reader = open_shard_reader(shard, self._remote_store() if is_remote(shard.url) else None, cache)
                 indexed = not isinstance(reader, TarSampleReader)
                 if indexed and len(reader) != shard.num_samples:
                     raise ShardError(f"shard {shard.url}: holds {len(reader)} samples, the manifest says "
@@ -738,22 +764,25 @@ class ShardStream(IterableDataset):
 
     def _train_rows(self, slot: int, role: int, rows: int) -> Iterator[tuple]:
         """The `rows` shuffled rows of a slot this epoch: its shards in plan order, again from the start
-        (wrap-around, new frame and caption picks) while it needs more, through a shuffle buffer.
+        (wrap-around, new frame and caption picks) while it needs more, through a shuffle buffer; then, only if the
+        caller asks for more (samples skipped as undecodable), further passes.
 
-        Exactly `rows` samples are read: a buffer filled past them would read samples no batch uses (and, before
-        this was bounded, wrap around tiny slots dozens of times per epoch). A wrap-around pass rereads the
-        slot's first `rows - slot_samples` samples in the same order, so the SlotCache keeps those members and a
-        remote slot fetches no byte twice in an epoch."""
+        Exactly `rows` samples are read for the epoch's batches: a buffer filled past them would read samples no
+        batch uses (and, before this was bounded, wrapped tiny slots around dozens of times per epoch: one epoch
+        of 11 samples over HTTP fetched each shard ~92 times). A wrap-around pass rereads the slot's first
+        `rows - slot_samples` samples in the same order, so the SlotCache keeps those members and a remote slot
+        fetches no byte twice in an epoch."""
         parts = self.plan[slot]
         rng = random.Random(_hash_int("samples", self.cfg.seed, self.epoch, slot))
         have = sum(p.count(self.info.shards[p.shard].num_samples) for p in parts)
         cache = SlotCache(room=min(max(0, rows - have), have))
 
-        def passes() -> Iterator[tuple]:
-            pass_idx, n = 0, 0
-            while n < rows:
+        def passes(limit: int | None, pass_idx: int) -> Iterator[tuple]:
+            n = 0
+            while limit is None or n < limit:
                 got = 0
-                for url, key, members, f0 in self._read_parts(parts, pass_idx, rows - n, cache):
+                for url, key, members, f0 in self._read_parts(parts, pass_idx, None if limit is None else limit - n,
+                                                              cache):
                     got += 1
                     pick = _hash_int("caption", self.cfg.seed, self.epoch, pass_idx, key)
                     yield url, key, members, f0, pick, True
@@ -766,39 +795,41 @@ class ShardStream(IterableDataset):
         buf: list[tuple] = []
         size = max(1, self.cfg.shuffle_buffer)
         try:
-            for row in passes():
+            for row in passes(rows, 0):
                 buf.append(row)
                 if len(buf) >= size:
                     j = rng.randrange(len(buf))
                     buf[j], buf[-1] = buf[-1], buf[j]
                     yield buf.pop()
+            while buf:
+                j = rng.randrange(len(buf))
+                buf[j], buf[-1] = buf[-1], buf[j]
+                yield buf.pop()
+            yield from passes(None, -(-rows // max(1, have)))
         finally:
             cache.close()
-        while buf:
-            j = rng.randrange(len(buf))
-            buf[j], buf[-1] = buf[-1], buf[j]
-            yield buf.pop()
 
-    def _eval_rows(self, slot: int, rows: int) -> Iterator[tuple]:
-        """The slot's samples once, in shard order, then padding rows (valid=False) up to `rows`."""
-        first = None
-        n = 0
+    def _eval_rows(self, slot: int) -> Iterator[tuple]:
+        """The slot's samples once, in shard order (the caller pads the last batches)."""
         cache = SlotCache()
         try:
             for url, key, members, f0 in self._read_parts(self.plan[slot], 0, cache=cache):
-                first = first or (url, key, members, f0)
-                n += 1
                 yield url, key, members, f0, 0, True
-            if n >= rows:
-                return
-            if first is None:   # a slot without samples of its own pads with the split's first clip
-                first = next(self._read_parts([SlotPart(0)], 0, limit=1, cache=cache), None)
-                if first is None:
-                    raise ShardError(f"split {self.info.split!r}: no readable sample to pad eval batches with")
         finally:
             cache.close()
-        for _ in range(rows - n):
-            yield (*first, 0, False)
+
+    def _pad_row(self) -> tuple[str, str, dict[str, bytes], int]:
+        """A sample that decodes, for a slot without one of its own to pad eval batches with: the split's first."""
+        probe = _Batcher(self.info, LoaderConfig(**{**self.cfg.__dict__, "batch_size": 1}), None)
+        for row in self._read_parts([SlotPart(i) for i in range(len(self.info.shards))], 0):
+            try:
+                probe.add(*row, 0, False)
+            except ShardError:
+                if self.cfg.skip_bad_shards:
+                    continue
+                raise
+            return row
+        raise ShardError(f"split {self.info.split!r}: no readable sample to pad eval batches with")
 
 
 def _worker_context():
@@ -820,7 +851,7 @@ def make_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1, epoch: in
     """
     if cfg.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
-    info = load_split(cfg.data, cfg.split)
+    info = load_split(cfg.data, cfg.split, cfg.shard_base)
     ds = ShardStream(info, cfg, rank, world_size, epoch, start_batch)
     if cfg.num_workers == 0:
         return ds, ds.total

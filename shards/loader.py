@@ -711,8 +711,11 @@ class ShardStream(IterableDataset):
         Stops after `limit` samples: what the slot still needs this epoch, so nothing past it is read (or, for a
         remote shard, fetched). `cache` (the slot's, for the epoch) keeps what remote shards already gave."""
         if cache is None:   # one of its own, ended with this generator
-            yield from self._read_parts(parts, pass_idx, limit, own := SlotCache())
-            own.close()
+            own = SlotCache()
+            try:
+                yield from self._read_parts(parts, pass_idx, limit, own)
+            finally:
+                own.close()
             return
         taken = 0
         for k, part in enumerate(parts):

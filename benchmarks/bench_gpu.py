@@ -18,8 +18,9 @@ What runs, for one and four frames:
   `avcap.caption` does (fp32) and the way evaluation does (under bf16 / fp16 autocast): are the tokens the same,
   and the fixture's?
 
-Needs only torch and what avcap.model imports (timm, numpy): `pip install torch==2.11.0 timm==1.0.31 numpy`
-on a bare GPU machine, then run from the repository root. Compile (`--compile`) is off by default: it costs
+Needs only torch and what avcap.model imports (timm, which pulls torchvision; numpy): on a bare GPU machine
+`pip install torch==2.11.0 torchvision==0.26.0 timm==1.0.31` (the project's pins), then run from the repository
+root. Compile (`--compile`) is off by default: it costs
 about a minute per setup. Setups that run out of memory are reported, not fatal; `--budget-s` skips what
 would start after that many seconds so a short GPU lease still gets its JSON.
 """
@@ -313,18 +314,19 @@ def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     where = m.get("gpu") or f"CPU {m['cpu']}, {m['torch_threads']} torch thread(s)"
     lines = [f"Run {report['date']} on {where}; torch {m['torch']}; `{report['command']}`", "",
-             "| frames | decoder | precision | compile | batch | steps/s | samples/s | step ms | TFLOP/step | "
-             "TFLOP/s | MFU | peak memory GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| frames | decoder | precision | compile | batch | steps/s | samples/s | step ms | host CPU s/step | "
+             "TFLOP/step | TFLOP/s | MFU | peak memory GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["train"]:
         if "error" in r:
             lines.append(f"| {r['frames']} | {r['decoder']} | {r['precision']} | {r['compile']} | {r['batch']} | "
-                         f"{r['error']} |||||||")
+                         f"{r['error']} ||||||||")
             continue
         mem = r.get("peak_allocated_gib", r.get("peak_rss_gib"))
         lines.append(f"| {r['frames']} | {r['decoder']} | {r['precision']} | {r['compile']} | {r['batch']} | "
                      f"{r['steps_per_s']:.2f} | {r['samples_per_s']:.1f} | {r['step_s'] * 1e3:.1f} | "
-                     f"{r['tflop_per_step']:.2f} | {r['achieved_tflops']:.1f} | "
+                     f"{r['cpu_s_per_step']:.3g} | "
+                     f"{r['tflop_per_step']:.3g} | {r['achieved_tflops']:.3g} | "
                      f"{fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | {mem:.2f} |")
     if report["beam"]:
         lines += ["", "| frames | beam batch | beam | max steps | precision | captions/s | s per batch | peak memory GiB |",
@@ -394,9 +396,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not torch.cuda.is_available():
             raise SystemExit(f"--device {args.device}: torch sees no CUDA device")
         torch.cuda.set_device(device)
+        # TF32 stays at torch's defaults, which train.py and avcap.caption also run with (the parity check's fp32)
         device = torch.device("cuda", torch.cuda.current_device())
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (loss, norms) on tensor cores
-        torch.backends.cudnn.allow_tf32 = True
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = [int(b) for b in (args.batch_size or ("8,32" if device.type == "cuda" else "2")).split(",")]

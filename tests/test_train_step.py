@@ -11,31 +11,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from avcap.model import AVCap, AVCapConfig, prefix_mask
+from avcap.model import AVCap, AVCapConfig
 from avcap.training import TrainConfig, build_optimizer, resolve_precision, train_step
+from tests.fixtures_model import plain_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def plain_loss(model: AVCap, audio, visual, tokens, need_predict) -> torch.Tensor:
-    """Every decoder layer over every row, logits at every position, KL against the explicit smoothed target."""
-    text = model.textual
-    features = model.encode(audio, visual)
-    prefix, emb = text.av_projection(features), text.embedding(tokens)
-    P, T = prefix.shape[1], emb.shape[1]
-    x = torch.cat([prefix, emb], dim=1)
-    mask = prefix_mask(P, T, x.device)
-    for layer in text.layers:
-        x = layer.finish(x, layer.attend(*layer.qkv(x), mask))
-    logits = text.output(x[:, P:])
-    valid = need_predict[:, 1:] == 1
-    logp = F.log_softmax(logits[:, :-1][valid].float(), dim=-1)
-    target = tokens[:, 1:][valid]
-    V, eps = logp.shape[-1], model.cfg.label_smoothing
-    q = torch.full_like(logp, eps / (V - 1)).scatter(1, target[:, None], 1.0 - eps)
-    return (q * (q.log() - logp)).sum(-1).mean()
 
 
 def reference_model(reference_dir, **overrides) -> AVCap:

@@ -1,9 +1,9 @@
 """Command line and Prefect flows of the data side.
 
-    python flows.py build --csv train.csv --split train --out DIR [--dask-address tcp://host:8786]
+    python flows.py build --split train --out DIR [--csv train.csv] [--dask-address tcp://host:8786]
                           [--publish URL [--prune]]
     python flows.py audit --out DIR [--sample N] [--seed S]
-    python flows.py serve --out DIR --csv train.csv --split train [--cron "0 3 * * *"]
+    python flows.py serve --out DIR --split train [--csv train.csv] [--cron "0 3 * * *"]
     python flows.py publish --out DIR --publish URL [--prune]
 
 `build_flow` is THE build: a module-level Prefect flow with plain JSON parameters, run by `flows.py build` and
@@ -11,7 +11,7 @@ by the scheduled `rebuild` deployment alike (a rebuild is the same build on the 
 fixed shard count make it incremental). Each stage of `pipeline.build` is a Prefect task with its own retries
 and time limit (STAGE_TASKS); parallelism inside a stage has its own limits: download threads
 (`--download-workers`, so downloads are throttled apart from CPU work) and CPU processes (`--cpu-workers`), or
-one Prefect task per clip on a Dask cluster (`--dask-address`). Downloads get no Prefect retries: their backoff
+chunks of clips on a Dask cluster (`--dask-address`, pipeline.dask_runner). Downloads get no Prefect retries: their backoff
 lives in pipeline.download, and a second layer would multiply it.
 
 Secrets are never flow parameters (Prefect stores parameters in its database and shows them in the UI): the
@@ -53,8 +53,11 @@ _prefect_defaults()   # before the import below: Prefect reads its settings at i
 from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
+from pipeline.params import PROXY_ENV, BuildParams, flow_signature  # noqa: E402
+from pipeline.params import add_arguments as add_build_arguments  # noqa: E402
+from pipeline.params import from_args as build_params_from_args  # noqa: E402
+
 EXIT_OK, EXIT_ERROR, EXIT_BOT_WALL, EXIT_FAILURE_RATE, EXIT_PUBLISH = 0, 1, 3, 4, 5
-PROXY_ENV = "AVCAP_PROXY"
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,8 @@ class StageTask:
 
 
 # Per stage: retries only where a retry is safe and useful. download: 0 (backoff lives in pipeline.download);
-# process: 0 for the stage (a clip failure is an outcome, not an exception; per-clip retries on Dask below);
+# process: 0 for the stage (a clip failure is an outcome, not an exception; on Dask a chunk whose worker died
+# is re-run by Dask and redoes only its unfinished clips, see pipeline.dask_runner);
 # captions, shards, manifest and publish are idempotent and atomic per file, so a transient I/O error is worth
 # one more try.
 # Time limits only where a bound is known: stage length otherwise scales with the clip count.
@@ -80,7 +84,6 @@ STAGE_TASKS = {
     "publish": StageTask(retries=2, retry_delay_s=10),
     "report": StageTask(timeout_s=1800),
 }
-CLIP_TASK = StageTask(retries=2, retry_delay_s=1)   # per clip on Dask: a sick worker or a bug, tried again
 
 
 class BuildFailed(RuntimeError):
@@ -100,56 +103,6 @@ def _stage_task(name: str, fn, *args, **kwargs):
                 timeout_seconds=opts.timeout_s, cache_policy=NO_CACHE, log_prints=True)(*args, **kwargs)
 
 
-def dask_clip_runner(address: str, clip_timeout_s: float | None = None):
-    """A pipeline.build ClipRunner: one Prefect task per clip (pipeline.build.process_clip_or_raise) on the Dask
-    scheduler at `address`, through prefect-dask. Outcomes are yielded as they land so the ledger records them
-    at once. A clip whose task still fails after CLIP_TASK.retries is recorded as a transient internal error."""
-    from prefect.futures import as_completed
-
-    from pipeline.build import ClipInternalError, ProcessOutcome, process_clip_or_raise
-    from pipeline.ledger import FAILED_TRANSIENT
-    from pipeline.schedule import task_runner_for
-
-    clip_task = task(process_clip_or_raise, name="process-clip", retries=CLIP_TASK.retries,
-                     retry_delay_seconds=CLIP_TASK.retry_delay_s, timeout_seconds=clip_timeout_s,
-                     cache_policy=NO_CACHE)
-
-    def run(jobs):
-        if not jobs:
-            return
-        with task_runner_for(address) as runner:
-            futures = {runner.submit(clip_task, {"job": j}): j for j in jobs}
-            for fut in as_completed(list(futures)):
-                try:
-                    yield fut.result()
-                except ClipInternalError as e:
-                    yield e.outcome
-                except Exception as e:  # noqa: BLE001 - a lost worker, a timeout: the clip is tried next run
-                    yield ProcessOutcome(futures[fut].key, FAILED_TRANSIENT, "internal-error",
-                                         f"{type(e).__name__}: {e}")
-    return run
-
-
-def make_config(csv: list[str], split: str, out_dir: str, media_dir: str | None = None,
-                url_template: str | None = None, limit: int | None = None, download_workers: int = 4,
-                cpu_workers: int = 1, samples_per_shard: int = 256, frames: int = 20, cookies: str | None = None,
-                sleep_s: float = 0.0, clip_timeout_s: float = 300.0, max_retries: int = 3, backoff_s: float = 2.0,
-                retry_permanent: bool = False, max_failure_rate: float = 0.5, proxy: str | None = None):
-    """pipeline.build.BuildConfig from build_flow's plain parameters (and the proxy, which is never one)."""
-    from pipeline.build import BuildConfig
-    from pipeline.download import DEFAULT_URL_TEMPLATE, DownloadConfig
-    from pipeline.extract import ExtractConfig
-
-    download = DownloadConfig(url_template=url_template or DEFAULT_URL_TEMPLATE,
-                              cookies=Path(cookies) if cookies else None, proxy=proxy, sleep_s=sleep_s,
-                              workers=download_workers, timeout_s=clip_timeout_s, max_retries=max_retries,
-                              backoff_base_s=backoff_s)
-    return BuildConfig(csv=[Path(c) for c in csv], split=split, out=Path(out_dir),
-                       media_dir=Path(media_dir) if media_dir else None, limit=limit, cpu_workers=cpu_workers,
-                       samples_per_shard=samples_per_shard, retry_permanent=retry_permanent,
-                       max_failure_rate=max_failure_rate, download=download, extract=ExtractConfig(frames=frames))
-
-
 def _proxy(proxy_secret: str | None) -> str | None:
     if proxy_secret:
         from prefect.blocks.system import Secret
@@ -164,93 +117,41 @@ def failure_message(result) -> str:
             f"(a wrong url template or a blocked network?); see {result.manifest_path} for the reasons")
 
 
-@flow(name="avcap-build", flow_run_name="build-{split}", log_prints=True)
-def build_flow(csv: list[str], split: str, out_dir: str, media_dir: str | None = None,
-               url_template: str | None = None, limit: int | None = None, download_workers: int = 4,
-               cpu_workers: int = 1, samples_per_shard: int = 256, frames: int = 20, cookies: str | None = None,
-               sleep_s: float = 0.0, clip_timeout_s: float = 300.0, max_retries: int = 3, backoff_s: float = 2.0,
-               retry_permanent: bool = False, max_failure_rate: float = 0.5, dask_address: str | None = None,
-               publish_url: str | None = None, prune: bool = False, report: bool = True,
-               proxy_secret: str | None = None):
+def build_flow(**parameters):
     """Build (or incrementally rebuild) one split into out_dir; then the build report and artifacts, then
-    publish to publish_url. Returns pipeline.build.BuildResult. Raises BuildFailed (the run fails) on a bot
-    wall or too many failures, after the report, and without publishing."""
+    publish to publish_url. Parameters: the fields of pipeline.params.BuildParams. Returns
+    pipeline.build.BuildResult. Raises BuildFailed (the run fails) on a bot wall or too many failures, after the
+    report, and without publishing."""
     from pipeline.build import run_build
 
-    cfg = make_config(csv, split, out_dir, media_dir, url_template, limit, download_workers, cpu_workers,
-                      samples_per_shard, frames, cookies, sleep_s, clip_timeout_s, max_retries, backoff_s,
-                      retry_permanent, max_failure_rate, proxy=_proxy(proxy_secret))
-    clip_runner = dask_clip_runner(dask_address, clip_timeout_s=3 * cfg.extract.timeout_s) if dask_address else None
-    result = run_build(cfg, stage_runner=_stage_task, clip_runner=clip_runner)
-    if report:
+    p = BuildParams(**parameters)
+    cfg = p.to_build_config(proxy=_proxy(p.proxy_secret))
+    result = run_build(cfg, stage_runner=_stage_task, clip_runner=p.clip_runner())
+    if p.report:
         from pipeline.report import build_report
         _stage_task("report", build_report, result, True)
     if not result.ok:
         raise BuildFailed(failure_message(result), result)
-    if publish_url:
+    if p.publish_url:
         from pipeline.publish import publish
-        result.publish = _stage_task("publish", publish, out_dir, publish_url, prune=prune)
+        result.publish = _stage_task("publish", publish, p.out_dir, p.publish_url, prune=p.prune)
     return result
+
+
+# The flow's parameters are BuildParams' fields: Prefect reads them from the signature (UI form, validation).
+build_flow.__signature__ = flow_signature()
+build_flow = flow(name="avcap-build", flow_run_name="build-{split}", log_prints=True)(build_flow)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
 
 def _add_build_args(p: argparse.ArgumentParser) -> None:
-    from pipeline.download import DEFAULT_URL_TEMPLATE
-
-    p.add_argument("--csv", required=True, action="append", type=Path,
-                   help="AudioCaps CSV or AVCap JSON (repeat to merge several files into the split)")
-    p.add_argument("--split", required=True, help="split name: train, val, test, ... (names files)")
-    p.add_argument("--out", required=True, type=Path, help="output directory (shards, ledger, manifest)")
-    p.add_argument("--url-template", default=DEFAULT_URL_TEMPLATE,
-                   help="URL with {youtube_id}; default: the YouTube watch URL")
-    p.add_argument("--media-dir", type=Path,
-                   help="build from media on disk ({youtube_id}_{start_time}.* clips or {youtube_id}.* videos), "
-                        "no downloads")
-    p.add_argument("--limit", type=int, help="only the first N clips of the CSV")
-    p.add_argument("--download-workers", type=int, default=4, help="concurrent downloads (default 4)")
-    p.add_argument("--cpu-workers", type=int, default=max(1, os.cpu_count() or 1),
-                   help="processes for extraction + fbank on this machine (default: one per core)")
-    p.add_argument("--dask-address", metavar="URL",
-                   help="run extraction + fbank as one Prefect task per clip on the Dask scheduler at URL "
-                        "(e.g. tcp://host:8786) instead of local processes; workers need this code and DIR")
-    p.add_argument("--samples-per-shard", type=int, default=256,
-                   help="sets the shard count at the split's first build; later builds keep it")
-    p.add_argument("--frames", type=int, default=20, help="video frames per clip")
-    p.add_argument("--cookies", type=Path, help="Netscape cookies file for yt-dlp")
+    add_build_arguments(p)
+    # Not build parameters: the proxy is a secret (never a flow parameter), --no-prefect picks the runner.
     p.add_argument("--proxy", help=f"proxy URL for yt-dlp (or set {PROXY_ENV}); never stored by Prefect, "
                                    "redacted in the manifest")
-    p.add_argument("--sleep", type=float, default=0.0, help="seconds between two download requests")
-    p.add_argument("--clip-timeout", type=float, default=300.0, help="time limit per download attempt, seconds")
-    p.add_argument("--max-retries", type=int, default=3, help="retries of a transient download failure")
-    p.add_argument("--backoff", type=float, default=2.0, help="first backoff delay, seconds (doubles per retry)")
-    p.add_argument("--retry-permanent", action="store_true",
-                   help="also retry clips that failed permanently (removed, private, ...) in an earlier run")
-    p.add_argument("--max-failure-rate", type=float, default=0.5,
-                   help="exit non-zero when more than this fraction of the clips failed")
-    p.add_argument("--publish", metavar="URL",
-                   help="after a successful build, copy shards then manifest.json to URL (any fsspec URL or path)")
-    p.add_argument("--prune", action="store_true",
-                   help="with --publish: delete shards at URL that the new manifest no longer lists")
-    p.add_argument("--no-report", action="store_true", help="skip DIR/reports/build-<split>.md and its plots")
     p.add_argument("--no-prefect", action="store_true",
-                   help="run the stages directly, without a Prefect flow (no Dask, no artifacts)")
-
-
-# build_flow parameters that are not build settings (make_config takes the rest).
-FLOW_ONLY_PARAMETERS = ("dask_address", "publish_url", "prune", "report", "proxy_secret")
-
-
-def flow_parameters(a: argparse.Namespace) -> dict:
-    """build_flow's parameters from `flows.py build` arguments."""
-    return dict(csv=[str(c) for c in a.csv], split=a.split, out_dir=str(a.out),
-                media_dir=str(a.media_dir) if a.media_dir else None, url_template=a.url_template, limit=a.limit,
-                download_workers=a.download_workers, cpu_workers=a.cpu_workers,
-                samples_per_shard=a.samples_per_shard, frames=a.frames,
-                cookies=str(a.cookies) if a.cookies else None, sleep_s=a.sleep, clip_timeout_s=a.clip_timeout,
-                max_retries=a.max_retries, backoff_s=a.backoff, retry_permanent=a.retry_permanent,
-                max_failure_rate=a.max_failure_rate, dask_address=a.dask_address, publish_url=a.publish,
-                prune=a.prune, report=not a.no_report)
+                   help="run the stages directly, without a Prefect flow (no artifacts)")
 
 
 @contextmanager
@@ -269,20 +170,19 @@ def _env(name: str, value: str | None):
                 os.environ[name] = before
 
 
-def _run_direct(params: dict, proxy: str | None):
+def _run_direct(p: BuildParams, proxy: str | None):
     """--no-prefect: the same build, stages called directly; report files and publishing as in the flow."""
     from pipeline.build import run_build
     from pipeline.publish import publish
     from pipeline.report import build_report
 
-    cfg = make_config(**{k: v for k, v in params.items() if k not in FLOW_ONLY_PARAMETERS}, proxy=proxy)
-    result = run_build(cfg)
-    if params["report"]:
+    result = run_build(p.to_build_config(proxy=proxy), clip_runner=p.clip_runner())
+    if p.report:
         build_report(result, artifacts=False)
     if not result.ok:
         raise BuildFailed(failure_message(result), result)
-    if params["publish_url"]:
-        result.publish = publish(params["out_dir"], params["publish_url"], prune=params["prune"])
+    if p.publish_url:
+        result.publish = publish(p.out_dir, p.publish_url, prune=p.prune)
     return result
 
 
@@ -290,21 +190,16 @@ def cmd_build(a: argparse.Namespace) -> int:
     from pipeline.build import BuildError
     from pipeline.publish import PublishError
 
-    if a.prune and not a.publish:
-        print("build failed: --prune needs --publish URL", file=sys.stderr)
-        return EXIT_ERROR
-    if a.dask_address and a.no_prefect:
-        print("build failed: --dask-address runs clips as Prefect tasks; drop --no-prefect", file=sys.stderr)
-        return EXIT_ERROR
-    params = flow_parameters(a)
     proxy = a.proxy or os.environ.get(PROXY_ENV)
     try:
+        params = build_params_from_args(a)
+        params.csv_paths()   # a split without a bundled CSV fails here, before Prefect starts
         if a.no_prefect:
             result = _run_direct(params, proxy)
         else:
             # The proxy reaches the flow through this process's environment, never as a parameter.
             with _env(PROXY_ENV, a.proxy):
-                result = build_flow(**params)
+                result = build_flow(**params.as_dict())
     except BuildFailed as e:
         result = e.result
         _print_summary(result)
@@ -346,7 +241,7 @@ def cmd_publish(a: argparse.Namespace) -> int:
 def cmd_serve(a: argparse.Namespace) -> int:
     from pipeline.audit import audit_flow
     from pipeline.schedule import make_deployments, serve_config_from_args, serve_deployments
-    serve_deployments(make_deployments(build_flow, audit_flow, serve_config_from_args(a)), limit=a.limit)
+    serve_deployments(make_deployments(build_flow, audit_flow, serve_config_from_args(a)), limit=a.concurrent_runs)
     return EXIT_OK
 
 

@@ -1,24 +1,21 @@
-"""Scheduled rebuilds, audit deployments and the scale-out task runner.
+"""Scheduled rebuilds and audit deployments.
 
 - `make_deployments(build_flow, audit_flow, cfg)`: the `rebuild` deployment of flows.build_flow (the one build
   flow: run on the same DIR it is an incremental rebuild) and the `audit` deployment of
   pipeline.audit.audit_flow, with their cron schedules. Deployment parameters are stored in Prefect's database
   and shown in its UI, so no secret is one (the proxy comes from the serving process's AVCAP_PROXY or a Prefect
   Secret block named by the `proxy_secret` parameter).
-- `serve_deployments` / `serve_main`: `prefect.serve` in this process, which registers the deployments and
+- `serve_deployments`: `prefect.serve` in this process, which registers the deployments and
   polls the API for scheduled and manually triggered runs (`python flows.py serve`).
-- `task_runner_for(address)`: prefect-dask's DaskTaskRunner on a running scheduler, or the local thread pool.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from prefect import Flow, serve
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 REBUILD_DEPLOYMENT = "rebuild"
 AUDIT_DEPLOYMENT = "audit"
@@ -30,7 +27,7 @@ class ScheduleConfig:
     rebuild_cron: str | None = "0 3 * * *"    # nightly; None: the rebuild runs only when triggered
     audit_cron: str | None = "0 5 * * 0"      # weekly, after a rebuild had time to finish
     timezone: str = "UTC"
-    rebuild_parameters: dict[str, Any] = field(default_factory=dict)  # beyond out_dir, e.g. csv paths
+    rebuild_parameters: dict[str, Any] = field(default_factory=dict)  # pipeline.params.BuildParams beyond out_dir
     audit_sample: int = 8
     audit_seed: int = 0
     tags: list[str] = field(default_factory=lambda: ["avcap"])
@@ -83,56 +80,23 @@ def serve_deployments(deployments: list[RunnerDeployment], limit: int | None = N
     serve(*deployments, limit=limit, print_starting_message=True)
 
 
-def task_runner_for(dask_address: str | None, max_workers: int | None = None) -> TaskRunner:
-    """The task runner for the CPU stages: a Dask cluster at `dask_address` (e.g. "tcp://host:8786"),
-    or Prefect's thread pool on this machine when None."""
-    if dask_address:
-        if "://" not in dask_address:
-            raise ValueError(f"dask address {dask_address!r}: expected a scheduler URL like tcp://host:8786")
-        # Imported here so a local run does not need distributed to start up.
-        from prefect_dask import DaskTaskRunner
-        return DaskTaskRunner(address=dask_address)
-    return ThreadPoolTaskRunner(max_workers=max_workers)
-
-
 def add_serve_arguments(parser) -> None:
-    """Arguments of `flows.py serve`."""
-    parser.add_argument("--out", required=True, help="output directory the deployments rebuild and audit")
-    parser.add_argument("--csv", required=True, action="append", help="AudioCaps CSV/JSON (repeat to merge)")
-    parser.add_argument("--split", required=True, help="split the rebuild makes: train, val, test, ...")
+    """Arguments of `flows.py serve`: the schedules, plus every build parameter for the rebuilds."""
+    from pipeline.params import add_arguments
+    add_arguments(parser)
     parser.add_argument("--cron", default="0 3 * * *", help="rebuild schedule (cron); 'none': only on demand")
     parser.add_argument("--audit-cron", default="0 5 * * 0", help="audit schedule (cron); 'none': only on demand")
     parser.add_argument("--timezone", default="UTC", help="IANA time zone of both schedules")
-    parser.add_argument("--media-dir", help="rebuild from media on disk instead of downloading")
-    parser.add_argument("--url-template", help="download URL with {youtube_id} (default: YouTube)")
-    parser.add_argument("--cpu-workers", type=int, default=1)
-    parser.add_argument("--dask-address", metavar="URL",
-                        help="run each rebuild's extraction + fbank on the Dask scheduler at URL (tcp://host:8786)")
-    parser.add_argument("--publish", metavar="URL", help="publish each finished rebuild to this fsspec URL")
     parser.add_argument("--audit-sample", type=int, default=8, help="clips each scheduled audit re-checks")
-    parser.add_argument("--limit", type=int, help="at most this many concurrent flow runs in this process")
+    parser.add_argument("--concurrent-runs", type=int, help="at most this many concurrent flow runs in this process")
 
 
 def serve_config_from_args(a) -> ScheduleConfig:
+    from pipeline.params import deployment_parameters, from_args
+
     def cron(v: str | None) -> str | None:
         return None if v is None or v.lower() == "none" else v
-    params: dict[str, Any] = {"csv": [str(Path(c).absolute()) for c in a.csv], "split": a.split,
-                              "cpu_workers": a.cpu_workers}
-    if a.media_dir:
-        params["media_dir"] = str(Path(a.media_dir).absolute())
-    if a.url_template:
-        params["url_template"] = a.url_template
-    if getattr(a, "dask_address", None):
-        params["dask_address"] = a.dask_address
-    if a.publish:
-        params["publish_url"] = a.publish
-    # Absolute paths: the served runs may start in another working directory than this command.
-    return ScheduleConfig(out_dir=str(Path(a.out).absolute()), rebuild_cron=cron(a.cron),
-                          audit_cron=cron(a.audit_cron), timezone=a.timezone, rebuild_parameters=params,
-                          audit_sample=a.audit_sample)
-
-
-def serve_main(a) -> int:
-    """`flows.py serve`: serve the rebuild and audit deployments until interrupted."""
-    from flows import cmd_serve
-    return cmd_serve(a)
+    params = deployment_parameters(from_args(a))
+    out_dir = params.pop("out_dir")
+    return ScheduleConfig(out_dir=out_dir, rebuild_cron=cron(a.cron), audit_cron=cron(a.audit_cron),
+                          timezone=a.timezone, rebuild_parameters=params, audit_sample=a.audit_sample)

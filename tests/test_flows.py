@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import flows
+from pipeline.params import BuildParams
 from pipeline.build import run_build
 from pipeline.ledger import Ledger
 from pipeline.report import rms_dbfs
@@ -39,9 +40,9 @@ def test_every_command_has_clear_help():
 def test_bad_option_combinations_are_refused(tmp_path, capsys):
     base = ["build", "--csv", "x.csv", "--split", "test", "--out", str(tmp_path)]
     assert flows.main(base + ["--prune"]) == flows.EXIT_ERROR
-    assert flows.main(base + ["--no-prefect", "--dask-address", "tcp://127.0.0.1:1"]) == flows.EXIT_ERROR
+    assert flows.main(base + ["--dask-address", "127.0.0.1:1", "--no-prefect"]) == flows.EXIT_ERROR
     err = capsys.readouterr().err
-    assert "--prune needs --publish" in err and "drop --no-prefect" in err
+    assert "--prune needs --publish" in err and "expected a scheduler URL like tcp://host:8786" in err
 
 
 def test_rms_dbfs():
@@ -52,8 +53,8 @@ def test_rms_dbfs():
 
 
 def test_cli_build_on_two_dask_workers_publishes_and_reports(prefect_server, ops_build, tmp_path, monkeypatch):
-    """`flows.py build --dask-address` on a LocalCluster of 2 worker processes: the clips run as Prefect tasks
-    on the workers, the shards are byte-identical to the local build's, the build is published through fsspec
+    """`flows.py build --dask-address` on a LocalCluster of 2 worker processes: the clips run in chunks on the
+    workers (no Prefect task run per clip), the shards are byte-identical to the local build's, the build is published through fsspec
     (manifest last), and the run leaves its table and markdown artifacts and report files."""
     from distributed import LocalCluster
     from prefect import get_client
@@ -94,9 +95,10 @@ def test_cli_build_on_two_dask_workers_publishes_and_reports(prefect_server, ops
     assert {"section": "stage", "name": "process", "clips": 4} .items() <= next(
         r for r in rows if r["section"] == "stage" and r["name"] == "process").items()
     assert "data:image/png;base64," in latest["avcap-build-test-report"].data
-    # One Prefect task per clip ran on the cluster, beside the stage tasks.
+    # Orchestration per stage and chunk: the stage tasks ran, and no task run per clip.
     names = [r.name for r in runs]
-    assert sum(n.startswith("process-clip") for n in names) >= 4
+    assert not any(n.startswith("process-clip") for n in names)
+    assert any(n.startswith("process") for n in names)
     assert any(n.startswith("download") for n in names) and any(n.startswith("shards") for n in names)
 
 
@@ -133,7 +135,7 @@ def test_incremental_rebuild_of_a_new_csv_version(ops_build, tmp_path):
     def build(csv: Path, out: Path):
         params = dict(csv=[str(csv)], split="test", out_dir=str(out), media_dir=str(media),
                       url_template=DEAD_URL, samples_per_shard=2, frames=4, max_retries=0)
-        return run_build(flows.make_config(**params))
+        return run_build(BuildParams(**params).to_build_config())
 
     out = tmp_path / "out"
     r1 = build(v1, out)

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.audit import audit_flow
 from flows import build_flow
-from pipeline.schedule import ScheduleConfig, make_deployments, task_runner_for
+from pipeline.schedule import ScheduleConfig, make_deployments
 from tests.fixtures_ops import copy_build, prefect_settings, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,16 +139,6 @@ def test_served_audit_deployment_runs_to_completion(prefect_server, ops_build, t
     assert reports, "the served run wrote no audit report"
 
 
-def test_task_runner_for():
-    from prefect.task_runners import ThreadPoolTaskRunner
-    from prefect_dask import DaskTaskRunner
-    assert isinstance(task_runner_for(None), ThreadPoolTaskRunner)
-    runner = task_runner_for("tcp://127.0.0.1:8786")
-    assert isinstance(runner, DaskTaskRunner) and runner.address == "tcp://127.0.0.1:8786"
-    with pytest.raises(ValueError, match="scheduler URL"):
-        task_runner_for("127.0.0.1:8786")
-
-
 def test_audit_cli_runs_the_flow_and_exits_nonzero_on_mismatch(prefect_server, ops_build, tmp_path, capsys):
     """`flows.py audit` path (pipeline.audit.audit_main) through a Prefect flow run on the loopback server."""
     import argparse
@@ -169,6 +159,7 @@ def test_audit_cli_runs_the_flow_and_exits_nonzero_on_mismatch(prefect_server, o
 def test_serve_arguments_make_the_schedule_config(tmp_path):
     import argparse
 
+    from pipeline.params import BuildParams
     from pipeline.schedule import add_serve_arguments, serve_config_from_args
     p = argparse.ArgumentParser()
     add_serve_arguments(p)
@@ -177,8 +168,11 @@ def test_serve_arguments_make_the_schedule_config(tmp_path):
                                                "--timezone", "Asia/Tokyo", "--publish", "s3://bucket/avcap"]))
     assert cfg.out_dir == str(Path("data").absolute()) and cfg.rebuild_cron == "0 1 * * *"
     assert cfg.audit_cron is None and cfg.timezone == "Asia/Tokyo"
-    assert cfg.rebuild_parameters == {"csv": [str(Path("a.csv").absolute()), str(Path("b.csv").absolute())],
-                                      "split": "train", "cpu_workers": 1, "publish_url": "s3://bucket/avcap"}
+    # Every build parameter is in the deployment (what the UI shows is what runs), paths absolute.
+    want = {**BuildParams(split="train", out_dir="data").as_dict(),
+            "csv": [str(Path("a.csv").absolute()), str(Path("b.csv").absolute())], "publish_url": "s3://bucket/avcap"}
+    del want["out_dir"]
+    assert cfg.rebuild_parameters == want
     rebuild, audit = make_deployments(build_flow, audit_flow, cfg)
     assert audit.schedules == [] and rebuild.schedules[0].schedule.timezone == "Asia/Tokyo"
 

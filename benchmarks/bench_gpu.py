@@ -20,9 +20,10 @@ What runs, for one and four frames:
 
 Needs only torch and what avcap.model imports (timm, which pulls torchvision; numpy): on a bare GPU machine
 `pip install torch==2.11.0 torchvision==0.26.0 timm==1.0.31` (the project's pins), then run from the repository
-root. Compile (`--compile`) is off by default: it costs
-about a minute per setup. Setups that run out of memory are reported, not fatal; `--budget-s` skips what
-would start after that many seconds so a short GPU lease still gets its JSON.
+root. Compile (`--compile`) is off by default: it costs about a minute per setup, and the loss' data-dependent
+choice of predicted rows (and its input check) splits the graph in two. Setups that run out of memory are
+reported, not fatal; `--budget-s` skips what would start after that many seconds so a short GPU lease still gets
+its JSON.
 """
 from __future__ import annotations
 

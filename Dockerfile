@@ -13,9 +13,10 @@
 FROM python:3.11-slim-bookworm
 
 # ffmpeg: extraction and yt-dlp's range downloads; Java 17: METEOR and the PTB tokenizer (pycocoevalcap);
-# espeak-ng: the demo's speech clips; tini: forwards signals to torchrun and its workers and reaps them.
+# espeak-ng: the demo's speech clips; chromium: the browser the gallery tests load pages in (headless); tini:
+# forwards signals to torchrun and its workers and reaps them.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ffmpeg openjdk-17-jre-headless espeak-ng tini \
+    && apt-get install -y --no-install-recommends ffmpeg openjdk-17-jre-headless espeak-ng chromium tini \
     && rm -rf /var/lib/apt/lists/*
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -5,6 +5,7 @@
     python flows.py audit --out DIR [--sample N] [--seed S]
     python flows.py serve --out DIR --split train [--csv train.csv] [--cron "0 3 * * *"]
     python flows.py publish --out DIR --publish URL [--prune]
+    python flows.py gallery --out DIR [--split S] [--results RESULTS.json] [--sample N] [--seed K]
 
 `build_flow` is THE build: a module-level Prefect flow with plain JSON parameters, run by `flows.py build` and
 by the scheduled `rebuild` deployment alike (a rebuild is the same build on the same DIR: the ledger and the
@@ -130,6 +131,8 @@ def build_flow(**parameters):
     if p.report:
         from pipeline.report import build_report
         _stage_task("report", build_report, result, True)
+        from pipeline.gallery import build_gallery_artifact
+        _stage_task("gallery", build_gallery_artifact, p.out_dir, p.split)
     if not result.ok:
         raise BuildFailed(failure_message(result), result)
     if p.publish_url:
@@ -247,6 +250,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 def make_parser() -> argparse.ArgumentParser:
     from pipeline.audit import add_audit_arguments, audit_main
+    from pipeline.gallery import add_gallery_arguments, gallery_main
     from pipeline.schedule import add_serve_arguments
 
     parser = argparse.ArgumentParser(prog="flows.py", description="\n\n".join(__doc__.split("\n\n")[:2]),
@@ -275,6 +279,13 @@ def make_parser() -> argparse.ArgumentParser:
     pub.add_argument("--publish", required=True, metavar="URL", help="destination: a path or fsspec URL")
     pub.add_argument("--prune", action="store_true", help="delete destination shards the manifest no longer lists")
     pub.set_defaults(func=cmd_publish)
+    gallery = sub.add_parser("gallery", help="an HTML page of a split's clips, failures and generated captions",
+                             description="Write DIR/reports/gallery-SPLIT.html (+ its files in "
+                                         "DIR/reports/gallery-SPLIT/): sampled clips with frames, audio, "
+                                         "spectrogram and captions; with --results, generated captions and "
+                                         "per-clip CIDEr-D. Exit 0 written, 1 could not.")
+    add_gallery_arguments(gallery)
+    gallery.set_defaults(func=gallery_main)
     return parser
 
 

@@ -25,6 +25,7 @@ benchmarks=(
   "caption-stage|$PY benchmarks/bench_caption_stage.py --clips 100"
   "demo-step|$PY benchmarks/bench_demo_step.py --steps 3"
   "demo-media|$PY benchmarks/bench_demo_media.py --clips 12 --workers 2"
+  "gallery|$PY benchmarks/bench_gallery.py --clips 120 --sample 40 --repeats 1"
 )
 
 machine() {

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Idempotent, unattended setup for a fresh machine: Debian's ffmpeg, Java and espeak-ng when missing, a .venv with
-# the pinned install and its test extra (pytest). Safe to run twice: the pip step is skipped while pyproject.toml
+# Idempotent, unattended setup for a fresh machine: Debian's ffmpeg, Java, espeak-ng and chromium when missing, a
+# .venv with the pinned install and its test extra (pytest). Safe to run twice: the pip step is skipped while pyproject.toml
 # is unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # ffmpeg is required; a Java runtime runs METEOR and the Stanford PTB tokenizer (the metrics fall back to their
 # Java-free path without it, but the tests of the Java path need it); espeak-ng only gives the demo its speech
-# clips (the demo drops that class without it).
+# clips (the demo drops that class without it); chromium is the real browser the gallery tests load their pages
+# in (headless).
 missing=()
 if ! command -v ffmpeg >/dev/null 2>&1 || ! command -v ffprobe >/dev/null 2>&1; then missing+=(ffmpeg); fi
 if ! command -v java >/dev/null 2>&1; then missing+=(default-jre-headless); fi
 if ! command -v espeak-ng >/dev/null 2>&1; then missing+=(espeak-ng); fi
+if ! command -v chromium >/dev/null 2>&1; then missing+=(chromium); fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "[setup] installing ${missing[*]} from Debian" >&2
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
@@ -22,6 +24,8 @@ if [ ${#missing[@]} -gt 0 ]; then
       "Java metric tests fail" >&2
     command -v espeak-ng >/dev/null 2>&1 || echo "[setup] warning: espeak-ng not installed; the demo runs" \
       "without its speech class" >&2
+    command -v chromium >/dev/null 2>&1 || echo "[setup] warning: chromium not installed; the gallery's" \
+      "browser tests fail" >&2
   fi
 fi
 

@@ -27,12 +27,13 @@ def _shards(out: Path, split: str = "test") -> dict[str, bytes]:
 def test_every_command_has_clear_help():
     parser = flows.make_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == {"build", "audit", "serve", "publish"}
+    assert set(sub.choices) == {"build", "audit", "serve", "publish", "gallery"}
     build = sub.choices["build"].format_help()
     for option in ("--dask-address", "--publish", "--prune", "--cpu-workers", "--download-workers", "--no-report"):
         assert option in build, option
     assert "5 publishing failed" in " ".join(build.split())
     assert "--sample" in sub.choices["audit"].format_help() and "--cron" in sub.choices["serve"].format_help()
+    assert "--results" in sub.choices["gallery"].format_help()
     with pytest.raises(SystemExit):
         flows.main(["build", "--split", "test"])   # --csv and --out are required
 
@@ -86,7 +87,8 @@ def test_cli_build_on_two_dask_workers_publishes_and_reports(prefect_server, ops
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({png.name})" in report
     with prefect_settings(api), get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["avcap-build-test-stats", "avcap-build-test-report"])))
+            key=ArtifactFilterKey(any_=["avcap-build-test-stats", "avcap-build-test-report",
+                                        "avcap-build-test-gallery"])))
         runs = client.read_task_runs()
     latest = {a.key: a for a in sorted(arts, key=lambda a: a.created)}
     table = latest["avcap-build-test-stats"]
@@ -95,6 +97,9 @@ def test_cli_build_on_two_dask_workers_publishes_and_reports(prefect_server, ops
     assert {"section": "stage", "name": "process", "clips": 4} .items() <= next(
         r for r in rows if r["section"] == "stage" and r["name"] == "process").items()
     assert "data:image/png;base64," in latest["avcap-build-test-report"].data
+    gallery = out / "reports" / "gallery-test.html"     # the build's gallery, its path in an artifact
+    assert gallery.is_file() and str(gallery) in latest["avcap-build-test-gallery"].data
+    assert "4 of 4 clips shown" in latest["avcap-build-test-gallery"].data
     # Orchestration per stage and chunk: the stage tasks ran, and no task run per clip.
     names = [r.name for r in runs]
     assert not any(n.startswith("process-clip") for n in names)

@@ -100,3 +100,18 @@ def test_results_file_and_bad_inputs(tmp_path):
         score_captions({"k": "a dog"}, {"k": "a dog"}, use_java=False)
     with pytest.raises(ValueError, match="no predictions"):
         score_captions({}, {"k": ["a dog"]}, use_java=False)
+
+
+@pytest.mark.parametrize("java", [False, True])
+def test_per_clip_cider_d_averages_to_the_split_cider_d(java):
+    """cider_d_per_clip: pycocoevalcap's per-image CIDEr-D, tokenized like score_captions (either path), so their
+    mean is the split's CIDEr-D; a clip that matches its references outscores one that does not."""
+    from avcap.metrics import cider_d_per_clip
+    refs = {"a": ["a dog barks loudly", "the dog is barking"], "b": ["rain falls on a roof", "heavy rain"],
+            "c": ["a car engine revs up", "an engine is running"], "d": ["people talk and laugh", "a crowd talks"]}
+    preds = {"a": "a dog barks loudly", "b": "music plays", "c": "an engine revs", "d": "people talking"}
+    per_clip = cider_d_per_clip(preds, refs, use_java=java)
+    assert sorted(per_clip) == sorted(preds)
+    split = score_captions(preds, refs, use_java=java)["CIDEr"]
+    assert sum(per_clip.values()) / len(per_clip) == pytest.approx(split, abs=1e-12)
+    assert per_clip["a"] > per_clip["c"] > per_clip["b"] == 0.0

@@ -27,15 +27,17 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /opt/avcap
 
-# The pinned dependencies first, from pyproject.toml alone: this layer (torch trio included) is rebuilt only when
-# the pins change, not on every source edit.
+# The pinned dependencies first, from pyproject.toml alone (yt-dlp[default,deno] brings the deno binary, on PATH
+# as /usr/local/bin/deno, and the EJS scripts YouTube downloads need): this layer (torch trio included) is rebuilt
+# only when the pins change, not on every source edit.
 # The test extra (pytest) comes too: the image documents `python -m pytest`.
 COPY pyproject.toml ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 print('\n'.join(p['dependencies'] + p['optional-dependencies']['test']))" \
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt
+    && rm /tmp/requirements.txt \
+    && deno --version && python -c "import yt_dlp_ejs"
 
 # Only the project's sources (no .venv, outputs or caches from the build context).
 COPY pipeline/ pipeline/

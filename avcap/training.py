@@ -507,7 +507,7 @@ def check_eval_split(cfg: TrainConfig) -> None:
     the first epoch."""
     if not cfg.eval_every:
         return
-    from shards.loader import load_split
+    from shards.split_info import load_split
     try:
         load_split(cfg.data, cfg.eval_split, cfg.shard_base)
     except ValueError as e:
@@ -597,7 +597,7 @@ def build_model_config(cfg: TrainConfig, tokenizer: Any) -> Any:
 def check_dataset_matches(split: Any, model_config: Any, data: str, frames_per_clip: int | None = None) -> None:
     """Refuse a dataset whose frames per clip or fbank parameters disagree with the model, naming both.
 
-    `split` is shards.loader.SplitInfo (what the manifest says); `frames_per_clip` is what a checkpoint's model
+    `split` is shards.split_info.SplitInfo (what the manifest says); `frames_per_clip` is what a checkpoint's model
     was trained with, when known (the eval frame F//2 and the train frame spacing depend on it).
     """
     problems = []
@@ -660,7 +660,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     from avcap import checkpoint as ckpt_mod
     from avcap.model import AVCap
     from avcap.tokenizer import load_tokenizer, tokenizer_vocab
-    from shards.loader import load_split
+    from shards.split_info import load_split
 
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
@@ -904,7 +904,7 @@ class _LoaderFactory:
                             pin_memory=self.env.device.type == "cuda")
 
     def batches_per_epoch(self) -> int:
-        from shards.loader import batches_per_epoch
+        from shards.epoch_plan import batches_per_epoch
         return int(batches_per_epoch(self.split, self.env.world_size, self.cfg.num_workers, self.cfg.batch_size,
                                      train=True))
 

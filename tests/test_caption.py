@@ -88,7 +88,7 @@ def test_window_matches_the_dataset_sample(assets, tmp_path):
     from avcap.generate import beam_search
     from avcap.tokenizer import decode_batch
     from shards.augment import AugmentConfig, prepare_batch
-    from shards.loader import decode_jpeg, decode_npy
+    from shards.decode import decode_jpeg, decode_npy
     from shards.writer import stage_clip
 
     clip = assets["clip"]

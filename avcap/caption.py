@@ -199,7 +199,7 @@ class Captioner:
     def _window(self, media: Path, start: float, mode: str, label: Path) -> _Window:
         from pipeline.extract import ExtractError, extract_clip
         from pipeline.features import compute_fbank
-        from shards.loader import decode_jpeg
+        from shards.decode import decode_jpeg
 
         try:
             ex = extract_clip(media, start, self.extract_cfg, duration=self.cfg.window_s)

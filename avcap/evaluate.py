@@ -135,7 +135,7 @@ def selection_metric(scores: dict[str, Any]) -> tuple[str, float]:
 def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any] | None:
     """Caption cfg.split with the checkpoint's model; returns the metrics on rank 0 (None on other ranks)."""
     from avcap.checkpoint import load_checkpoint
-    from shards.loader import load_split
+    from shards.split_info import load_split
     from avcap.training import TrainConfig, check_dataset_matches
 
     if not cfg.checkpoint or not cfg.data:

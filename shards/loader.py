@@ -31,7 +31,6 @@ from typing import Any, Iterator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.batching import Batcher, sample_members
-from shards.decode import decode_jpeg  # noqa: F401  (re-exported: avcap.caption still imports it from here)
 from shards.epoch_plan import SlotPart, batches_per_epoch, plan_epoch
 from shards.hashing import stable_hash
 from shards.index import ShardError

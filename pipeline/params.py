@@ -75,6 +75,11 @@ class BuildParams:
         "with --publish: delete shards at URL that the new manifest no longer lists"))
     report: bool = field(default=True, metadata=_param("skip DIR/reports/build-<split>.md and its plots",
                                                        flag="--no-report"))
+    strict_decode: bool = field(default=False, metadata=_param(
+        "fail a clip whose decode reported any error (default: keep it when its audio and frames are complete, "
+        "with ffmpeg's errors recorded)"))
+    wait_lock: bool = field(default=False, metadata=_param(
+        "when another build of this split into --out is running, wait for it instead of exiting at once"))
     proxy_secret: str | None = field(default=None, metadata=_param(
         "name of a Prefect Secret block holding the proxy URL", cli=False))
 
@@ -110,8 +115,8 @@ class BuildParams:
                            media_dir=Path(self.media_dir) if self.media_dir else None, limit=self.limit,
                            cpu_workers=self.cpu_workers or max(1, os.cpu_count() or 1),
                            samples_per_shard=self.samples_per_shard, retry_permanent=self.retry_permanent,
-                           max_failure_rate=self.max_failure_rate, download=download,
-                           extract=ExtractConfig(frames=self.frames))
+                           max_failure_rate=self.max_failure_rate, wait_lock=self.wait_lock, download=download,
+                           extract=ExtractConfig(frames=self.frames, strict_decode=self.strict_decode))
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -10,7 +10,9 @@ build is taken over without anyone deleting it; the file's text only names the h
 `filelock` package truncates the lock file on every attempt to take it, which erases the holder's name that the
 refused build has to print.
 
-The lock is re-entrant within one process (the Prefect flow holds it around `run_build`, which takes it too).
+The lock is re-entrant within one thread (the Prefect flow holds it around `run_build`, which takes it too);
+another thread of the same process (two served flow runs) opens the file again and is refused or waits like
+another process: flock locks belong to the open file, not to the process.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ class LockHeld(RuntimeError):
     """Another running build holds the lock (the message names it)."""
 
 
-_held: dict[str, list[int]] = {}     # lock path -> [fd, depth] for the locks this process holds
+_held: dict[tuple[str, int], list[int]] = {}   # (lock path, thread) -> [fd, depth]: the locks held here
 _held_guard = threading.Lock()
 
 
@@ -63,7 +65,7 @@ def build_lock(out: Path, split: str, wait: bool = False) -> Iterator[None]:
     """Hold the build lock of (out, split) for the block; raise LockHeld when another build holds it (or wait
     for it with `wait`)."""
     path = lock_path(out, split)
-    key = str(path.absolute())
+    key = (str(path.absolute()), threading.get_ident())
     with _held_guard:
         if key in _held:
             _held[key][1] += 1

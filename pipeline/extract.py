@@ -23,6 +23,15 @@ genuinely short video. When the decoded audio or video ends more than `truncatio
 min(what the container declares for that stream (ffprobe; the format's duration when the stream has none),
 the window), the clip is `truncated`. ffprobe runs only for clips that decode shorter than the window.
 
+A window that starts at or after the declared end of every stream is `start-past-end` (not `too-short`: no other
+file of that video can fix a wrong start_time).
+
+Damaged media: ffmpeg conceals what it cannot decode and still exits 0, printing one error line per damaged
+packet (it runs at `-v error`, so every line it prints is one). When it printed any, the clip is kept only if the
+decode is complete (audio to within `COMPLETE_TOLERANCE_S` of the expected end, video to one frame step), else it
+is `decode-errors`; a kept clip carries the error count and first lines (`Extracted.decode_errors`), and
+`ExtractConfig.strict_decode` makes any error `decode-errors`.
+
 Failures raise `ExtractError(reason, message)` with one of `REASONS`; `message` carries the tail of ffmpeg's
 stderr so a ledger entry says what went wrong.
 """
@@ -286,13 +295,16 @@ def extract_clip(media_path: Path | str, start: float, cfg: ExtractConfig = Extr
     # The video covers up to the last frame time it filled (+ half a step: the picture stays on screen).
     video_s = min(duration, decoded * step)
     errors = _error_lines(proc.stderr)
+    if errors or real_duration < duration - cfg.truncation_tolerance_s or \
+            video_s < duration - cfg.truncation_tolerance_s - step:
+        declared = declared_durations(media_path, cfg)
+        check_start(media_path, float(start), declared)
+        check_truncation(media_path, float(start), float(duration), real_duration, video_s, cfg, declared)
     if errors and cfg.strict_decode:
         raise ExtractError("decode-errors", f"ffmpeg reported {len(errors)} decode errors in {media_path.name} "
                                             f"(--strict-decode); first: " + " | ".join(errors[:DECODE_ERROR_LINES]))
     if errors:
         # ffmpeg conceals damaged data and exits 0: the clip is kept only if nothing of the window is missing.
-        declared = declared_durations(media_path, cfg)
-        check_start(media_path, float(start), declared)
         try:
             check_truncation(media_path, float(start), float(duration), real_duration, video_s, cfg, declared,
                              tolerance_s=COMPLETE_TOLERANCE_S)
@@ -302,10 +314,6 @@ def extract_clip(media_path: Path | str, start: float, cfg: ExtractConfig = Extr
             raise ExtractError("decode-errors", f"ffmpeg reported {len(errors)} decode errors in {media_path.name} "
                                                 f"and the decode is incomplete ({e.message}); first: "
                                                 + " | ".join(errors[:DECODE_ERROR_LINES])) from None
-    elif real_duration < duration - cfg.truncation_tolerance_s or video_s < duration - cfg.truncation_tolerance_s - step:
-        declared = declared_durations(media_path, cfg)
-        check_start(media_path, float(start), declared)
-        check_truncation(media_path, float(start), float(duration), real_duration, video_s, cfg, declared)
     if real_duration < cfg.min_duration_s:
         raise ExtractError("too-short", f"{real_duration:.2f} s of audio in the window [{start}, {start + duration})"
                                         f" of {media_path.name}; at least {cfg.min_duration_s:g} s needed")

@@ -6,16 +6,17 @@
 #   docker build -t avcap .
 #   docker run --rm -v "$PWD/out:/data" avcap                                  # the embedded demo
 #   docker run --rm avcap python -m pytest -q                                  # the tests
-#   docker run --rm -v /data:/data avcap python flows.py build --csv /data/audiocaps/train.csv --split train \
-#       --out /data/ac --cookies /data/cookies.txt
+#   docker run --rm -v /data:/data avcap python flows.py build --split train --out /data/ac \
+#       --cookies /data/cookies.txt                                            # the image's data/audiocaps CSVs
 #   docker run --rm --gpus all --ipc=host -v /data:/data avcap \
 #       torchrun --nproc_per_node 8 train.py --data /data/ac --out /data/runs/avcap
 FROM python:3.11-slim-bookworm
 
 # ffmpeg: extraction and yt-dlp's range downloads; Java 17: METEOR and the PTB tokenizer (pycocoevalcap);
-# espeak-ng: the demo's speech clips; tini: forwards signals to torchrun and its workers and reaps them.
+# espeak-ng: the demo's speech clips; chromium: the browser the gallery tests load pages in (headless); tini:
+# forwards signals to torchrun and its workers and reaps them.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ffmpeg openjdk-17-jre-headless espeak-ng tini \
+    && apt-get install -y --no-install-recommends ffmpeg openjdk-17-jre-headless espeak-ng chromium tini \
     && rm -rf /var/lib/apt/lists/*
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -28,8 +29,10 @@ WORKDIR /opt/avcap
 
 # The pinned dependencies first, from pyproject.toml alone: this layer (torch trio included) is rebuilt only when
 # the pins change, not on every source edit.
+# The test extra (pytest) comes too: the image documents `python -m pytest`.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['test']))" \
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
@@ -41,7 +44,9 @@ COPY avcap/ avcap/
 COPY demo/ demo/
 COPY tests/ tests/
 COPY scripts/ scripts/
-COPY flows.py train.py ARCHITECTURE.md ./
+# data/: the AudioCaps CSVs that `flows.py build --split S` reads by default (and the tests check).
+COPY data/ data/
+COPY flows.py train.py README.md ARCHITECTURE.md LICENSE .gitattributes ./
 RUN pip install --no-deps . \
     && python -c "import torch, torchaudio, torchvision, pipeline, shards, avcap, demo, flows, train"
 

@@ -5,13 +5,14 @@
     python flows.py audit --out DIR [--sample N] [--seed S]
     python flows.py serve --out DIR --split train [--csv train.csv] [--cron "0 3 * * *"]
     python flows.py publish --out DIR --publish URL [--prune]
+    python flows.py gallery --out DIR [--split S] [--results RESULTS.json] [--sample N] [--seed K]
 
 `build_flow` is THE build: a module-level Prefect flow with plain JSON parameters, run by `flows.py build` and
 by the scheduled `rebuild` deployment alike (a rebuild is the same build on the same DIR: the ledger and the
 fixed shard count make it incremental). Each stage of `pipeline.build` is a Prefect task with its own retries
 and time limit (STAGE_TASKS); parallelism inside a stage has its own limits: download threads
 (`--download-workers`, so downloads are throttled apart from CPU work) and CPU processes (`--cpu-workers`), or
-one Prefect task per clip on a Dask cluster (`--dask-address`). Downloads get no Prefect retries: their backoff
+chunks of clips on a Dask cluster (`--dask-address`, pipeline.dask_runner). Downloads get no Prefect retries: their backoff
 lives in pipeline.download, and a second layer would multiply it.
 
 Secrets are never flow parameters (Prefect stores parameters in its database and shows them in the UI): the
@@ -71,7 +72,8 @@ class StageTask:
 
 
 # Per stage: retries only where a retry is safe and useful. download: 0 (backoff lives in pipeline.download);
-# process: 0 for the stage (a clip failure is an outcome, not an exception; per-clip retries on Dask below);
+# process: 0 for the stage (a clip failure is an outcome, not an exception; on Dask a chunk whose worker died
+# is re-run by Dask and redoes only its unfinished clips, see pipeline.dask_runner);
 # captions, shards, manifest and publish are idempotent and atomic per file, so a transient I/O error is worth
 # one more try.
 # Time limits only where a bound is known: stage length otherwise scales with the clip count.
@@ -86,7 +88,6 @@ STAGE_TASKS = {
     "publish": StageTask(retries=2, retry_delay_s=10),
     "report": StageTask(timeout_s=1800),
 }
-CLIP_TASK = StageTask(retries=2, retry_delay_s=1)   # per clip on Dask: a sick worker or a bug, tried again
 
 
 class BuildFailed(RuntimeError):
@@ -104,36 +105,6 @@ def _stage_task(name: str, fn, *args, **kwargs):
     # is left to do).
     return task(fn, name=name, retries=opts.retries, retry_delay_seconds=opts.retry_delay_s,
                 timeout_seconds=opts.timeout_s, cache_policy=NO_CACHE, log_prints=True)(*args, **kwargs)
-
-
-def dask_clip_runner(address: str, clip_timeout_s: float | None = None):
-    """A pipeline.build ClipRunner: one Prefect task per clip (pipeline.build.process_clip_or_raise) on the Dask
-    scheduler at `address`, through prefect-dask. Outcomes are yielded as they land so the ledger records them
-    at once. A clip whose task still fails after CLIP_TASK.retries is recorded as a transient internal error."""
-    from prefect.futures import as_completed
-
-    from pipeline.build import ClipInternalError, ProcessOutcome, process_clip_or_raise
-    from pipeline.ledger import FAILED_TRANSIENT
-    from pipeline.schedule import task_runner_for
-
-    clip_task = task(process_clip_or_raise, name="process-clip", retries=CLIP_TASK.retries,
-                     retry_delay_seconds=CLIP_TASK.retry_delay_s, timeout_seconds=clip_timeout_s,
-                     cache_policy=NO_CACHE)
-
-    def run(jobs):
-        if not jobs:
-            return
-        with task_runner_for(address) as runner:
-            futures = {runner.submit(clip_task, {"job": j}): j for j in jobs}
-            for fut in as_completed(list(futures)):
-                try:
-                    yield fut.result()
-                except ClipInternalError as e:
-                    yield e.outcome
-                except Exception as e:  # noqa: BLE001 - a lost worker, a timeout: the clip is tried next run
-                    yield ProcessOutcome(futures[fut].key, FAILED_TRANSIENT, "internal-error",
-                                         f"{type(e).__name__}: {e}")
-    return run
 
 
 def _proxy(proxy_secret: str | None) -> str | None:
@@ -159,15 +130,15 @@ def build_flow(**parameters):
 
     p = BuildParams(**parameters)
     cfg = p.to_build_config(proxy=_proxy(p.proxy_secret))
-    clip_runner = (dask_clip_runner(p.dask_address, clip_timeout_s=3 * cfg.extract.timeout_s)
-                   if p.dask_address else None)
     check_out_writable(cfg.out)
     # The lock covers the report and publishing too: a second build must not rewrite shards being published.
     with holding_build_lock(cfg):
-        result = run_build(cfg, stage_runner=_stage_task, clip_runner=clip_runner)
+        result = run_build(cfg, stage_runner=_stage_task, clip_runner=p.clip_runner())
         if p.report:
             from pipeline.report import build_report
             _stage_task("report", build_report, result, True)
+            from pipeline.gallery import build_gallery_artifact
+            _stage_task("gallery", build_gallery_artifact, p.out_dir, p.split)
         if not result.ok:
             raise BuildFailed(failure_message(result), result)
         if p.publish_url:
@@ -189,7 +160,7 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proxy", help=f"proxy URL for yt-dlp (or set {PROXY_ENV}); never stored by Prefect, "
                                    "redacted in the manifest")
     p.add_argument("--no-prefect", action="store_true",
-                   help="run the stages directly, without a Prefect flow (no Dask, no artifacts)")
+                   help="run the stages directly, without a Prefect flow (no artifacts)")
 
 
 @contextmanager
@@ -217,7 +188,7 @@ def _run_direct(p: BuildParams, proxy: str | None):
     cfg = p.to_build_config(proxy=proxy)
     check_out_writable(cfg.out)
     with holding_build_lock(cfg):
-        result = run_build(cfg)
+        result = run_build(cfg, clip_runner=p.clip_runner())
         if p.report:
             build_report(result, artifacts=False)
         if not result.ok:
@@ -304,9 +275,6 @@ def _cmd_build(a: argparse.Namespace) -> int:
     from pipeline.build import BuildError, check_out_writable
     from pipeline.publish import PublishError
 
-    if a.dask_address and a.no_prefect:
-        print("build failed: --dask-address runs clips as Prefect tasks; drop --no-prefect", file=sys.stderr)
-        return EXIT_ERROR
     proxy = a.proxy or os.environ.get(PROXY_ENV)
     try:
         params = build_params_from_args(a)
@@ -373,6 +341,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 def make_parser() -> argparse.ArgumentParser:
     from pipeline.audit import add_audit_arguments, audit_main
+    from pipeline.gallery import add_gallery_arguments, gallery_main
     from pipeline.schedule import add_serve_arguments
 
     parser = argparse.ArgumentParser(prog="flows.py", description="\n\n".join(__doc__.split("\n\n")[:2]),
@@ -401,6 +370,13 @@ def make_parser() -> argparse.ArgumentParser:
     pub.add_argument("--publish", required=True, metavar="URL", help="destination: a path or fsspec URL")
     pub.add_argument("--prune", action="store_true", help="delete destination shards the manifest no longer lists")
     pub.set_defaults(func=cmd_publish)
+    gallery = sub.add_parser("gallery", help="an HTML page of a split's clips, failures and generated captions",
+                             description="Write DIR/reports/gallery-SPLIT.html (+ its files in "
+                                         "DIR/reports/gallery-SPLIT/): sampled clips with frames, audio, "
+                                         "spectrogram and captions; with --results, generated captions and "
+                                         "per-clip CIDEr-D. Exit 0 written, 1 could not.")
+    add_gallery_arguments(gallery)
+    gallery.set_defaults(func=gallery_main)
     return parser
 
 

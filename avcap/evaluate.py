@@ -41,6 +41,8 @@ class EvalConfig:
     device: str = _f("auto", "auto | cpu | cuda")
     precision: str = _f("auto", "auto | fp32 | bf16 | fp16 (autocast for the forward passes)")
     dist_timeout_s: int = _f(600, "collective timeout")
+    gallery: bool = _f(False, "also write an HTML gallery of the split with the generated captions and per-clip "
+                              "CIDEr-D: reports/gallery-SPLIT.html beside the results file (pipeline.gallery)")
 
 
 @torch.no_grad()
@@ -157,7 +159,11 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any] | None:
         if merged is not None:
             out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).with_name(f"eval-{cfg.split}.json")
             scores = score_and_write(*merged, out, cfg.java, cfg.spice_jars)
-            print(json.dumps({"split": cfg.split, "results": str(out), **scores}, indent=2))
+            report = {"split": cfg.split, "results": str(out), **scores}
+            if cfg.gallery:
+                from pipeline.gallery import write_gallery
+                report["gallery"] = str(write_gallery(cfg.data, cfg.split, out=out.parent, results=out).html)
+            print(json.dumps(report, indent=2))
         clean = True
         return scores
     finally:

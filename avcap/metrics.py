@@ -172,6 +172,38 @@ def _spice(gts: dict[str, list[str]], res: dict[str, list[str]], jars: str) -> f
     return float(sum(vals) / len(vals))
 
 
+def _tokenized(predictions: dict[str, str], references: dict[str, list[str]], java: bool
+               ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(references, predictions) tokenized as the scorers want them, keys sorted: Java PTB or its Python twin."""
+    keys = sorted(predictions)
+    gts_raw = {k: list(references[k]) for k in keys}
+    res_raw = {k: [predictions[k]] for k in keys}
+    if java:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+        tok = PTBTokenizer()
+        gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in gts_raw.items()})
+        res = tok.tokenize({k: [{"caption": c} for c in v] for k, v in res_raw.items()})
+        return gts, res
+    return ptb_tokenize(gts_raw), ptb_tokenize(res_raw)
+
+
+def cider_d_per_clip(predictions: dict[str, str], references: dict[str, list[str]],
+                     use_java: bool | None = None) -> dict[str, float]:
+    """Each clip's own CIDEr-D: pycocoevalcap's per-image scores, tokenized as in `score_captions` (same
+    `use_java` rule), so their mean is the split's CIDEr-D. The document frequencies come from all the clips
+    given: a clip's score depends on the rest of the split, so pass the whole split, not a sample of it."""
+    from pycocoevalcap.cider.cider import Cider
+
+    _check_inputs(predictions, references)
+    java = java_available() if use_java is None else use_java
+    if java and not java_available():
+        raise RuntimeError("cider_d_per_clip(use_java=True): no working `java` on PATH")
+    gts, res = _tokenized(predictions, references, java)
+    _, per_image = Cider().compute_score(gts, res)
+    # compute_score walks gts in insertion order: the sorted keys of _tokenized.
+    return {k: float(v) for k, v in zip(gts, per_image)}
+
+
 def score_captions(predictions: dict[str, str], references: dict[str, list[str]], use_java: bool | None = None,
                    spice_jars: str | None = None, unavailable: dict[str, str] | None = None
                    ) -> dict[str, float | None]:
@@ -194,15 +226,7 @@ def score_captions(predictions: dict[str, str], references: dict[str, list[str]]
                            "use_java=False for the Java-free path)")
     java = have_java if use_java is None else use_java
     keys = sorted(predictions)
-    gts_raw = {k: list(references[k]) for k in keys}
-    res_raw = {k: [predictions[k]] for k in keys}
-    if java:
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-        tok = PTBTokenizer()
-        gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in gts_raw.items()})
-        res = tok.tokenize({k: [{"caption": c} for c in v] for k, v in res_raw.items()})
-    else:
-        gts, res = ptb_tokenize(gts_raw), ptb_tokenize(res_raw)
+    gts, res = _tokenized(predictions, references, java)
 
     scores: dict[str, float | None] = {name: None for name in METRICS}
     reasons: dict[str, str] = {}

@@ -427,7 +427,7 @@ class RunLogger:
 # model and data wiring
 
 def build_model_config(cfg: TrainConfig, tokenizer: Any) -> Any:
-    """The preset, sized to the tokenizer (vocab size and special ids come from it, docs/original.md §1 'Ours')."""
+    """The preset, sized to the tokenizer (vocab size and special ids come from it, docs/original.md §1 "Text")."""
     from avcap.model import AVCapConfig
     from avcap.tokenizer import special_ids
     ids = special_ids(tokenizer)

@@ -14,7 +14,7 @@ measures, one clip at a time on one core (ffmpeg -threads 1, torch.set_num_threa
 Cost is CPU seconds (this process + its ffmpeg children, from getrusage), so a machine shared with other work
 still gives a fair per-core figure; wall time is printed beside it. Also reports bytes per sample.
 
-    python benchmarks/bench_pipeline.py --clips 20 [--append BENCHMARKS.md]
+    python benchmarks/bench_pipeline.py --clips 20
 """
 from __future__ import annotations
 
@@ -34,7 +34,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-HEADING = "## Pipeline: media to staged sample (engineer B)"
 
 
 @dataclass
@@ -128,8 +127,8 @@ def report(r: dict, n: int, load_before, load_after, command: str) -> str:
         "",
         f"{n} clips, 10 s 640x360 h264 25 fps (x264 High, ~700 kb/s) + AAC 44.1 kHz stereo; one core: ffmpeg `-threads 1`,"
         f" torch 1 thread. Cost = CPU seconds per clip (process + ffmpeg children), median over clips.",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared with other work:"
-        f" load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (wall times are inflated by it).",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores,"
+        f" load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (other work inflates wall times).",
         "",
         "| path | CPU s / clip | clips/s per core | vs decode alone | wall s / clip |",
         "|---|---|---|---|---|",
@@ -149,25 +148,9 @@ def report(r: dict, n: int, load_before, load_after, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def append_section(md: Path, body: str) -> None:
-    """Add `body` under our heading: the heading is created once; other sections are left as they are."""
-    text = md.read_text() if md.exists() else "# Benchmarks\n"
-    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    block = f"\n### Run {stamp}\n\n{body}"
-    if HEADING not in text:
-        text = text.rstrip("\n") + f"\n\n{HEADING}\n" + block
-    else:
-        start = text.index(HEADING) + len(HEADING)
-        nxt = text.find("\n## ", start)
-        end = len(text) if nxt < 0 else nxt
-        text = text[:end].rstrip("\n") + "\n" + block + text[end:]
-    md.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clips", type=int, default=20)
-    ap.add_argument("--append", type=Path, help="markdown file to add the result to (e.g. BENCHMARKS.md)")
     args = ap.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     if os.environ.get("BENCH_COMMAND_PREFIX"):
@@ -177,8 +160,6 @@ def main() -> None:
         r = run(args.clips, Path(tmp))
     body = report(r, args.clips, load_before, os.getloadavg(), command)
     print(body)
-    if args.append:
-        append_section(args.append, body)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,10 @@
 2. build train/val/test with the real build flow (`flows.py build`: yt-dlp -> ffmpeg -> fbank -> shards);
 3. learn a small WordPiece vocab from the train captions;
 4. train a tiny captioner with torchrun on CPU processes (gloo), keeping the best checkpoint on val;
-5. caption the held-out test clips with `avcap.evaluate` and print them beside their references, with the
-   metrics, how many captions name the right sound and the right picture (per class), and the CIDEr-D of the
-   best constant caption (the single train caption that scores best on the test references): a model that
-   learned nothing cannot beat it.
+5. caption the held-out test clips with `avcap.evaluate` (which also writes their HTML gallery) and print them
+   beside their references, with the metrics, how many captions name the right sound and the right picture
+   (per class), and the CIDEr-D of the best constant caption (the single train caption that scores best on the
+   test references): a model that learned nothing cannot beat it.
 
 Everything lands under --out (default out/demo); a summary goes to OUT/summary.json. `--quick` is the
 shortened run the test suite does (a few clips, a few steps): it checks the path, not the learning.
@@ -89,6 +89,7 @@ class DemoResult:
     seconds: dict[str, float]
     notes: list[str]
     content: dict = field(default_factory=dict)  # content_accuracy(): sound / picture named right, per class
+    gallery: Path | None = None                  # the test split's HTML gallery with the generated captions
 
     @property
     def cider(self) -> float:
@@ -186,12 +187,20 @@ def evaluate_test(checkpoint: Path, data_dir: Path, out_json: Path, cfg: DemoCon
     java = {None: "auto", True: "yes", False: "no"}[cfg.use_java]
     cmd = [sys.executable, "-m", "avcap.evaluate", "--checkpoint", str(checkpoint), "--data", str(data_dir),
            "--split", "test", "--out", str(out_json), "--device", cfg.device, "--num-workers", "0",
-           "--max-gen-steps", "24", "--precision", "fp32", "--java", java]
+           "--max-gen-steps", "24", "--precision", "fp32", "--java", java, "--gallery"]
     _run(cmd, "evaluation", log_dir / "evaluate.log")
     metrics_path = out_json.with_name(out_json.stem + ".metrics.json")
     if not metrics_path.is_file():
         raise DemoError(f"evaluation wrote no metrics at {metrics_path}; see {log_dir / 'evaluate.log'}")
     return json.loads(metrics_path.read_text())
+
+
+def gallery_path(results_json: Path) -> Path:
+    """Where `avcap.evaluate --gallery` put the test split's page (pipeline.gallery: beside the results)."""
+    page = results_json.parent / "reports" / "gallery-test.html"
+    if not page.is_file():
+        raise DemoError(f"evaluation wrote no gallery at {page}")
+    return page
 
 
 def best_constant_caption(candidates: list[str], references: dict[str, list[str]]) -> tuple[str, float]:
@@ -306,7 +315,8 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     result = DemoResult(out=out, checkpoint=checkpoint, metrics=metrics, predictions=predictions,
                         references=references, constant_caption=const, constant_cider=const_cider,
                         seconds=seconds, notes=list(ds.notes),
-                        content=content_accuracy(ds.split("test"), predictions))
+                        content=content_accuracy(ds.split("test"), predictions),
+                        gallery=gallery_path(results_json))
     print_report(result)
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
     summary["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
@@ -338,6 +348,9 @@ def print_report(r: DemoResult) -> None:
     for note in r.notes:
         print(f"note: {note}")
     print("=" * 100, flush=True)
+    if r.gallery is not None:
+        print(f"gallery of the test clips (frames, sound, generated and reference captions): {r.gallery}",
+              flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -159,6 +159,7 @@ class StageStats:
     clips: int = 0          # clips the stage handled this run
     failed: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0   # this process's CPU time in the stage (all its threads): the driver's share
 
     @property
     def clips_per_s(self) -> float:
@@ -191,6 +192,7 @@ class BuildResult:
 
 StageRunner = Callable[..., Any]
 # Runs the CPU stage's jobs somewhere (a Dask cluster, ...) and yields each outcome as it lands, in any order.
+# A runner may also have a `preflight()` method, which run_build calls before the first stage.
 ClipRunner = Callable[[list["ProcessJob"]], Iterable["ProcessOutcome"]]
 
 
@@ -402,24 +404,6 @@ def _internal_error(job: ProcessJob, e: BaseException) -> ProcessOutcome:
                           f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}")
 
 
-class ClipInternalError(RuntimeError):
-    """process_clip hit an unexpected error (a bug or a sick worker): raised by process_clip_or_raise so that a
-    task runner's retries (Prefect's) can try the clip again; the outcome rides along."""
-
-    def __init__(self, outcome: ProcessOutcome):
-        super().__init__(f"{outcome.key}: {outcome.message}")
-        self.outcome = outcome
-
-
-def process_clip_or_raise(job: ProcessJob) -> ProcessOutcome:
-    """process_clip for task runners with retries: an internal error raises, clip failures do not (a clip
-    that cannot be decoded fails the same way every time)."""
-    outcome = process_clip(job)
-    if outcome.reason == "internal-error":
-        raise ClipInternalError(outcome)
-    return outcome
-
-
 def shard_stage(cfg: BuildConfig, clips: list[Clip]) -> tuple[ShardBuildResult, int]:
     """Shards from the ok clips of this manifest; the shard count is the one fixed at the split's first build."""
     plan = dataset_manifest.shard_plan(cfg.out, cfg.split, len(clips), cfg.samples_per_shard)
@@ -528,12 +512,15 @@ def _unwritable_message(out: Path, e: OSError) -> str:
 def _run_build(cfg: BuildConfig, stage_runner: StageRunner, clip_runner: ClipRunner | None) -> BuildResult:
     t0 = time.monotonic()
     check_fingerprint(cfg)
+    preflight = getattr(clip_runner, "preflight", None)
+    if preflight is not None:
+        preflight()     # e.g. a Dask cluster whose workers cannot see DIR: stop before the downloads
     stages: dict[str, StageStats] = {}
 
     def timed(name: str, fn: Callable, *args):
-        t = time.monotonic()
+        t, cpu = time.monotonic(), time.process_time()
         out = stage_runner(name, fn, *args)
-        stages[name] = StageStats(seconds=time.monotonic() - t)
+        stages[name] = StageStats(seconds=time.monotonic() - t, cpu_seconds=time.process_time() - cpu)
         return out
 
     loaded = timed("manifest", load_clips, cfg)

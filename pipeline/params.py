@@ -67,7 +67,9 @@ class BuildParams:
         "exit non-zero when more than this fraction of the clips failed"))
     dask_address: str | None = field(default=None, metadata=_param(
         "run extraction + fbank on the Dask scheduler at URL (e.g. tcp://host:8786) instead of local "
-        "processes; workers need this code and DIR", metavar="URL"))
+        "processes; every worker needs this code and DIR on a shared filesystem", metavar="URL"))
+    dask_chunk: int = field(default=64, metadata=_param(
+        "with --dask-address: at most this many clips per Dask task (orchestration costs per chunk)"))
     publish_url: str | None = field(default=None, metadata=_param(
         "after a successful build, copy shards then manifest.json to URL (any fsspec URL or path)",
         flag="--publish", metavar="URL"))
@@ -86,6 +88,11 @@ class BuildParams:
     def __post_init__(self) -> None:
         if self.prune and not self.publish_url:
             raise ValueError("--prune needs --publish URL")
+        if self.dask_chunk < 1:
+            raise ValueError(f"--dask-chunk must be >= 1, got {self.dask_chunk}")
+        if self.dask_address:
+            from pipeline.dask_runner import validate_address
+            validate_address(self.dask_address)
 
     # ------------------------------------------------------------------ derived values
 
@@ -117,6 +124,13 @@ class BuildParams:
                            samples_per_shard=self.samples_per_shard, retry_permanent=self.retry_permanent,
                            max_failure_rate=self.max_failure_rate, wait_lock=self.wait_lock, download=download,
                            extract=ExtractConfig(frames=self.frames, strict_decode=self.strict_decode))
+
+    def clip_runner(self):
+        """Where the process stage runs its clips: the Dask cluster at dask_address, else None (local pool)."""
+        if not self.dask_address:
+            return None
+        from pipeline.dask_runner import DaskClipRunner
+        return DaskClipRunner(self.dask_address, self.out_dir, chunk_size=self.dask_chunk)
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -1,4 +1,4 @@
-"""Scheduled rebuilds, audit deployments and the scale-out task runner.
+"""Scheduled rebuilds and audit deployments.
 
 - `make_deployments(build_flow, audit_flow, cfg)`: the `rebuild` deployment of flows.build_flow (the one build
   flow: run on the same DIR it is an incremental rebuild) and the `audit` deployment of
@@ -7,7 +7,6 @@
   Secret block named by the `proxy_secret` parameter).
 - `serve_deployments`: `prefect.serve` in this process, which registers the deployments and
   polls the API for scheduled and manually triggered runs (`python flows.py serve`).
-- `task_runner_for(address)`: prefect-dask's DaskTaskRunner on a running scheduler, or the local thread pool.
 """
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ from typing import Any
 from prefect import Flow, serve
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 REBUILD_DEPLOYMENT = "rebuild"
 AUDIT_DEPLOYMENT = "audit"
@@ -80,18 +78,6 @@ def serve_deployments(deployments: list[RunnerDeployment], limit: int | None = N
     `limit` caps concurrent flow runs in this process.
     """
     serve(*deployments, limit=limit, print_starting_message=True)
-
-
-def task_runner_for(dask_address: str | None, max_workers: int | None = None) -> TaskRunner:
-    """The task runner for the CPU stages: a Dask cluster at `dask_address` (e.g. "tcp://host:8786"),
-    or Prefect's thread pool on this machine when None."""
-    if dask_address:
-        if "://" not in dask_address:
-            raise ValueError(f"dask address {dask_address!r}: expected a scheduler URL like tcp://host:8786")
-        # Imported here so a local run does not need distributed to start up.
-        from prefect_dask import DaskTaskRunner
-        return DaskTaskRunner(address=dask_address)
-    return ThreadPoolTaskRunner(max_workers=max_workers)
 
 
 def add_serve_arguments(parser) -> None:

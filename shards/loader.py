@@ -148,16 +148,23 @@ def _resolve(base_url: str, path: str) -> str:
     return base_url.rsplit("/", 1)[0] + "/" + path
 
 
-def load_split(data: str, split: str) -> SplitInfo:
-    """Read the shard list of `split` from the dataset manifest (a directory or a manifest URL)."""
+def read_manifest(data: str) -> tuple[str, Any]:
+    """(URL, parsed JSON) of the dataset manifest of `data` (a directory or a manifest URL)."""
     url = _manifest_url(data)
     try:
         with open_url(url) as f:
-            raw = json.loads(f.read())
+            return url, json.loads(f.read())
     except FileNotFoundError as e:
         raise FileNotFoundError(f"dataset manifest {url} does not exist (--data {data!r})") from e
     except json.JSONDecodeError as e:
         raise ValueError(f"dataset manifest {url} is not valid JSON: {e}") from e
+
+
+def load_split(data: str, split: str) -> SplitInfo:
+    """Read the shard list of `split` from the dataset manifest (a directory or a manifest URL)."""
+    url, raw = read_manifest(data)
+    if not isinstance(raw, dict):
+        raise ValueError(f"dataset manifest {url}: expected a JSON object, got {type(raw).__name__}")
     splits = raw.get("splits")
     if not isinstance(splits, dict) or split not in splits:
         have = sorted(splits) if isinstance(splits, dict) else "none"
@@ -396,6 +403,13 @@ class IndexedShardReader:
                                           f"offset {off}, but the tar header there disagrees (stale index)")
                 members[suffix] = view[off:off + size]
             yield key, members
+
+
+def open_shard_reader(shard: ShardInfo) -> IndexedShardReader | TarSampleReader:
+    """The reader for a shard: through its member index when it is local and has one, else header parsing."""
+    if shard.index_url is not None and local_path(shard.url) is not None:
+        return IndexedShardReader(shard)
+    return TarSampleReader(shard.url)
 
 
 # -----------------------------------------------------------------------------
@@ -654,9 +668,8 @@ class ShardStream(IterableDataset):
             reader = None
             idx = 0
             try:
-                indexed = shard.index_url is not None and local_path(shard.url) is not None
-                reader = IndexedShardReader(shard) if indexed else TarSampleReader(shard.url)
-                if indexed and len(reader) != shard.num_samples:
+                reader = open_shard_reader(shard)
+                if isinstance(reader, IndexedShardReader) and len(reader) != shard.num_samples:
                     raise ShardError(f"shard {shard.url}: holds {len(reader)} samples, the manifest says "
                                      f"{shard.num_samples}")
                 chosen: dict[str, int] = {}

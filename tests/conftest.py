@@ -20,13 +20,16 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 AUDIOCAPS_DIR = REPO_ROOT / "data" / "audiocaps"
 REFERENCE_DIR = REPO_ROOT / "tests" / "data" / "reference"
 
-# Fixture modules: each area of the project keeps its fixtures in its own file.
+# Fixture modules: each area of the project keeps its fixtures in its own file; skip_policy fails the run on any
+# skip but those of an optional program (tests/skip_policy.py).
 pytest_plugins = [
+    "tests.skip_policy",
     "tests.fixtures_media",
     "tests.fixtures_model",
     "tests.fixtures_loader",
     "tests.fixtures_train",
     "tests.fixtures_ops",
+    "tests.fixtures_dask",
 ]
 
 

@@ -31,7 +31,7 @@ from tests.media import Route
 pytestmark = pytest.mark.slow  # a reference build, a CLI build under Prefect, a killed build and its rerun, ...
 
 REPO = Path(__file__).resolve().parent.parent
-FRAMES = 4  # fewer frames than the default keeps the test quick; the default is covered by engineer B's tests
+FRAMES = 4  # fewer frames than the default keeps the test quick; the default 20 is covered by tests/test_extract.py
 
 
 def _config(media, out, **kw):

@@ -29,7 +29,7 @@ def _entry(out: Path, split: str, keys_from: int, n: int, tmp_path: Path, **kw):
     plan = shard_plan(out, split, num_clips=n, samples_per_shard=4)
     build = build_shards(out, split, plan.num_shards)
     config = {"csv": str(tmp_path / "x.csv"), "split": split, "proxy": "http://alice:s3cret@proxy:3128",
-              "cookies": "/home/u/cookies.txt", "api_token": "abc", "samples_per_shard": 4, "frames": 20}
+              "cookies": "/srv/avcap/cookies.txt", "api_token": "abc", "samples_per_shard": 4, "frames": 20}
     return plan, make_split_manifest(
         split=split, config=config, extract_cfg=kw.get("extract_cfg", ExtractConfig()), fbank_cfg=FbankConfig(),
         inputs=[_csv(tmp_path, f"{split}.csv")], samples_per_shard=plan.samples_per_shard,
@@ -61,7 +61,7 @@ def test_manifest_roundtrip_schema_and_contents(tmp_path):
     assert sum(s.num_samples for s in t.shards) == 10
     # Secrets redacted; the cookies path kept.
     assert t.config["proxy"] == "http://***@proxy:3128" and t.config["api_token"] == "***"
-    assert t.config["cookies"] == "/home/u/cookies.txt" and "s3cret" not in (out / "manifest.json").read_text()
+    assert t.config["cookies"] == "/srv/avcap/cookies.txt" and "s3cret" not in (out / "manifest.json").read_text()
     # Tool versions: ffmpeg's own version string, and the python packages.
     ff = subprocess.run(["ffmpeg", "-version"], capture_output=True, text=True).stdout.split()[2]
     assert t.tool_versions["ffmpeg"] == ff

@@ -284,6 +284,8 @@ def test_quick_demo_end_to_end(tmp_path):
     assert "generated:" in res.stdout and "reference:" in res.stdout
     assert "CIDEr-D of the best constant caption" in res.stdout
     assert "sound named right:" in res.stdout and "picture named right:" in res.stdout
+    gallery = out / "reports" / "gallery-test.html"
+    assert res.stdout.rstrip().endswith(str(gallery)) and gallery.is_file()
 
     summary = json.loads((out / "summary.json").read_text())
     manifest = json.loads((out / "data" / "manifest.json").read_text())

@@ -27,12 +27,13 @@ def _shards(out: Path, split: str = "test") -> dict[str, bytes]:
 def test_every_command_has_clear_help():
     parser = flows.make_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == {"build", "audit", "serve", "publish"}
+    assert set(sub.choices) == {"build", "audit", "serve", "publish", "gallery"}
     build = sub.choices["build"].format_help()
     for option in ("--dask-address", "--publish", "--prune", "--cpu-workers", "--download-workers", "--no-report"):
         assert option in build, option
     assert "5 publishing failed" in " ".join(build.split())
     assert "--sample" in sub.choices["audit"].format_help() and "--cron" in sub.choices["serve"].format_help()
+    assert "--results" in sub.choices["gallery"].format_help()
     with pytest.raises(SystemExit):
         flows.main(["build", "--split", "test"])   # --csv and --out are required
 
@@ -40,9 +41,9 @@ def test_every_command_has_clear_help():
 def test_bad_option_combinations_are_refused(tmp_path, capsys):
     base = ["build", "--csv", "x.csv", "--split", "test", "--out", str(tmp_path)]
     assert flows.main(base + ["--prune"]) == flows.EXIT_ERROR
-    assert flows.main(base + ["--no-prefect", "--dask-address", "tcp://127.0.0.1:1"]) == flows.EXIT_ERROR
+    assert flows.main(base + ["--dask-address", "127.0.0.1:1", "--no-prefect"]) == flows.EXIT_ERROR
     err = capsys.readouterr().err
-    assert "--prune needs --publish" in err and "drop --no-prefect" in err
+    assert "--prune needs --publish" in err and "expected a scheduler URL like tcp://host:8786" in err
 
 
 def test_rms_dbfs():
@@ -53,8 +54,8 @@ def test_rms_dbfs():
 
 
 def test_cli_build_on_two_dask_workers_publishes_and_reports(prefect_server, ops_build, tmp_path, monkeypatch):
-    """`flows.py build --dask-address` on a LocalCluster of 2 worker processes: the clips run as Prefect tasks
-    on the workers, the shards are byte-identical to the local build's, the build is published through fsspec
+    """`flows.py build --dask-address` on a LocalCluster of 2 worker processes: the clips run in chunks on the
+    workers (no Prefect task run per clip), the shards are byte-identical to the local build's, the build is published through fsspec
     (manifest last), and the run leaves its table and markdown artifacts and report files."""
     from distributed import LocalCluster
     from prefect import get_client
@@ -86,7 +87,8 @@ def test_cli_build_on_two_dask_workers_publishes_and_reports(prefect_server, ops
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({png.name})" in report
     with prefect_settings(api), get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["avcap-build-test-stats", "avcap-build-test-report"])))
+            key=ArtifactFilterKey(any_=["avcap-build-test-stats", "avcap-build-test-report",
+                                        "avcap-build-test-gallery"])))
         runs = client.read_task_runs()
     latest = {a.key: a for a in sorted(arts, key=lambda a: a.created)}
     table = latest["avcap-build-test-stats"]
@@ -95,9 +97,13 @@ def test_cli_build_on_two_dask_workers_publishes_and_reports(prefect_server, ops
     assert {"section": "stage", "name": "process", "clips": 4} .items() <= next(
         r for r in rows if r["section"] == "stage" and r["name"] == "process").items()
     assert "data:image/png;base64," in latest["avcap-build-test-report"].data
-    # One Prefect task per clip ran on the cluster, beside the stage tasks.
+    gallery = out / "reports" / "gallery-test.html"     # the build's gallery, its path in an artifact
+    assert gallery.is_file() and str(gallery) in latest["avcap-build-test-gallery"].data
+    assert "4 of 4 clips shown" in latest["avcap-build-test-gallery"].data
+    # Orchestration per stage and chunk: the stage tasks ran, and no task run per clip.
     names = [r.name for r in runs]
-    assert sum(n.startswith("process-clip") for n in names) >= 4
+    assert not any(n.startswith("process-clip") for n in names)
+    assert any(n.startswith("process") for n in names)
     assert any(n.startswith("download") for n in names) and any(n.startswith("shards") for n in names)
 
 

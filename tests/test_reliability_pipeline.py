@@ -27,6 +27,7 @@ from pipeline.extract import ExtractConfig
 from pipeline.ledger import Ledger, LedgerError
 from shards.manifest import load_dataset_manifest
 from tests.media import MediaSpec, Route, make_media
+from tests.skip_policy import skip_without
 
 REPO = Path(__file__).resolve().parent.parent
 FRAMES = 4
@@ -189,7 +190,7 @@ def small_fs(tmp_path):
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True,
                        timeout=30)
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN): {r.stderr.strip()}")
+        skip_without("mount-tmpfs", f"mount -t tmpfs failed: {r.stderr.strip()}")
     try:
         yield mnt
     finally:

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.audit import audit_flow
 from flows import build_flow
-from pipeline.schedule import ScheduleConfig, make_deployments, task_runner_for
+from pipeline.schedule import ScheduleConfig, make_deployments
 from tests.fixtures_ops import copy_build, prefect_settings, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
@@ -137,16 +137,6 @@ def test_served_audit_deployment_runs_to_completion(prefect_server, ops_build, t
         log.close()
     reports = sorted((ops_build.out_dir / "audit").glob("audit-*.json"))
     assert reports, "the served run wrote no audit report"
-
-
-def test_task_runner_for():
-    from prefect.task_runners import ThreadPoolTaskRunner
-    from prefect_dask import DaskTaskRunner
-    assert isinstance(task_runner_for(None), ThreadPoolTaskRunner)
-    runner = task_runner_for("tcp://127.0.0.1:8786")
-    assert isinstance(runner, DaskTaskRunner) and runner.address == "tcp://127.0.0.1:8786"
-    with pytest.raises(ValueError, match="scheduler URL"):
-        task_runner_for("127.0.0.1:8786")
 
 
 def test_audit_cli_runs_the_flow_and_exits_nonzero_on_mismatch(prefect_server, ops_build, tmp_path, capsys):

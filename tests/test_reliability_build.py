@@ -223,7 +223,7 @@ def test_decode_errors_keep_a_sample_only_when_complete_and_are_recorded(tmp_pat
     strict = tmp_path / "strict"
     csv = _csv(tmp_path / "strict.csv", [("damagedClip", 0), ("cleanClipAA", 0)])
     code = flows.main(["build", "--no-prefect", "--split", "test", "--csv", str(csv), "--out", str(strict),
-                       "--media-dir", str(media), "--frames", str(FRAMES), "--strict-decode",
+                       "--media-dir", str(media), "--frames", str(FRAMES), "--strict-decode", "--cpu-workers", "1",
                        "--max-failure-rate", "1", "--no-report"])
     assert code == flows.EXIT_OK
     entries = _ledger(strict)

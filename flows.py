@@ -190,7 +190,9 @@ def _run_direct(p: BuildParams, proxy: str | None):
     with holding_build_lock(cfg):
         result = run_build(cfg, clip_runner=p.clip_runner())
         if p.report:
+            from pipeline.gallery import build_gallery_artifact
             build_report(result, artifacts=False)
+            build_gallery_artifact(p.out_dir, p.split, artifacts=False)
         if not result.ok:
             raise BuildFailed(failure_message(result), result)
         if p.publish_url:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import re
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -134,9 +135,12 @@ def read_checkpoint_file(path: str | Path, map_location: str | torch.device = "c
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):
-            # weights_only refuses arbitrary objects; a legitimate checkpoint never needs them.
-            raise CheckpointError(f"{path}: not loadable with weights_only=True (holds objects other than "
-                                  f"tensors and plain Python types): {e}") from e
+            # weights_only refuses arbitrary objects; a legitimate checkpoint never needs them. torch's own text
+            # advises loading the file with weights_only=False, i.e. running its code: never pass that on.
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            raise CheckpointError(f"{path}: the file contains objects other than tensors and plain Python types"
+                                  f"{f' ({found.group(1)})' if found else ''}, which unpickling would run as "
+                                  f"code; this project never loads such files") from None
         raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt?): {e}") from e
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt?): "

@@ -27,6 +27,8 @@ from shards.atomic import atomic_write_text
 class EvalConfig:
     checkpoint: str = _f("", "captioner checkpoint written by avcap.checkpoint.save_checkpoint (e.g. a training run's)")
     data: str = _f("", "dataset directory or URL of its manifest.json")
+    shard_base: str = _f("", "read the manifest's shard paths under this local path or URL instead (any fsspec "
+                             "scheme, or 'pipe:CMD' with {path} where the path goes)")
     split: str = _f("test", "split to caption and score")
     out: str = _f("", "results file (COCO format JSON); metrics go beside it as *.metrics.json "
                       "(default: eval-SPLIT.json beside the checkpoint)")
@@ -37,7 +39,8 @@ class EvalConfig:
     java: str = _f("auto", "metrics with Java (PTB tokenizer, METEOR, SPICE): auto (when found) | yes (required) | "
                            "no (the Python PTB tokenizer; METEOR/SPICE unavailable)")
     spice_jars: str = _f("", "directory with the Stanford CoreNLP 3.6.0 jars for SPICE/SPIDEr (optional)")
-    skip_bad_shards: bool = _f(False, "skip a damaged shard with a warning instead of failing")
+    skip_bad_shards: bool = _f(False, "skip a damaged shard, or a sample that does not decode, with a warning "
+                                      "instead of failing")
     device: str = _f("auto", "auto | cpu | cuda")
     precision: str = _f("auto", "auto | fp32 | bf16 | fp16 (autocast for the forward passes)")
     dist_timeout_s: int = _f(600, "collective timeout")
@@ -141,10 +144,11 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any] | None:
         loaded = load_checkpoint(cfg.checkpoint)
         tokenizer = loaded.tokenizer
         model = loaded.model.to(env.device)
-        split = load_split(cfg.data, cfg.split)
+        split = load_split(cfg.data, cfg.split, cfg.shard_base)
         norm = loaded.norm_stats or {}
         # The loader settings that matter for evaluation; the rest of TrainConfig is irrelevant here.
-        tcfg = TrainConfig(data=cfg.data, eval_split=cfg.split, eval_batch_size=cfg.batch_size,
+        tcfg = TrainConfig(data=cfg.data, shard_base=cfg.shard_base, eval_split=cfg.split,
+                           eval_batch_size=cfg.batch_size,
                            num_workers=cfg.num_workers, skip_bad_shards=cfg.skip_bad_shards,
                            num_frames=int(loaded.config.num_frames), mode=str(loaded.config.mode),
                            norm_mean=float(norm.get("mean", TrainConfig.norm_mean)),

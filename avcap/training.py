@@ -57,13 +57,16 @@ def _f(default: Any, help: str) -> Any:
 @dataclass
 class TrainConfig:
     # data
-    data: str = _f("", "dataset directory or URL of its manifest.json (shards may be local, pipe: or fsspec URLs)")
+    data: str = _f("", "dataset directory or URL of its manifest.json (its shard paths resolve under it)")
+    shard_base: str = _f("", "read the manifest's shard paths under this local path or URL instead (any fsspec "
+                             "scheme, or 'pipe:CMD' with {path} where the path goes)")
     out: str = _f("runs/avcap", "run directory: config.json, metrics.jsonl, checkpoints/, tb/, eval results")
     train_split: str = _f("train", "split to train on")
     eval_split: str = _f("val", "split evaluated after each epoch (model selection); test is for the report")
     num_workers: int = _f(2, "loader worker processes per rank (decoding only)")
     shuffle_buffer: int = _f(1000, "sample shuffle buffer per worker")
-    skip_bad_shards: bool = _f(False, "skip a damaged shard with a warning instead of failing")
+    skip_bad_shards: bool = _f(False, "skip a damaged shard, or a sample that does not decode, with a warning "
+                                      "instead of failing")
     noise: bool = _f(False, "noise + time-roll audio augmentation (the original README turns it on)")
     freqm: int = _f(48, "SpecAugment: widest frequency mask in mel bins (0: off; the original: 48)")
     timem: int = _f(192, "SpecAugment: widest time mask in frames (0: off; the original: 192)")
@@ -158,7 +161,27 @@ def build_arg_parser(cls: type = TrainConfig, description: str = "Train the AVCa
 
 
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
-    return TrainConfig(**vars(build_arg_parser().parse_args(argv)))
+    """The config of train.py's command line. With --resume, a flag not given takes the checkpoint's value (so
+    `--resume latest` alone continues the run as it was); a given one is checked by check_resume_config."""
+    parser = build_arg_parser()
+    values = vars(parser.parse_args(argv))
+    if values["resume"]:
+        unset = object()
+        probe = build_arg_parser()
+        probe.set_defaults(**{k: unset for k in values})
+        given = {k for k, v in vars(probe.parse_args(argv)).items() if v is not unset}
+        saved = _saved_train_config(resolve_resume_path(values["resume"], values["out"]))
+        values.update({k: v for k, v in saved.items() if k in values and k not in given and k != "resume"})
+    return TrainConfig(**values)
+
+
+def _saved_train_config(path: Path) -> dict[str, Any]:
+    from avcap.checkpoint import read_checkpoint_file
+    state = read_checkpoint_file(path).get("training")
+    if not isinstance(state, dict) or not isinstance(state.get("train_config"), dict):
+        raise ValueError(f"--resume {path}: a captioner checkpoint without training state "
+                         "(use --init-from to fine-tune from it)")
+    return state["train_config"]
 
 
 # -----------------------------------------------------------------------------
@@ -278,12 +301,15 @@ class WarmupCosine:
         return self.lr_at(step) / self.lr
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_schedule(cfg: TrainConfig, steps_per_epoch: int) -> WarmupCosine:
     decay_epochs = cfg.decay_epochs or cfg.epochs
-    schedule = WarmupCosine(lr=cfg.lr, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
-                            warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
-                            total_steps=max(1, round(decay_epochs * steps_per_epoch)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return WarmupCosine(lr=cfg.lr, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
+                        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+                        total_steps=max(1, round(decay_epochs * steps_per_epoch)))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, build_schedule(cfg, steps_per_epoch))
 
 
 # -----------------------------------------------------------------------------
@@ -362,19 +388,74 @@ def training_state(cfg: TrainConfig, env: DistEnv, pos: Position, optimizer: tor
     }
 
 
-# Changing these between a run and its resume changes the data order or the math: warn, the result is no
-# longer the uninterrupted run's.
-_RESUME_MUST_MATCH = ("data", "train_split", "seed", "batch_size", "grad_accum", "lr", "warmup_epochs", "warmup_lr",
-                      "min_lr", "decay_epochs", "epochs", "noise", "precision", "num_frames", "mode", "shuffle_buffer",
-                      "num_workers", "norm_mean", "norm_std", "model", "freeze_encoder", "freeze_text")
+# The settings a resumed run may change: how long it runs, the learning-rate schedule and optimizer settings
+# from the resumed step on, fault handling, where the shards are read from, evaluation effort, logging, the
+# device. Every other TrainConfig field shapes the model or the data it sees (model preset and overrides, vocab,
+# frames, augmentation, normalization, seed, batch and worker counts that fix the data order, the splits...)
+# and must equal the checkpoint's: a new field is in that group unless it is added here (and to README.md's
+# list, which tests/test_reliability_data.py compares with this one).
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "lr", "warmup_lr", "min_lr", "warmup_epochs", "decay_epochs",
+                     "weight_decay", "beta1", "beta2", "clip_grad", "precision", "skip_bad_shards", "shard_base",
+                     "out", "resume", "ckpt_every", "eval_every", "eval_batch_size", "beam_size", "max_gen_steps",
+                     "java", "spice_jars", "device", "dist_timeout_s", "log_every", "tensorboard", "progress")
+_RESUME_QUIET = ("out", "resume")   # differ on every resume: not worth a log line
 
 
-def check_resume_config(saved: dict[str, Any], cfg: TrainConfig, saved_world: int, env: DistEnv) -> list[str]:
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(cfg, k)!r}"
-             for k in _RESUME_MUST_MATCH if k in saved and saved[k] != getattr(cfg, k)]
+@dataclass
+class ResumeCheck:
+    refused: list[str]                       # "field: checkpoint X, now Y" for fields that must match
+    changed: dict[str, tuple[Any, Any]]      # allowed changes: field -> (checkpoint's value, this run's)
+
+
+def check_resume_config(saved: dict[str, Any], cfg: TrainConfig, saved_world: int, env: DistEnv) -> ResumeCheck:
+    """Compare this run's settings with the checkpoint's (fields the checkpoint predates are not compared)."""
+    check = ResumeCheck([], {})
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in saved or saved[f.name] == getattr(cfg, f.name):
+            continue
+        old, new = saved[f.name], getattr(cfg, f.name)
+        if f.name not in RESUME_MAY_CHANGE:
+            check.refused.append(f"{f.name}: checkpoint {old!r}, now {new!r}")
+        elif f.name not in _RESUME_QUIET:
+            check.changed[f.name] = (old, new)
     if saved_world != env.world_size:
-        diffs.append(f"world size: checkpoint {saved_world} vs now {env.world_size}")
-    return diffs
+        check.refused.append(f"world size (number of processes): checkpoint {saved_world}, now {env.world_size}")
+    return check
+
+
+def refuse_resume_changes(check: ResumeCheck, path: Path) -> None:
+    if check.refused:
+        raise ValueError(f"--resume {path}: these settings shape the model or the data and must equal the "
+                         f"checkpoint's (a resumed run continues the same run): " + "; ".join(check.refused) +
+                         f". Settings that may change: {', '.join(RESUME_MAY_CHANGE)}")
+
+
+def apply_resumed_settings(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
+                           scheduler: torch.optim.lr_scheduler.LambdaLR, steps_per_epoch: int) -> None:
+    """After loading the checkpoint's optimizer and scheduler state, make this run's settings the ones that run.
+
+    load_state_dict restores the saved hyperparameters (each param group's lr, weight decay and betas, the
+    schedule's fields), so without this a changed --lr or --weight-decay would be logged in config.json but
+    silently not used. The schedule stays a function of the step: from the resumed step on it is this config's."""
+    schedule = build_schedule(cfg, steps_per_epoch)
+    scheduler.lr_lambdas = [schedule for _ in optimizer.param_groups]
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    lr = cfg.lr * schedule(scheduler.last_epoch)
+    for group in optimizer.param_groups:
+        group.update(initial_lr=cfg.lr, lr=lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
+    scheduler._last_lr = [lr for _ in optimizer.param_groups]
+
+
+def check_eval_split(cfg: TrainConfig) -> None:
+    """A run that evaluates needs its eval split: missing or empty is an error before the first step, not after
+    the first epoch."""
+    if not cfg.eval_every:
+        return
+    from shards.loader import load_split
+    try:
+        load_split(cfg.data, cfg.eval_split, cfg.shard_base)
+    except ValueError as e:
+        raise ValueError(f"--eval-split {cfg.eval_split!r} cannot be evaluated: {e}") from e
 
 
 # -----------------------------------------------------------------------------
@@ -524,12 +605,14 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         for stale in ckpt_mod.remove_stale_temps(ckpt_dir):
             warnings.warn(f"removed {stale}, the partial checkpoint of a killed run")
 
-    split = load_split(cfg.data, cfg.train_split)
+    split = load_split(cfg.data, cfg.train_split, cfg.shard_base)
+    check_eval_split(cfg)
     device = env.device
     precision = resolve_precision(cfg.precision, device)
 
     # Model: a fresh one from the config, or the one stored in the checkpoint we resume.
     resume_state: dict[str, Any] | None = None
+    resume_check = ResumeCheck([], {})
     trained_frames: int | None = None
     if cfg.resume:
         resume_path = resolve_resume_path(cfg.resume, cfg.out)
@@ -541,10 +624,12 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         if resume_state is None:
             raise ValueError(f"--resume {resume_path}: a captioner checkpoint without training state "
                              "(use --init-from to fine-tune from it)")
-        diffs = check_resume_config(resume_state["train_config"], cfg, resume_state["world_size"], env)
-        if diffs and env.is_main:
-            warnings.warn("resuming with settings that differ from the checkpoint's, the run will not equal an "
-                          "uninterrupted one: " + "; ".join(diffs))
+        resume_check = check_resume_config(resume_state["train_config"], cfg, resume_state["world_size"], env)
+        refuse_resume_changes(resume_check, resume_path)
+        if resume_check.changed and env.is_main:
+            print("[train] resuming with changed settings (the run from here on is not the uninterrupted one): " +
+                  "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in resume_check.changed.items()),
+                  flush=True)
     else:
         tokenizer = load_tokenizer(cfg.vocab)
         model_config = build_model_config(cfg, tokenizer)
@@ -581,6 +666,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         scaler.load_state_dict(resume_state["scaler"])
+        apply_resumed_settings(cfg, optimizer, scheduler, steps_per_epoch)
         pos = Position(resume_state["step"], resume_state["epoch"], resume_state["batch_in_epoch"])
         rng = resume_state["rng"]
         if len(rng) == env.world_size:
@@ -593,7 +679,8 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
                     "steps_per_epoch": steps_per_epoch, "train_samples": split.num_samples,
                     "frames_per_clip": split.frames_per_clip, "manifest": split.manifest_url,
                     "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                    "resumed_at_step": pos.step if resume_state else None}
+                    "resumed_at_step": pos.step if resume_state else None,
+                    "resumed_changes": {k: list(v) for k, v in resume_check.changed.items()}}
         atomic_write_text(out / "config.json", json.dumps(run_info, indent=2, default=str))
 
     total_steps = steps_per_epoch * cfg.epochs
@@ -753,7 +840,8 @@ class _LoaderFactory:
     def _loader_config(self, train: bool) -> Any:
         from shards.loader import LoaderConfig
         cfg = self.cfg
-        return LoaderConfig(data=cfg.data, split=cfg.train_split if train else cfg.eval_split, train=train,
+        return LoaderConfig(data=cfg.data, shard_base=cfg.shard_base,
+                            split=cfg.train_split if train else cfg.eval_split, train=train,
                             batch_size=cfg.batch_size if train else cfg.eval_batch_size,
                             num_frames=cfg.num_frames, num_workers=cfg.num_workers,
                             shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, skip_bad_shards=cfg.skip_bad_shards,

@@ -536,7 +536,8 @@ def write_gallery(data: str | Path, split: str = "test", out: str | Path | None 
     """Write `OUT/reports/gallery-{split}.html` (+ `OUT/reports/gallery-{split}/`) for the split of the dataset
     at `data` (a directory or manifest URL); OUT defaults to `data`. See the module docstring."""
     from shards.atomic import atomic_write_text
-    from shards.loader import load_split, read_manifest
+    from shards.loader import load_split
+    from shards.manifest import read_manifest
     from shards.writer import validate_split
 
     data = str(data)
@@ -645,19 +646,22 @@ def write_gallery(data: str | Path, split: str = "test", out: str | Path | None 
     return result
 
 
-def build_gallery_artifact(out_dir: str, split: str, sample: int = DEFAULT_SAMPLE) -> GalleryPage | None:
-    """The build flow's gallery: write the page, then publish its path and a summary as a Prefect markdown
-    artifact `avcap-build-{split}-gallery` (call inside a flow or task run). A page that cannot be made (a build
+def build_gallery_artifact(out_dir: str, split: str, sample: int = DEFAULT_SAMPLE,
+                           artifacts: bool = True) -> GalleryPage | None:
+    """A build's gallery: write the page, then (`artifacts`, inside a flow or task run) publish its path and a
+    summary as a Prefect markdown artifact `avcap-build-{split}-gallery`. A page that cannot be made (a build
     stopped before its manifest) is a warning: it must not replace the build's own outcome."""
-    from prefect.artifacts import create_markdown_artifact
-
-    from pipeline.report import _artifact_key
-
     try:
         page = write_gallery(out_dir, split, sample=sample)
     except GalleryError as err:
         log.warning("no gallery for split %s: %s", split, err)
         return None
+    log.info("gallery of split %s: %s", split, page.html)
+    if not artifacts:
+        return page
+    from prefect.artifacts import create_markdown_artifact
+
+    from pipeline.report import _artifact_key
     create_markdown_artifact(
         key=_artifact_key(split, "gallery"),
         markdown=f"# Gallery of split `{split}`\n\n- page: `{page.html}`\n- {page.summary()}\n",

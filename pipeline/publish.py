@@ -16,7 +16,6 @@ Publishing is idempotent: a destination file with the manifest's size and sha256
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from shards.atomic import temp_path
 from shards.index import INDEX_SUFFIX
-from shards.manifest import MANIFEST_NAME, DatasetManifest, ShardEntry
+from shards.manifest import MANIFEST_NAME, DatasetManifest, ShardEntry, parse_manifest
 from shards.writer import file_sha256 as sha256_file  # noqa: F401  (re-exported: publish's checks use it)
 
 _CHUNK = 1 << 20
@@ -58,13 +57,9 @@ def _sha256_remote(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 def manifest_shard_entries(manifest: DatasetManifest) -> list[ShardEntry]:
-    """Every shard file the manifest lists, over all splits, in a stable order."""
-    entries = [s for name in sorted(manifest.splits) for s in manifest.splits[name].shards]
-    for s in entries:
-        p = Path(s.path)
-        if p.is_absolute() or ".." in p.parts:
-            raise PublishError(f"manifest shard path {s.path!r} must be relative to the build root")
-    return entries
+    """Every shard file the manifest lists, over all splits, in a stable order (paths checked relative to the
+    build root by shards.manifest.check_manifest when the manifest was read)."""
+    return [s for name in sorted(manifest.splits) for s in manifest.splits[name].shards]
 
 
 @dataclass
@@ -81,9 +76,6 @@ def manifest_files(manifest: DatasetManifest) -> list[DataFile]:
     for s in manifest_shard_entries(manifest):
         files.append(DataFile(s.path, s.sha256, s.bytes))
         if s.index is not None:
-            p = Path(s.index.path)
-            if p.is_absolute() or ".." in p.parts:
-                raise PublishError(f"manifest index path {s.index.path!r} must be relative to the build root")
             files.append(DataFile(s.index.path, s.index.sha256, s.index.bytes))
     return files
 
@@ -142,8 +134,9 @@ def publish(out_dir: str | Path, url: str, *, prune: bool = False,
     # The bytes read here are the ones published: a manifest rewritten meanwhile cannot slip in unchecked.
     manifest_bytes = manifest_path.read_bytes()
     try:
-        manifest = DatasetManifest.from_dict(json.loads(manifest_bytes), where=str(manifest_path))
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError) as e:
+        manifest = DatasetManifest.from_dict(parse_manifest(manifest_bytes, str(manifest_path)),
+                                             where=str(manifest_path))
+    except (ValueError, TypeError) as e:
         raise PublishError(f"{manifest_path}: not a dataset manifest: {e}") from e
     if not manifest_shard_entries(manifest):
         raise PublishError(f"{manifest_path}: lists no shards; nothing to publish")

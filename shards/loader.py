@@ -15,12 +15,16 @@ step uses (fp16 fbank 0.17 ms, one 224² JPEG 0.4 ms). Two readers here:
   its first sample. The index itself is checked against the manifest (its sha256, the shard's size and sha256).
 - TarSampleReader (any other shard: manifest format 1, hand-made datasets, remote URLs): parses the 512-byte
   ustar headers itself and skips unused members (a seek on local files, a discarding read on streams). Shards
-  are opened with webdataset's `gopen` (local paths, `pipe:`, http(s), gs, ...) or fsspec (s3://, ...).
+  are opened with webdataset's `gopen` (local paths, `pipe:`, http(s), gs, ...) or fsspec (s3://, ...). A
+  manifest only ever names relative paths (shards.manifest.check_manifest); `pipe:` and other locations come
+  from the user's `shard_base` alone.
 
 Batch counts are a function of the manifest alone, so every rank knows them without communication:
 - train: every rank yields exactly `batches_per_epoch = max(1, total // (world_size * batch_size))` batches; a
   slot whose shards hold fewer samples than its quota wraps around (re-reads its shards, reshuffled), so uneven
   shards never leave a DDP rank waiting on another;
+- a sample that does not decode (skip_bad_shards) is skipped and the next one takes its row, so the counts
+  above hold; a resumed epoch then decodes the batches it skips, since the skipped samples decide where it is;
 - eval: every clip is read exactly once across all ranks and workers; when a split has fewer shards than
   slots, the slots that share a shard take every k-th sample of it. Every worker yields the same number of
   batches, padded with repeated samples whose `valid` flag is False, which the caller drops after gathering.
@@ -57,7 +61,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator
-from urllib.parse import urljoin, urlparse, uses_relative
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -83,6 +87,7 @@ class ShardIndexError(ShardError):
 @dataclass
 class LoaderConfig:
     data: str                        # dataset directory, or the URL / path of its manifest.json
+    shard_base: str = ""             # read the manifest's shard paths under this path / URL (pipe: too)
     split: str = "train"
     batch_size: int = 8
     num_workers: int = 2             # decode workers per rank; 0 decodes in the calling process
@@ -126,71 +131,36 @@ class SplitInfo:
 # -----------------------------------------------------------------------------
 # manifest
 
-def _manifest_url(data: str) -> str:
-    if data.endswith(".json"):
-        return data
-    if urlparse(data).scheme in ("", "file"):
-        return str(Path(data) / "manifest.json")
-    return data.rstrip("/") + "/manifest.json"
+def load_split(data: str, split: str, shard_base: str = "") -> SplitInfo:
+    """Read the shard list of `split` from the dataset manifest (a directory or a manifest URL).
 
-
-def _resolve(base_url: str, path: str) -> str:
-    """A shard path relative to the manifest resolves against the manifest's location; absolute ones stay."""
-    if urlparse(path).scheme or path.startswith("/"):
-        return path
-    scheme = urlparse(base_url).scheme
-    if scheme in ("", "file"):
-        return str(Path(base_url).parent / path)
-    if scheme in uses_relative:
-        return urljoin(base_url, path)
-    # urljoin knows only the schemes in uses_relative: for s3://, gs://, memory:// ... it would return the bare
-    # relative path, which then opens as a local file.
-    return base_url.rsplit("/", 1)[0] + "/" + path
-
-
-def read_manifest(data: str) -> tuple[str, Any]:
-    """(URL, parsed JSON) of the dataset manifest of `data` (a directory or a manifest URL)."""
-    url = _manifest_url(data)
-    try:
-        with open_url(url) as f:
-            return url, json.loads(f.read())
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"dataset manifest {url} does not exist (--data {data!r})") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"dataset manifest {url} is not valid JSON: {e}") from e
-
-
-def load_split(data: str, split: str) -> SplitInfo:
-    """Read the shard list of `split` from the dataset manifest (a directory or a manifest URL)."""
+    The manifest is read and checked by shards.manifest (relative paths only, each shard once, counts that add
+    up); every shard and index path resolves under the manifest's location, or under `shard_base` when the user
+    gives one (shards.manifest.resolve_path)."""
+    from shards.manifest import ManifestError, read_manifest, resolve_path
     url, raw = read_manifest(data)
-    if not isinstance(raw, dict):
-        raise ValueError(f"dataset manifest {url}: expected a JSON object, got {type(raw).__name__}")
-    splits = raw.get("splits")
-    if not isinstance(splits, dict) or split not in splits:
-        have = sorted(splits) if isinstance(splits, dict) else "none"
-        raise ValueError(f"dataset manifest {url} has no split {split!r} (splits: {have})")
+    splits = raw["splits"]
+    if split not in splits:
+        raise ManifestError(f"dataset manifest {url} has no split {split!r} (splits: {sorted(splits)})")
     entry = splits[split]
-    shard_entries = entry.get("shards") if isinstance(entry, dict) else entry
-    if not shard_entries:
-        raise ValueError(f"dataset manifest {url}: split {split!r} lists no shards")
+    if not entry["shards"]:
+        raise ManifestError(f"dataset manifest {url}: split {split!r} lists no shards")
     shards = []
-    for i, s in enumerate(shard_entries):
-        if "path" not in s and "url" not in s or "num_samples" not in s:
-            raise ValueError(f"dataset manifest {url}: split {split!r} shard #{i} lacks path/url or num_samples: {s}")
+    for s in entry["shards"]:
         index = s.get("index")
-        if index is not None and not (isinstance(index, dict) and "path" in index and "sha256" in index):
-            raise ValueError(f"dataset manifest {url}: split {split!r} shard #{i} has a malformed index entry: {index}")
-        shards.append(ShardInfo(_resolve(url, s.get("url") or s["path"]), int(s["num_samples"]),
+        shards.append(ShardInfo(resolve_path(url, s["path"], shard_base), s["num_samples"],
                                 bytes=int(s["bytes"]) if s.get("bytes") is not None else None,
                                 sha256=s.get("sha256"),
-                                index_url=_resolve(url, index["path"]) if index else None,
+                                index_url=resolve_path(url, index["path"], shard_base) if index else None,
                                 index_sha256=index["sha256"] if index else None))
+    if not sum(s.num_samples for s in shards):
+        raise ManifestError(f"dataset manifest {url}: split {split!r} holds no samples")
     # Two manifest shapes: the pipeline's (shards.manifest: per split, fingerprint_parts.extract/fbank) and a
     # flat one (top-level frames_per_clip / fbank) that hand-made test datasets use.
-    parts = entry.get("fingerprint_parts", {}) if isinstance(entry, dict) else {}
+    parts = entry.get("fingerprint_parts") or {}
     frames = (parts.get("extract") or {}).get("frames", raw.get("frames_per_clip"))
     if frames is None:
-        raise ValueError(f"dataset manifest {url}: split {split!r} does not say its frames per clip")
+        raise ManifestError(f"dataset manifest {url}: split {split!r} does not say its frames per clip")
     fbank = parts.get("fbank") or raw.get("fbank") or {}
     return SplitInfo(split=split, shards=shards, frames_per_clip=int(frames), manifest_url=url, fbank=dict(fbank),
                      target_length=int(fbank.get("target_length", 1024)),
@@ -538,66 +508,83 @@ class _BatchMemory:
 
 
 class _Batcher:
-    """Decodes raw samples straight into preallocated batch tensors (one copy per member)."""
+    """Decodes each sample as it is added straight into the batch tensors (one copy per member).
+
+    Decoding at `add` (not when the batch is full) is what lets a caller skip one sample that does not decode:
+    `add` raises ShardError and the row it was filling is simply filled by the next sample."""
 
     def __init__(self, info: SplitInfo, cfg: LoaderConfig, tokenizer):
         self.info, self.cfg, self.tok = info, cfg, tokenizer
         self.nf = cfg.num_frames
-        self.rows: list[tuple] = []   # (url, key, members, frame0, caption_pick, valid)
+        self.B = cfg.batch_size
         self.npy_headers: dict[bytes, tuple] = {}
         self.memory = _BatchMemory()
+        self._start()
 
-    def add(self, url: str, key: str, members: dict[str, bytes], frame0: int, caption_pick: int, valid: bool) -> None:
-        self.rows.append((url, key, members, frame0, caption_pick, valid))
+    def _start(self) -> None:
+        self.n = 0
+        self.fbank: torch.Tensor | None = None
+        self.frames: torch.Tensor | None = None   # [B, nf, H, W, 3]: the JPEG decoder's layout (module docstring)
+        self.keys: list[str] = []
+        self.captions: list[list[str]] = []
+        self.caption: list[str] = []
+        self.frame_index: list[int] = []
+        self.valid: list[bool] = []
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self.n
+
+    def add(self, url: str, key: str, members: dict[str, bytes], frame0: int, caption_pick: int, valid: bool) -> None:
+        """Decode one sample into row len(self); ShardError (naming shard and key) leaves the batch as it was."""
+        T, M, i = self.info.target_length, self.info.num_mel_bins, self.n
+        what = f"shard {url} sample {key}"
+        missing = [m for m in self._members(frame0) if m not in members]
+        if missing:
+            raise ShardError(f"{what}: missing member(s) {missing}")
+        try:
+            meta = json.loads(bytes(members["json"]))
+            caps = list(meta["captions"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ShardError(f"{what}: json member lacks a 'captions' list ({e})") from e
+        if not caps or not all(isinstance(c, str) for c in caps):
+            raise ShardError(f"{what}: json 'captions' must be a non-empty list of strings, got {caps!r}")
+        fb = decode_npy(members["fbank.npy"], what, self.npy_headers)
+        if fb.shape != (T, M) or fb.dtype != np.float16:
+            raise ShardError(f"{what}: fbank.npy is {fb.dtype}{list(fb.shape)}, expected float16[{T}, {M}]")
+        hwcs = [decode_jpeg(members[f"frame{frame0 + j:02d}.jpg"], what).permute(1, 2, 0).numpy()
+                for j in range(self.nf)]
+        if self.frames is None:
+            self.frames = self.memory.empty((self.B, self.nf, *hwcs[0].shape), torch.uint8)
+        for j, hwc in enumerate(hwcs):
+            if hwc.shape != tuple(self.frames.shape[2:]):
+                raise ShardError(f"{what}: frame {frame0 + j} is {list(hwc.shape)} (HWC), "
+                                 f"other frames {list(self.frames.shape[2:])}")
+        if self.fbank is None:
+            self.fbank = self.memory.empty((self.B, T, M), torch.float16)
+        # Copy through numpy: the decoded arrays are read-only views of the tar bytes.
+        self.fbank.numpy()[i] = fb
+        frames_np = self.frames.numpy()
+        for j, hwc in enumerate(hwcs):
+            frames_np[i, j] = hwc
+        self.n += 1
+        self.keys.append(key)
+        self.captions.append(caps)
+        self.caption.append(caps[caption_pick % len(caps)])
+        self.frame_index.append(frame0)
+        self.valid.append(valid)
 
     def emit(self) -> dict[str, Any]:
-        B, T, M = len(self.rows), self.info.target_length, self.info.num_mel_bins
-        fbank = self.memory.empty((B, T, M), torch.float16)
-        fbank_np = fbank.numpy()   # copy through numpy: the decoded array is a read-only view of the tar bytes
-        frames_hwc = None          # [B, nf, H, W, 3]: the JPEG decoder's own layout (see the module docstring)
-        keys, captions, caption, frame_index, valid = [], [], [], [], []
-        for i, (url, key, members, frame0, pick, ok) in enumerate(self.rows):
-            what = f"shard {url} sample {key}"
-            missing = [m for m in self._members(frame0) if m not in members]
-            if missing:
-                raise ShardError(f"{what}: missing member(s) {missing}")
-            fb = decode_npy(members["fbank.npy"], what, self.npy_headers)
-            if fb.shape != (T, M) or fb.dtype != np.float16:
-                raise ShardError(f"{what}: fbank.npy is {fb.dtype}{list(fb.shape)}, expected float16[{T}, {M}]")
-            fbank_np[i] = fb
-            for j in range(self.nf):
-                hwc = decode_jpeg(members[f"frame{frame0 + j:02d}.jpg"], what).permute(1, 2, 0).numpy()
-                if frames_hwc is None:
-                    frames = self.memory.empty((B, self.nf, *hwc.shape), torch.uint8)
-                    frames_hwc = frames.numpy()
-                if hwc.shape != frames_hwc.shape[2:]:
-                    raise ShardError(f"{what}: frame {frame0 + j} is {list(hwc.shape)} (HWC), "
-                                     f"other frames {list(frames_hwc.shape[2:])}")
-                frames_hwc[i, j] = hwc
-            try:
-                meta = json.loads(bytes(members["json"]))
-                caps = list(meta["captions"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise ShardError(f"{what}: json member lacks a 'captions' list ({e})") from e
-            if not caps or not all(isinstance(c, str) for c in caps):
-                raise ShardError(f"{what}: json 'captions' must be a non-empty list of strings, got {caps!r}")
-            keys.append(key)
-            captions.append(caps)
-            caption.append(caps[pick % len(caps)])
-            frame_index.append(frame0)
-            valid.append(ok)
-        frames = frames.permute(0, 1, 4, 2, 3)
-        batch: dict[str, Any] = dict(fbank=fbank, frames=frames, frame_index=torch.tensor(frame_index),
-                                     keys=keys, captions=captions, caption=caption,
-                                     valid=torch.tensor(valid, dtype=torch.bool))
+        assert self.n == self.B and self.fbank is not None and self.frames is not None
+        batch: dict[str, Any] = dict(fbank=self.fbank, frames=self.frames.permute(0, 1, 4, 2, 3),
+                                     frame_index=torch.tensor(self.frame_index), keys=self.keys,
+                                     captions=self.captions, caption=self.caption,
+                                     valid=torch.tensor(self.valid, dtype=torch.bool))
         if self.tok is not None:
             from avcap.tokenizer import encode_captions
-            tokens, need_predict = encode_captions(self.tok, caption, max_wordpieces=self.cfg.max_caption_tokens)
+            tokens, need_predict = encode_captions(self.tok, self.caption,
+                                                   max_wordpieces=self.cfg.max_caption_tokens)
             batch["tokens"], batch["need_predict"] = torch.as_tensor(tokens), torch.as_tensor(need_predict)
-        self.rows = []
+        self._start()
         return batch
 
     def _members(self, frame0: int) -> list[str]:
@@ -622,6 +609,7 @@ class ShardStream(IterableDataset):
         if not 0 <= start_batch <= self.total:
             raise ValueError(f"start_batch {start_batch} outside the epoch's {self.total} batches")
         self.start_batch = start_batch
+        self.bad_samples = 0   # samples skipped because a member did not decode (skip_bad_shards)
         self.plan = plan_epoch(info, world_size * self.workers, cfg.seed, epoch, cfg.train)
 
     def __len__(self) -> int:
@@ -644,13 +632,44 @@ class ShardStream(IterableDataset):
         B = self.cfg.batch_size
         quota = len(range(role, self.total, self.workers))
         skip = len(range(role, self.start_batch, self.workers))
-        rows = self._train_rows(slot, role) if self.cfg.train else self._eval_rows(slot, quota * B)
-        for n, row in zip(range(quota * B), rows):
-            if n < skip * B:
-                continue   # read (to keep the shuffle identical) but not decoded
-            batcher.add(*row)
+        rows = self._train_rows(slot, role) if self.cfg.train else self._eval_rows(slot)
+        done = 0        # batches of this role made (or, when resuming, passed over)
+        passed = 0      # rows passed over without decoding, when resuming
+        pad = None      # eval: a row that decoded, to pad the last batches with (valid=False)
+        bad_in_a_row = 0
+        while done < quota:
+            row = next(rows, None)
+            if row is None:   # eval: the slot's samples are done; pad up to the quota every worker yields
+                pad = pad or self._pad_row()
+                row = (*pad, 0, False)
+            if done < skip and not self.cfg.skip_bad_shards:
+                # Read (to keep the shuffle identical) but not decoded. With skip_bad_shards the skipped batches
+                # are decoded like the others: which samples do not decode decides where the epoch stands.
+                passed += 1
+                if passed == B:
+                    done, passed = done + 1, 0
+                continue
+            try:
+                batcher.add(*row)
+            except ShardError as e:
+                if not self.cfg.skip_bad_shards or not row[5]:
+                    raise
+                self.bad_samples += 1
+                bad_in_a_row += 1
+                warnings.warn(f"skipped sample {row[1]} of shard {row[0]} ({self.bad_samples} skipped so far by "
+                              f"rank {self.rank} loader role {role}): {e}")
+                if bad_in_a_row > self.info.num_samples:
+                    raise ShardError(f"rank {self.rank} loader role {role}: no sample of its shards decodes "
+                                     f"(last: {e})") from e
+                continue
+            bad_in_a_row = 0
+            if pad is None and row[5]:
+                pad = row[:4]
             if len(batcher) == B:
-                yield batcher.emit()
+                batch = batcher.emit()
+                done += 1
+                if done > skip:
+                    yield batch
 
     # -- reading ---------------------------------------------------------------
 
@@ -725,22 +744,23 @@ class ShardStream(IterableDataset):
             buf[j], buf[-1] = buf[-1], buf[j]
             yield buf.pop()
 
-    def _eval_rows(self, slot: int, rows: int) -> Iterator[tuple]:
-        """The slot's samples once, in shard order, then padding rows (valid=False) up to `rows`."""
-        first = None
-        n = 0
+    def _eval_rows(self, slot: int) -> Iterator[tuple]:
+        """The slot's samples once, in shard order (the caller pads the last batches)."""
         for url, key, members, f0 in self._read_parts(self.plan[slot], 0):
-            first = first or (url, key, members, f0)
-            n += 1
             yield url, key, members, f0, 0, True
-        if n >= rows:
-            return
-        if first is None:   # a slot without samples of its own pads with the split's first clip
-            first = next(self._read_parts([SlotPart(0)], 0), None)
-            if first is None:
-                raise ShardError(f"split {self.info.split!r}: no readable sample to pad eval batches with")
-        for _ in range(rows - n):
-            yield (*first, 0, False)
+
+    def _pad_row(self) -> tuple[str, str, dict[str, bytes], int]:
+        """A sample that decodes, for a slot without one of its own to pad eval batches with: the split's first."""
+        probe = _Batcher(self.info, LoaderConfig(**{**self.cfg.__dict__, "batch_size": 1}), None)
+        for row in self._read_parts([SlotPart(i) for i in range(len(self.info.shards))], 0):
+            try:
+                probe.add(*row, 0, False)
+            except ShardError:
+                if self.cfg.skip_bad_shards:
+                    continue
+                raise
+            return row
+        raise ShardError(f"split {self.info.split!r}: no readable sample to pad eval batches with")
 
 
 def _worker_context():
@@ -757,7 +777,7 @@ def make_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1, epoch: in
     """
     if cfg.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
-    info = load_split(cfg.data, cfg.split)
+    info = load_split(cfg.data, cfg.split, cfg.shard_base)
     ds = ShardStream(info, cfg, rank, world_size, epoch, start_batch)
     if cfg.num_workers == 0:
         return ds, ds.total

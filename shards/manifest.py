@@ -63,13 +63,16 @@ import hashlib
 import importlib.metadata
 import json
 import platform
+import posixpath
 import re
+import shlex
 import subprocess
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urljoin, urlparse, uses_relative
 
 from shards.writer import ShardBuildResult, atomic_write_bytes, file_sha256, num_shards_for, validate_split
 
@@ -193,17 +196,14 @@ class DatasetManifest:
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "manifest") -> "DatasetManifest":
-        if not isinstance(d, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        check_manifest(d, where)
         version = d.get("format_version")
         if version not in READABLE_FORMAT_VERSIONS:
             raise ValueError(f"{where}: format_version {version!r} is not supported (this code reads "
                              f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}); rebuild the dataset or use a "
                              f"matching version of this code")
-        splits = d.get("splits")
-        if not isinstance(splits, dict):
-            raise ValueError(f"{where}: 'splits' must be an object")
-        return cls(version, {name: SplitManifest.from_dict(s, f"{where} split {name!r}") for name, s in splits.items()},
+        return cls(version, {name: SplitManifest.from_dict(s, f"{where} split {name!r}")
+                             for name, s in d["splits"].items()},
                    frames_per_clip=d.get("frames_per_clip"), fbank=d.get("fbank"))
 
 
@@ -299,29 +299,137 @@ def make_split_manifest(*, split: str, config: dict, extract_cfg, fbank_cfg, inp
 
 # ---------------------------------------------------------------- read / write
 
-def _manifest_location(dir_or_url: str | Path) -> str:
-    s = str(dir_or_url)
+class ManifestError(ValueError):
+    """A dataset manifest that cannot be used as it stands; the message names the file and the entry."""
+
+
+def manifest_location(data: str | Path) -> str:
+    """Where `--data` (a dataset directory, its manifest file, or a URL of either: anything with '://') keeps
+    its manifest.json."""
+    s = str(data)
     if s.endswith(".json"):
         return s
-    return s.rstrip("/") + "/" + MANIFEST_NAME
+    return s.rstrip("/") + "/" + MANIFEST_NAME if "://" in s else str(Path(s) / MANIFEST_NAME)
+
+
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def _path_problem(path: Any) -> str | None:
+    """Why a manifest file path is not a plain relative path inside the dataset, or None.
+
+    Checked on the percent-decoded text too: a server (or fsspec) decodes `%2e%2e` to `..` and `%2f` to `/`."""
+    if not isinstance(path, str) or not path:
+        return "is not a non-empty string"
+    for text in (path, unquote(path)):
+        if any(ord(c) < 32 for c in text):
+            return "holds a control character"
+        if "\\" in text:
+            return "holds a backslash"
+        if text.startswith(("/", "~")):
+            return "is an absolute path"
+        if _SCHEME_RE.match(text):
+            return "is a URL or command (a scheme such as pipe: or http:); shards elsewhere are the user's " \
+                   "choice: --shard-base"
+        if ".." in text.split("/"):
+            return "climbs out of the dataset directory ('..')"
+    return None
+
+
+def check_manifest(data: Any, location: str) -> dict:
+    """The checks every reader of a dataset manifest relies on (the loader, the audit, publishing), on its JSON.
+
+    A manifest is data from someone else: every shard and index path must be a relative path that stays under
+    the manifest's own location (`_path_problem`), each file is listed once over all splits, and a split's
+    `num_samples`, where recorded, is the sum over its shards. Returns `data`."""
+    if not isinstance(data, dict):
+        raise ManifestError(f"dataset manifest {location}: expected a JSON object, got {type(data).__name__}")
+    splits = data.get("splits")
+    if not isinstance(splits, dict):
+        raise ManifestError(f"dataset manifest {location}: 'splits' must be an object")
+    seen: dict[str, str] = {}
+    for name, entry in splits.items():
+        where = f"dataset manifest {location}: split {name!r}"
+        shards = entry.get("shards") if isinstance(entry, dict) else None
+        if not isinstance(shards, list):
+            raise ManifestError(f"{where}: 'shards' must be a list")
+        total = 0
+        for i, s in enumerate(shards):
+            if not isinstance(s, dict) or "path" not in s or "num_samples" not in s:
+                raise ManifestError(f"{where} shard #{i} lacks path or num_samples: {s!r}")
+            n = s["num_samples"]
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise ManifestError(f"{where} shard #{i} {s['path']!r}: num_samples {n!r} is not a count")
+            total += n
+            index = s.get("index")
+            if index is not None and not (isinstance(index, dict) and "path" in index and "sha256" in index):
+                raise ManifestError(f"{where} shard #{i} has a malformed index entry: {index!r}")
+            files = [("shard", s["path"])] + ([("index", index["path"])] if index is not None else [])
+            for kind, path in files:
+                problem = _path_problem(path)
+                if problem:
+                    raise ManifestError(f"{where} {kind} #{i} {path!r} {problem}")
+                same = posixpath.normpath(unquote(path))
+                here = f"split {name!r} #{i}"
+                if same in seen:
+                    raise ManifestError(f"{where} {kind} #{i} {path!r} is listed twice ({seen[same]} and {here}): "
+                                        f"each shard is read once")
+                seen[same] = here
+        recorded = entry.get("num_samples")
+        if recorded is not None and recorded != total:
+            raise ManifestError(f"dataset manifest {location}: split {name!r}: num_samples {recorded!r} is not the "
+                                f"sum over its shards ({total})")
+    return data
+
+
+def parse_manifest(raw: bytes, location: str) -> dict:
+    """JSON of a manifest's bytes, checked (`check_manifest`)."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"dataset manifest {location} is not valid JSON: {e}") from e
+    return check_manifest(data, location)
+
+
+def read_manifest(data: str | Path) -> tuple[str, dict]:
+    """(location, checked JSON) of the manifest of `data`: a local directory, the file itself, or an fsspec URL.
+
+    The one reader of manifests: the loader, the audit and publishing all come through here or parse_manifest."""
+    location = manifest_location(data)
+    try:
+        if "://" not in location:
+            raw = Path(location).read_bytes()
+        else:
+            import fsspec
+            with fsspec.open(location, "rb") as f:
+                raw = f.read()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"dataset manifest {location} does not exist") from e
+    return location, parse_manifest(raw, location)
+
+
+def resolve_path(location: str, path: str, shard_base: str = "") -> str:
+    """The absolute local path or URL of a (checked) manifest file path.
+
+    By default under the manifest's own directory: a local manifest gives an absolute local path, a URL one the
+    same scheme and host. `shard_base` (the user's --shard-base) replaces that directory with any local path or
+    URL, `pipe:` included; a `{path}` in it is replaced by the path, else the path is appended after a '/'. In a
+    `pipe:` command the path is shell-quoted: it comes from the manifest."""
+    if shard_base:
+        part = shlex.quote(path) if shard_base.startswith("pipe:") else path
+        return shard_base.replace("{path}", part) if "{path}" in shard_base else shard_base.rstrip("/") + "/" + part
+    if "://" not in location:
+        return str(Path(location).absolute().parent / path)
+    if urlparse(location).scheme in uses_relative:
+        return urljoin(location, path)
+    # urljoin knows only the schemes in uses_relative: for s3://, gs://, memory:// ... it would return the bare
+    # relative path, which then opens as a local file.
+    return location.rsplit("/", 1)[0] + "/" + path
 
 
 def load_dataset_manifest(dir_or_url: str | Path) -> DatasetManifest:
-    """Read `DIR/manifest.json` (a local directory, the file itself, or any fsspec URL)."""
-    location = _manifest_location(dir_or_url)
-    if "://" in location:
-        import fsspec
-        with fsspec.open(location, "rb") as f:
-            raw = f.read()
-    else:
-        p = Path(location)
-        if not p.is_file():
-            raise FileNotFoundError(f"no dataset manifest at {p}")
-        raw = p.read_bytes()
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"dataset manifest {location} is not valid JSON: {e}") from e
+    """Read `DIR/manifest.json` (a local directory, the file itself, or any fsspec URL) in the full schema."""
+    location, data = read_manifest(dir_or_url)
     return DatasetManifest.from_dict(data, where=location)
 
 

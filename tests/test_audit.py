@@ -82,6 +82,7 @@ def test_missing_shard_and_wrong_count_are_named(ops_build, tmp_path):
     first, second = m["splits"]["test"]["shards"]
     (b.out_dir / first["path"]).unlink()
     second["num_samples"] += 1
+    m["splits"]["test"]["num_samples"] += 1   # a manifest that adds up; the shard file holds one less
     _write_manifest(b.out_dir, m)
     report = run_audit(AuditConfig(b.out_dir, sample=0))
     assert ("shard-missing", first["path"]) in _found(report)

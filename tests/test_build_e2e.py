@@ -187,6 +187,7 @@ def test_build_killed_with_sigkill_and_rerun_gives_the_same_shards(reference, au
     # The rerun, through the same command (without Prefect here: Prefect only wraps the same stages).
     assert flows.main(_cli(audiocaps_media, out)[2:] + ["--no-prefect"]) == flows.EXIT_OK
     assert _shard_bytes(out) == _shard_bytes(reference[0])
+    assert (out / "reports" / "gallery-test.html").is_file(), "the direct build writes its gallery too"
 
 
 def test_media_dir_builds_without_downloading(audiocaps_media, tmp_path):

@@ -95,12 +95,10 @@ def test_evaluate_refuses_a_dataset_with_other_frames_per_clip(learnable_data, t
     manifest = json.loads((learnable_data.root / "manifest.json").read_text())
     manifest["frames_per_clip"] = 10
     other = tmp_path / "manifest.json"
-    for split in manifest["splits"].values():
-        for shard in split["shards"]:
-            shard["path"] = str(learnable_data.root / shard["path"])
     other.write_text(json.dumps(manifest))
     from avcap.evaluate import EvalConfig, evaluate_checkpoint
     with pytest.raises(ValueError, match=r"trained on 4 frames per clip but the dataset .* has 10"):
         evaluate_checkpoint(EvalConfig(checkpoint=str(tiny_checkpoint), data=str(other), split="val", java="no",
-                                       num_workers=0, out=str(tmp_path / "never.json")))
+                                       num_workers=0, out=str(tmp_path / "never.json"),
+                                       shard_base=str(learnable_data.root)))
     assert not (tmp_path / "never.json").exists()

@@ -239,7 +239,7 @@ def sha256_file(path: Path) -> str:
 class LocalMedia:
     """A media file found for a clip on disk, and where the clip's window starts in it."""
     path: Path       # as the user named it: absolute, links NOT resolved (the name decides the offset)
-    offset: float    # seconds: 0 in a cut clip, start_time in a whole video
+    offset: float    # seconds: 0 in a cut clip (the user's or a build's cache), start_time in a whole video
     name: str        # the matched name
 
 
@@ -267,7 +267,7 @@ def find_local_media(clip: Clip, media_dir: Path) -> LocalMedia | None:
 
 
 class DownloadsStopped(RuntimeError):
-    """The download stage was stopped (Ctrl-C, SIGTERM, a bot wall): the clip was not tried to the end."""
+    """The download stage was interrupted (Ctrl-C, SIGTERM): the clip was not tried to the end."""
 
 
 class _Attempts:

@@ -13,10 +13,11 @@
 FROM python:3.11-slim-bookworm
 
 # ffmpeg: extraction and yt-dlp's range downloads; Java 17: METEOR and the PTB tokenizer (pycocoevalcap);
-# espeak-ng: the demo's speech clips; chromium: the browser the gallery tests load pages in (headless); tini:
-# forwards signals to torchrun and its workers and reaps them.
+# espeak-ng: the demo's speech clips; chromium: the browser the gallery tests load pages in (headless); nginx: the
+# tests' remote shard store; tini: forwards signals to torchrun and its workers and reaps them. No curl: remote
+# shards and manifests are read through fsspec (aiohttp).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ffmpeg openjdk-17-jre-headless espeak-ng chromium tini \
+    && apt-get install -y --no-install-recommends ffmpeg openjdk-17-jre-headless espeak-ng chromium nginx tini \
     && rm -rf /var/lib/apt/lists/*
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -27,15 +28,17 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /opt/avcap
 
-# The pinned dependencies first, from pyproject.toml alone: this layer (torch trio included) is rebuilt only when
-# the pins change, not on every source edit.
+# The pinned dependencies first, from pyproject.toml alone (yt-dlp[default,deno] brings the deno binary, on PATH
+# as /usr/local/bin/deno, and the EJS scripts YouTube downloads need): this layer (torch trio included) is rebuilt
+# only when the pins change, not on every source edit.
 # The test extra (pytest) comes too: the image documents `python -m pytest`.
 COPY pyproject.toml ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 print('\n'.join(p['dependencies'] + p['optional-dependencies']['test']))" \
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt
+    && rm /tmp/requirements.txt \
+    && deno --version && python -c "import yt_dlp_ejs"
 
 # Only the project's sources (no .venv, outputs or caches from the build context).
 COPY pipeline/ pipeline/

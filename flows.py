@@ -5,6 +5,7 @@
     python flows.py audit --out DIR [--sample N] [--seed S]
     python flows.py serve --out DIR --split train [--csv train.csv] [--cron "0 3 * * *"]
     python flows.py publish --out DIR --publish URL [--prune]
+    python flows.py doctor [--url-template T] [--cookies F] [--proxy P] [--out DIR] [--js-runtime NAME[:PATH]]
     python flows.py gallery --out DIR [--split S] [--results RESULTS.json] [--sample N] [--seed K]
 
 `build_flow` is THE build: a module-level Prefect flow with plain JSON parameters, run by `flows.py build` and
@@ -22,9 +23,12 @@ proxy URL comes from the environment variable AVCAP_PROXY or from a Prefect Secr
 Prefect starts its own temporary local server when no PREFECT_API_URL is set: nothing to set up.
 
 Exit status of `build`: 0 when the build finished (per-clip failures included), 1 when it could not run
-(unreadable CSV, no ffmpeg, bad arguments, no space left on device), 3 on a bot wall, 4 when more than
---max-failure-rate of the clips failed, 5 when the build finished but publishing failed, 128 + the signal's
-number when Ctrl-C or SIGTERM stopped it (130, 143; a rerun continues). `audit`: 0 clean, 1 mismatch, 2 could not run.
+(unreadable CSV, no ffmpeg, bad arguments, no space left on device, a read-only --out, another build of the
+split running, a failed preflight such as no JS runtime for YouTube), 3 on a bot wall (or a run of no-formats
+failures), 4 when more than --max-failure-rate of the clips failed, 5 when the build finished but publishing
+failed, 6 when the site rate-limited the session (the clips not done stay pending: run again later), 128 + the
+signal's number when Ctrl-C or SIGTERM stopped it (130, 143; a rerun continues). `audit`: 0 clean, 1 mismatch,
+2 could not run. `doctor`: 0 a build can start, 1 it would stop.
 """
 from __future__ import annotations
 
@@ -61,7 +65,7 @@ from pipeline.params import PROXY_ENV, BuildParams, flow_signature  # noqa: E402
 from pipeline.params import add_arguments as add_build_arguments  # noqa: E402
 from pipeline.params import from_args as build_params_from_args  # noqa: E402
 
-EXIT_OK, EXIT_ERROR, EXIT_BOT_WALL, EXIT_FAILURE_RATE, EXIT_PUBLISH = 0, 1, 3, 4, 5
+EXIT_OK, EXIT_ERROR, EXIT_BOT_WALL, EXIT_FAILURE_RATE, EXIT_PUBLISH, EXIT_RATE_LIMIT = 0, 1, 3, 4, 5, 6
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,8 @@ def _proxy(proxy_secret: str | None) -> str | None:
 def failure_message(result) -> str:
     if result.bot_wall:
         return f"build stopped at a bot wall: {result.bot_wall}"
+    if result.rate_limit:
+        return f"build stopped at a rate limit: {result.rate_limit}"
     return (f"{100 * result.failure_rate:.1f}% of the clips failed, more than the max failure rate "
             f"(a wrong url template or a blocked network?); see {result.manifest_path} for the reasons")
 
@@ -295,7 +301,8 @@ def _cmd_build(a: argparse.Namespace) -> int:
         result = e.result
         _print_summary(result)
         print(f"build failed: {e}", file=sys.stderr)
-        return EXIT_BOT_WALL if result.bot_wall else EXIT_FAILURE_RATE
+        return (EXIT_BOT_WALL if result.bot_wall else EXIT_RATE_LIMIT if result.rate_limit
+                else EXIT_FAILURE_RATE)
     except PublishError as e:
         print(f"build finished but publishing failed: {e}", file=sys.stderr)
         return EXIT_PUBLISH
@@ -343,6 +350,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 def make_parser() -> argparse.ArgumentParser:
     from pipeline.audit import add_audit_arguments, audit_main
+    from pipeline.doctor import add_doctor_arguments, doctor_main
     from pipeline.gallery import add_gallery_arguments, gallery_main
     from pipeline.schedule import add_serve_arguments
 
@@ -351,7 +359,8 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="AudioCaps CSV -> WebDataset shards + manifest + ledger (incremental)",
                            description="Build or incrementally rebuild one split into --out. Exit 0 ok, 1 could "
-                                       "not run, 3 bot wall, 4 too many failures, 5 publishing failed.")
+                                       "not run, 3 bot wall, 4 too many failures, 5 publishing failed, 6 "
+                                       "rate-limited (run again later).")
     _add_build_args(build)
     build.set_defaults(func=cmd_build)
     audit = sub.add_parser("audit", help="verify a build against its manifest (shards, fbank, frames, tools)",
@@ -372,6 +381,12 @@ def make_parser() -> argparse.ArgumentParser:
     pub.add_argument("--publish", required=True, metavar="URL", help="destination: a path or fsspec URL")
     pub.add_argument("--prune", action="store_true", help="delete destination shards the manifest no longer lists")
     pub.set_defaults(func=cmd_publish)
+    doctor = sub.add_parser("doctor", help="preflight of a download build: yt-dlp, JS runtime, EJS, PO tokens, "
+                                           "ffmpeg, cookies, disk",
+                            description="Check that a download build can start here (no request is made). Exit 0 "
+                                        "a build can start, 1 a check would stop it.")
+    add_doctor_arguments(doctor)
+    doctor.set_defaults(func=doctor_main)
     gallery = sub.add_parser("gallery", help="an HTML page of a split's clips, failures and generated captions",
                              description="Write DIR/reports/gallery-SPLIT.html (+ its files in "
                                          "DIR/reports/gallery-SPLIT/): sampled clips with frames, audio, "

@@ -49,7 +49,7 @@ def fbank_of(wave: np.ndarray) -> torch.Tensor:
     return torch.nn.functional.pad(fb, (0, 0, 0, 1024 - fb.shape[0]))
 
 
-def make_clips(root: Path, n: int, rng: np.random.Generator) -> list[dict]:
+def make_clips(root: Path, n: int, rng: np.random.Generator, per_shard: int = 16) -> list[dict]:
     """wav + jpg files (the original's inputs) and the same clips as shard samples.
 
     Writes manifest.json (shards with their member index) and manifest-noindex.json (the same shards, no index).
@@ -80,7 +80,6 @@ def make_clips(root: Path, n: int, rng: np.random.Generator) -> list[dict]:
         clips.append({"__key__": f"clip{c:04d}xxx_0_10000", "fbank.npy": npy.getvalue(), "flac": flac.getvalue(),
                       "json": json.dumps({"captions": [f"clip {c}"]}).encode(),
                       **{f"frame{f:02d}.jpg": j for f, j in enumerate(jpgs)}})
-    per_shard = 16
     entries = []
     for i in range(0, n, per_shard):
         rel = f"shards/train-{i // per_shard:05d}.tar"

@@ -9,7 +9,8 @@ Stages and where their state lives (all under `cfg.out`, nothing is written else
                   run must do
   caption_stage   finished clips whose captions/audiocap_ids changed in the CSV: the staged sample gets the new
                   json (audio and frames are kept, nothing is decoded again), so only its shard changes
-  download_stage  media/{key}.mp4 (or the user's --media-dir); download failures recorded as they land
+  download_stage  media/{key}.mp4 (or the user's --media-dir); download failures recorded as they land; the
+                  preflight (pipeline.doctor) first, and a bot wall or rate limit stops the stage
   process_stage   staging/{split}/{key}.tar via shards.writer.stage_clip (extract + fbank + encode), one
                   clip per CPU worker (a local process pool, or a `clip_runner` such as flows' Dask runner);
                   outcomes recorded as they land
@@ -39,7 +40,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from pipeline.buildlock import LockHeld, build_lock
-from pipeline.download import DownloadConfig, download_many, find_local_media, local_media_names, sha256_file
+from pipeline.download import (DownloadConfig, download_many, expected_hours, find_local_media, local_media_names,
+                               sha256_file)
 from pipeline.extract import ExtractConfig, ExtractError
 from pipeline.features import FbankConfig
 from pipeline.ledger import FAILED_PERMANENT, FAILED_TRANSIENT, OK, PENDING, Ledger, LedgerError
@@ -71,6 +73,7 @@ class BuildConfig:
     cpu_workers: int = 1
     samples_per_shard: int = 256
     retry_permanent: bool = False
+    retry_reasons: list[str] = field(default_factory=list)   # permanent failures with these reasons are retried
     max_failure_rate: float = 0.5
     wait_lock: bool = False                # another build of this split into `out` running: wait, not exit
     download: DownloadConfig = field(default_factory=DownloadConfig)
@@ -119,6 +122,7 @@ class DownloadStageResult:
     media: list[MediaRef]
     failed: int = 0
     bot_wall: str | None = None       # the message, when the site put up a bot check
+    rate_limit: str | None = None     # the message, when the site rate-limited the session
     disk_full: list[str] = field(default_factory=list)   # keys whose download hit a full disk
 
 
@@ -177,6 +181,7 @@ class BuildResult:
     shards: list[dict] = field(default_factory=list)
     manifest_path: Path | None = None
     bot_wall: str | None = None
+    rate_limit: str | None = None
     too_many_failures: bool = False
     stages: dict[str, StageStats] = field(default_factory=dict)
     reasons: dict[str, int] = field(default_factory=dict)   # "status/reason" -> clips, over this clip list
@@ -187,7 +192,7 @@ class BuildResult:
 
     @property
     def ok(self) -> bool:
-        return self.bot_wall is None and not self.too_many_failures
+        return self.bot_wall is None and self.rate_limit is None and not self.too_many_failures
 
 
 StageRunner = Callable[..., Any]
@@ -242,7 +247,7 @@ def prepare_ledger(cfg: BuildConfig, clips: list[Clip], listed: list[str] | None
         if lost:
             log.warning("%d ok clips have no staged sample; they are built again", len(lost))
             ledger.set_pending(lost)
-        todo = set(ledger.keys_to_process(cfg.retry_permanent))
+        todo = set(ledger.keys_to_process(cfg.retry_permanent, cfg.retry_reasons))
     chosen = [c for c in clips if c.key in todo]
     plan = LedgerPlan(todo=chosen, new=sorted(wanted - set(before)),
                       retried=sorted(c.key for c in chosen if before.get(c.key) in (FAILED_PERMANENT, FAILED_TRANSIENT)),
@@ -322,13 +327,39 @@ def download_stage(cfg: BuildConfig, clips: list[Clip]) -> DownloadStageResult:
                     result.disk_full.append(clip.key)
             progress.step(ok=r.status == OK)
 
+        if clips:
+            check_downloads(cfg, len(clips))
         batch = download_many(clips, cfg.download, cfg.out / "media", on_result)
-        if batch.bot_wall is not None:
-            result.bot_wall = str(batch.bot_wall)
-            log.error("download stopped: %s (%d clips left pending)", batch.bot_wall, len(batch.untried))
+        for stop in (batch.bot_wall, batch.rate_limit):
+            if stop is not None:
+                log.error("download stopped: %s (%d clips left pending)", stop, len(batch.untried))
+        result.bot_wall = str(batch.bot_wall) if batch.bot_wall is not None else None
+        result.rate_limit = str(batch.rate_limit) if batch.rate_limit is not None else None
     if result.disk_full:
         raise BuildError(_disk_full_message(cfg, f"{len(result.disk_full)} downloads hit it"))
     return result
+
+
+def download_tool_versions(cfg: DownloadConfig) -> dict:
+    from pipeline.doctor import download_tool_versions as versions
+    return versions(cfg)
+
+
+def check_downloads(cfg: BuildConfig, clips: int) -> None:
+    """The preflight of `flows.py doctor`, in short, before the first download; a failed check (no JS runtime
+    for YouTube, no ffmpeg, a bad cookies file, a full disk) stops the build here, before any request."""
+    from pipeline.doctor import run_checks
+
+    report = run_checks(cfg.download, cfg.out)
+    log.info("preflight: %s", report.short())
+    hours = expected_hours(clips, cfg.download)
+    pace = f"at most {cfg.download.max_per_hour:g}/hour" if cfg.download.max_per_hour else "no per-hour cap"
+    log.info("download: %d clips, %s%s", clips, pace,
+             "" if hours is None else f": expected {hours:.1f} h or more" if hours >= 1
+             else f": expected {60 * hours:.0f} min or more")
+    if report.failed:
+        raise BuildError("preflight failed: " + "; ".join(c.line() for c in report.failed)
+                         + " (python flows.py doctor shows every check)")
 
 
 def process_stage(cfg: BuildConfig, media: list[MediaRef], clip_runner: ClipRunner | None = None) -> dict[str, int]:
@@ -428,7 +459,8 @@ def manifest_stage(cfg: BuildConfig, clips: list[Clip], shards: ShardBuildResult
     entry = dataset_manifest.make_split_manifest(
         split=cfg.split, config=cfg.as_record(), extract_cfg=cfg.extract, fbank_cfg=cfg.fbank, inputs=cfg.csv,
         samples_per_shard=plan.samples_per_shard, num_shards=num_shards, build=shards, counts=counts,
-        failures=failures, changes=changes)
+        failures=failures, changes=changes,
+        extra_tools=download_tool_versions(cfg.download) if cfg.media_dir is None else None)
     dataset_manifest.write_dataset_manifest(cfg.out, entry)
     return cfg.out / dataset_manifest.MANIFEST_NAME
 
@@ -558,7 +590,8 @@ def _run_build(cfg: BuildConfig, stage_runner: StageRunner, clip_runner: ClipRun
     result = BuildResult(split=cfg.split, out=cfg.out, total=len(clips), counts=counts, failure_rate=rate,
                          row_errors=[str(e) for e in loaded.errors],
                          shards=[asdict(s) for s in shards.shards], manifest_path=manifest_path,
-                         bot_wall=downloaded.bot_wall, too_many_failures=rate > cfg.max_failure_rate,
+                         bot_wall=downloaded.bot_wall, rate_limit=downloaded.rate_limit,
+                         too_many_failures=rate > cfg.max_failure_rate,
                          stages=stages, reasons=dict(sorted(reasons.items())), changes=changes,
                          seconds=time.monotonic() - t0, ok_keys=ok_keys)
     log.info("build of %s: %s, failure rate %.1f%% in %.1f s; shards: %d samples added, %d removed, %d clips "

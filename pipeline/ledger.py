@@ -218,14 +218,18 @@ class Ledger:
             rows = self._db.execute(q + " ORDER BY key", args).fetchall()
         return [LedgerEntry(**dict(r)) for r in rows]
 
-    def keys_to_process(self, retry_permanent: bool = False) -> list[str]:
-        """Pending and transient failures; permanent failures too when asked. Sorted for a stable order."""
+    def keys_to_process(self, retry_permanent: bool = False, retry_reasons: Iterable[str] = ()) -> list[str]:
+        """Pending and transient failures; permanent failures too when asked, all of them or those whose
+        reason is one of `retry_reasons` (a misclassified reason is repaired without retrying every permanent
+        failure). Sorted for a stable order."""
         wanted = [PENDING, FAILED_TRANSIENT] + ([FAILED_PERMANENT] if retry_permanent else [])
-        marks = ",".join("?" * len(wanted))
+        reasons = list(retry_reasons)
+        marks, rmarks = ",".join("?" * len(wanted)), ",".join("?" * len(reasons))
+        by_reason = f" OR (status='failed-permanent' AND reason IN ({rmarks}))" if reasons else ""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT key FROM clips WHERE split=? AND status IN ({marks}) ORDER BY key",
-                [self.split, *wanted]).fetchall()
+                f"SELECT key FROM clips WHERE split=? AND (status IN ({marks}){by_reason}) ORDER BY key",
+                [self.split, *wanted, *reasons]).fetchall()
         return [r["key"] for r in rows]
 
     def counts(self) -> dict[str, int]:

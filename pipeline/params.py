@@ -27,11 +27,12 @@ PROXY_ENV = "AVCAP_PROXY"
 
 
 def _param(help: str, *, flag: str | None = None, path: bool = False, cli: bool = True,
-           required: bool = False, metavar: str | None = None) -> dict:
+           required: bool = False, metavar: str | None = None, choices: tuple[str, ...] | None = None) -> dict:
     """Field metadata: the flag's help text; `flag` when it is not `--field-name`; `path` for values the served
     deployment must hold as absolute paths (its runs may start in another directory); `cli=False` for
-    parameters only the flow takes."""
-    return {"help": help, "flag": flag, "path": path, "cli": cli, "required": required, "metavar": metavar}
+    parameters only the flow takes; `choices` for a closed set of values."""
+    return {"help": help, "flag": flag, "path": path, "cli": cli, "required": required, "metavar": metavar,
+            "choices": choices}
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,28 @@ class BuildParams:
                                                           flag="--backoff"))
     retry_permanent: bool = field(default=False, metadata=_param(
         "also retry clips that failed permanently (removed, private, ...) in an earlier run"))
+    retry_reason: list[str] | None = field(default=None, metadata=_param(
+        "also retry the failed clips whose recorded reason is one of these (e.g. login-required after adding "
+        "--cookies; repeatable)", metavar="REASON[,REASON]"))
+    js_runtime: str = field(default="deno", metadata=_param(
+        "JavaScript runtime yt-dlp solves YouTube's challenges with: deno (installed with yt-dlp), node, quickjs "
+        "or bun, optionally NAME:PATH", metavar="NAME[:PATH]"))
+    allow_no_js: bool = field(default=False, metadata=_param(
+        "start a YouTube build even without a usable JavaScript runtime (most clips then fail with no-formats)"))
+    max_per_hour: float | None = field(default=None, metadata=_param(
+        "download attempts per hour over all workers; default for YouTube 250 without --cookies, 1000 with "
+        "(under its guest and account limits), none for other URL templates; 0: no cap", metavar="N"))
+    on_rate_limit: str = field(default="stop", metadata=_param(
+        "when the site rate-limits the session: stop the build (exit 6, clips stay pending) or wait "
+        "--rate-limit-pause seconds and go on", choices=("stop", "wait")))
+    rate_limit_pause_s: float = field(default=3600.0, metadata=_param(
+        "with --on-rate-limit wait: seconds all downloads pause", flag="--rate-limit-pause"))
+    cache_dir: str | None = field(default=None, metadata=_param(
+        "yt-dlp's cache shared by all downloads (player JS, solved challenges); default DIR/.cache/yt-dlp",
+        path=True))
+    extractor_args: list[str] | None = field(default=None, metadata=_param(
+        "passed to yt-dlp's --extractor-args (e.g. youtube:player_client=web; repeatable); recorded in the "
+        "manifest with tokens redacted", metavar="IE_KEY:ARGS"))
     max_failure_rate: float = field(default=0.5, metadata=_param(
         "exit non-zero when more than this fraction of the clips failed"))
     dask_address: str | None = field(default=None, metadata=_param(
@@ -110,20 +133,36 @@ class BuildParams:
     def to_build_config(self, proxy: str | None = None):
         """pipeline.build.BuildConfig of these parameters (and the proxy, which is never a parameter)."""
         from pipeline.build import BuildConfig
-        from pipeline.download import DEFAULT_URL_TEMPLATE, DownloadConfig
         from pipeline.extract import ExtractConfig
 
-        download = DownloadConfig(url_template=self.url_template or DEFAULT_URL_TEMPLATE,
-                                  cookies=Path(self.cookies) if self.cookies else None, proxy=proxy,
-                                  sleep_s=self.sleep_s, workers=self.download_workers,
-                                  timeout_s=self.clip_timeout_s, max_retries=self.max_retries,
-                                  backoff_base_s=self.backoff_s)
         return BuildConfig(csv=self.csv_paths(), split=self.split, out=Path(self.out_dir),
                            media_dir=Path(self.media_dir) if self.media_dir else None, limit=self.limit,
                            cpu_workers=self.cpu_workers or max(1, os.cpu_count() or 1),
                            samples_per_shard=self.samples_per_shard, retry_permanent=self.retry_permanent,
-                           max_failure_rate=self.max_failure_rate, wait_lock=self.wait_lock, download=download,
+                           retry_reasons=self.retry_reasons(), max_failure_rate=self.max_failure_rate,
+                           wait_lock=self.wait_lock, download=self.download_config(proxy),
                            extract=ExtractConfig(frames=self.frames, strict_decode=self.strict_decode))
+
+    def download_config(self, proxy: str | None = None):
+        """pipeline.download.DownloadConfig of these parameters (the build's, and what `flows.py doctor` checks)."""
+        from pipeline.download import DEFAULT_URL_TEMPLATE, DownloadConfig, default_max_per_hour
+
+        template = self.url_template or DEFAULT_URL_TEMPLATE
+        return DownloadConfig(url_template=template, cookies=Path(self.cookies) if self.cookies else None,
+                              proxy=proxy, sleep_s=self.sleep_s, workers=self.download_workers,
+                              timeout_s=self.clip_timeout_s, max_retries=self.max_retries,
+                              backoff_base_s=self.backoff_s, js_runtime=self.js_runtime,
+                              allow_no_js=self.allow_no_js,
+                              cache_dir=Path(self.cache_dir) if self.cache_dir
+                              else Path(self.out_dir) / ".cache" / "yt-dlp",
+                              max_per_hour=default_max_per_hour(template, self.cookies)
+                              if self.max_per_hour is None else (self.max_per_hour or None),
+                              on_rate_limit=self.on_rate_limit, rate_limit_pause_s=self.rate_limit_pause_s,
+                              extractor_args=tuple(self.extractor_args or ()))
+
+    def retry_reasons(self) -> list[str]:
+        """--retry-reason values, commas and repeats alike."""
+        return [r.strip() for v in self.retry_reason or () for r in v.split(",") if r.strip()]
 
     def clip_runner(self):
         """Where the process stage runs its clips: the Dask cluster at dask_address, else None (local pool)."""
@@ -144,16 +183,20 @@ def _flag(f: dataclasses.Field) -> str:
     return f.metadata["flag"] or "--" + f.name.replace("_", "-")
 
 
-def add_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
-    """One flag per BuildParams field (the CLI of `flows.py build`, and of `serve` for its rebuilds)."""
+def add_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = (),
+                  only: tuple[str, ...] | None = None, required: bool = True) -> None:
+    """One flag per BuildParams field (the CLI of `flows.py build`, and of `serve` for its rebuilds); `only`
+    some of them (`flows.py doctor`), `required=False` to make none of them required."""
     for name, f in FIELDS.items():
-        if not f.metadata["cli"] or name in exclude:
+        if not f.metadata["cli"] or name in exclude or (only is not None and name not in only):
             continue
         hint = _HINTS[name]
         base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
         kw: dict[str, Any] = {"dest": name, "help": f.metadata["help"]}
         if f.metadata["metavar"]:
             kw["metavar"] = f.metadata["metavar"]
+        if f.metadata["choices"]:
+            kw["choices"] = f.metadata["choices"]
         if base is bool:
             # A True default is switched off by its --no-... flag, a False one on by its flag.
             kw["action"] = "store_false" if f.default else "store_true"
@@ -161,7 +204,7 @@ def add_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()
             kw["action"] = "append"
         else:
             kw["type"] = base
-            if f.metadata["required"]:
+            if f.metadata["required"] and required:
                 kw["required"] = True
             elif f.default is not None:
                 kw["default"] = f.default

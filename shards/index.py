@@ -31,6 +31,14 @@ INDEX_SUFFIX = ".idx.json"
 TAR_BLOCK = 512
 
 
+class ShardError(RuntimeError):
+    """A shard cannot be read (truncated, corrupt, or disagreeing with the manifest); the message names it."""
+
+
+class ShardIndexError(ShardError):
+    """A shard's member index does not describe the shard (stale, swapped, or damaged); the message names both."""
+
+
 def index_name(shard_name: str) -> str:
     """`train-00003.tar` -> `train-00003.idx.json` (never matches the shard name pattern)."""
     if not shard_name.endswith(".tar"):
@@ -153,6 +161,21 @@ def scan_tar(path: Path, sha256: str | None = None) -> ShardIndex:
                       keys=keys, offsets=offsets, sizes=sizes)
 
 
+def _header_size(header: bytes) -> int | None:
+    field = bytes(header[124:136])
+    try:
+        return int.from_bytes(field[1:], "big") if field[0] & 0x80 else int(field.rstrip(b"\0 ") or b"0", 8)
+    except ValueError:
+        return None
+
+
+def header_summary(header: bytes) -> str:
+    """What a 512-byte tar header says, for an error message: "'name' (size bytes)"."""
+    name = bytes(header[:100]).split(b"\0", 1)[0].decode("utf-8", "replace")
+    size = _header_size(header)
+    return f"{name!r} ({size if size is not None else 'unreadable size'} bytes)"
+
+
 def header_matches(header: bytes, name: str, size: int) -> bool:
     """Whether a 512-byte tar header names `name` (first 100 bytes: long names are truncated there) with `size`.
 
@@ -162,9 +185,15 @@ def header_matches(header: bytes, name: str, size: int) -> bool:
     raw = name.encode("utf-8")[:100]
     if header[: len(raw)] != raw or (len(raw) < 100 and header[len(raw)] != 0):
         return False
-    field = bytes(header[124:136])
-    try:
-        got = int.from_bytes(field[1:], "big") if field[0] & 0x80 else int(field.rstrip(b"\0 ") or b"0", 8)
-    except ValueError:
-        return False
-    return got == size
+    return _header_size(header) == size
+
+
+def check_member_header(header: bytes, name: str, size: int, offset: int, where: str) -> None:
+    """Raise ShardIndexError unless the tar header in front of a member's data is the one its index promises.
+
+    One check for the local and the remote indexed reader: it is what catches a shard replaced by another of the
+    same name (whose index, still the old one, places members where the new shard has other data)."""
+    if len(header) != TAR_BLOCK or not header_matches(header, name, size):
+        raise ShardIndexError(f"{where}: its index places {name} ({size} bytes) at offset {offset}, but the tar "
+                              f"header there disagrees: it names {header_summary(header)} (stale index or "
+                              f"replaced shard)")

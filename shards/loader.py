@@ -13,9 +13,11 @@ step uses (fp16 fbank 0.17 ms, one 224² JPEG 0.4 ms). Two readers here:
   each used member is a zero-copy slice at the offset the index gives; no tar header is parsed except the one
   in front of each member read, which is checked against the index (name and size), so a stale index fails on
   its first sample. The index itself is checked against the manifest (its sha256, the shard's size and sha256).
-- TarSampleReader (any other shard: manifest format 1, hand-made datasets, remote URLs): parses the 512-byte
+- RemoteShardReader (shards.remote: http(s)://, s3://, gs://, ... shards with an index): ranged reads of the used
+  members only, coalesced, several requests in flight, retried on transient errors; same header check.
+- TarSampleReader (any other shard: manifest format 1, hand-made datasets, `pipe:` URLs): parses the 512-byte
   ustar headers itself and skips unused members (a seek on local files, a discarding read on streams). Shards
-  are opened with webdataset's `gopen` (local paths, `pipe:`, http(s), gs, ...) or fsspec (s3://, ...). A
+  are opened as local files, with webdataset's `gopen` (`pipe:`) or as fsspec streams (any other URL). A
   manifest only ever names relative paths (shards.manifest.check_manifest); `pipe:` and other locations come
   from the user's `shard_base` alone.
 
@@ -69,19 +71,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_jpeg as _decode
 
-from shards.index import ShardIndex, header_matches
+from shards.index import ShardError, ShardIndex, ShardIndexError, check_member_header
+from shards.remote import (RemoteConfig, RemoteReadError, RemoteShardReader, RemoteStore, SlotCache, is_remote,
+                           storage_options)
 
 log = logging.getLogger(__name__)
 
 TAR_BLOCK = 512
-
-
-class ShardError(RuntimeError):
-    """A shard cannot be read (truncated, corrupt, or disagreeing with the manifest); the message names it."""
-
-
-class ShardIndexError(ShardError):
-    """A shard's member index does not describe the shard (stale, swapped, or damaged); the message names both."""
 
 
 @dataclass
@@ -100,6 +96,7 @@ class LoaderConfig:
     max_caption_tokens: int = 40
     prefetch_factor: int = 4
     pin_memory: bool = False
+    remote: RemoteConfig = field(default_factory=RemoteConfig)   # timeouts, retries, requests in flight
 
 
 @dataclass
@@ -175,17 +172,21 @@ def local_path(url: str) -> str | None:
     return urlparse(url).path if scheme == "file" else None
 
 
-def open_url(url: str) -> IO[bytes]:
-    """Open a local path, a webdataset URL (pipe:, http(s), gs, ...) or an fsspec URL (s3://, ...) for reading."""
+def open_url(url: str, remote: RemoteConfig | None = None) -> IO[bytes]:
+    """Open a local path, a `pipe:` command (webdataset's gopen) or any fsspec URL (http(s), s3, gs, ...) as a
+    stream. Remote URLs go through fsspec, not webdataset's gopen, which would run a `curl` binary."""
     scheme = urlparse(url).scheme
     if scheme in ("", "file"):
         return open(urlparse(url).path if scheme == "file" else url, "rb")
-    import importlib
-    wds_gopen = importlib.import_module("webdataset.gopen")   # the package re-exports a function of that name
-    if scheme in wds_gopen.gopen_schemes:
+    if scheme == "pipe":
+        import importlib
+        wds_gopen = importlib.import_module("webdataset.gopen")   # the package re-exports a function of that name
         return wds_gopen.gopen(url, "rb")
     import fsspec
-    return fsspec.open(url, "rb").open()
+    protocol = fsspec.utils.get_protocol(url)
+    # block_size=0: one streaming GET over HTTP instead of a request per 5 MB block
+    extra = {"block_size": 0} if protocol in ("http", "https") else {}
+    return fsspec.open(url, "rb", **extra, **storage_options(protocol, remote or RemoteConfig())).open()
 
 
 # -----------------------------------------------------------------------------
@@ -200,9 +201,9 @@ class TarSampleReader:
     a ShardError naming the shard URL.
     """
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, remote: RemoteConfig | None = None):
         self.url = url
-        self.f: Any = open_url(url)
+        self.f: Any = open_url(url, remote)
         self.mm: mmap.mmap | None = None
         if isinstance(self.f, io.BufferedReader):
             # Local file: map it, so reading a member is a slice and skipping one moves a pointer (no syscalls).
@@ -211,10 +212,8 @@ class TarSampleReader:
             except ValueError:   # an empty file cannot be mapped; reading it reports the truncation
                 self.mm = None
         self.src: Any = self.mm if self.mm is not None else self.f
-        try:
-            self.seekable = self.mm is not None or self.f.seekable()
-        except Exception:
-            self.seekable = False
+        # Only local files seek; a remote stream (fsspec's HTTP stream cannot seek) skips by reading.
+        self.seekable = self.mm is not None or isinstance(self.f, io.BufferedReader)
         self.pending: tuple[str, str, int] | None = None   # a header read ahead: (key, suffix, size)
         self.offset = 0
 
@@ -223,8 +222,20 @@ class TarSampleReader:
             self.mm.close()
         self.f.close()
 
-    def _read(self, n: int) -> bytes:
+    def _read_upto(self, n: int) -> bytes:
+        """Up to n bytes, fewer only at the end: a stream's read may return less than asked for."""
         b = self.src.read(n)
+        if len(b) == n or self.seekable or not b:
+            return b
+        parts = [b]
+        got = len(b)
+        while got < n and (more := self.src.read(n - got)):
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+    def _read(self, n: int) -> bytes:
+        b = self._read_upto(n)
         if len(b) != n:
             raise ShardError(f"shard {self.url}: truncated tar (wanted {n} bytes at offset {self.offset}, got {len(b)})")
         self.offset += n
@@ -244,7 +255,7 @@ class TarSampleReader:
         """Next regular member as (key, suffix, size), data not yet consumed; None at the end of the archive."""
         longname = None
         while True:
-            hdr = self.src.read(TAR_BLOCK)
+            hdr = self._read_upto(TAR_BLOCK)
             if len(hdr) == 0:
                 raise ShardError(f"shard {self.url}: truncated tar (no end-of-archive marker at offset {self.offset})")
             if len(hdr) != TAR_BLOCK:
@@ -367,19 +378,27 @@ class IndexedShardReader:
                 if j is None or offsets[j] is None:
                     continue   # the batcher names missing members
                 off, size = offsets[j], sizes[j]
-                if off < TAR_BLOCK or off + size > end or not header_matches(view[off - TAR_BLOCK:off],
-                                                                             f"{key}.{suffix}", size):
+                if off < TAR_BLOCK or off + size > end:
                     raise ShardIndexError(f"shard {self.url}: its index places {key}.{suffix} ({size} bytes) at "
-                                          f"offset {off}, but the tar header there disagrees (stale index)")
+                                          f"offset {off}, outside the shard's {end} bytes (stale index)")
+                check_member_header(view[off - TAR_BLOCK:off], f"{key}.{suffix}", size, off, f"shard {self.url}")
                 members[suffix] = view[off:off + size]
             yield key, members
 
 
-def open_shard_reader(shard: ShardInfo) -> IndexedShardReader | TarSampleReader:
-    """The reader for a shard: through its member index when it is local and has one, else header parsing."""
+def is_remote_indexed(shard: ShardInfo) -> bool:
+    return shard.index_url is not None and is_remote(shard.url)
+
+
+def open_shard_reader(shard: ShardInfo, store: RemoteStore | None = None, cache: SlotCache | None = None
+                      ) -> IndexedShardReader | RemoteShardReader | TarSampleReader:
+    """The reader for a shard: through its member index when it has one (a local mmap, or ranged reads of a
+    remote URL through `store`), else header parsing of the whole stream (`pipe:`, shards without an index)."""
     if shard.index_url is not None and local_path(shard.url) is not None:
         return IndexedShardReader(shard)
-    return TarSampleReader(shard.url)
+    if is_remote_indexed(shard):
+        return RemoteShardReader(shard, store or RemoteStore(), cache)
+    return TarSampleReader(shard.url, store.cfg if store is not None else None)
 
 
 # -----------------------------------------------------------------------------
@@ -609,6 +628,7 @@ class ShardStream(IterableDataset):
         if not 0 <= start_batch <= self.total:
             raise ValueError(f"start_batch {start_batch} outside the epoch's {self.total} batches")
         self.start_batch = start_batch
+        self._store: RemoteStore | None = None   # made in the worker on first use (fsspec sessions stay there)
         self.bad_samples = 0   # samples skipped because a member did not decode (skip_bad_shards)
         self.plan = plan_epoch(info, world_size * self.workers, cfg.seed, epoch, cfg.train)
 
@@ -632,7 +652,7 @@ class ShardStream(IterableDataset):
         B = self.cfg.batch_size
         quota = len(range(role, self.total, self.workers))
         skip = len(range(role, self.start_batch, self.workers))
-        rows = self._train_rows(slot, role) if self.cfg.train else self._eval_rows(slot)
+        rows = self._train_rows(slot, role, quota * B) if self.cfg.train else self._eval_rows(slot)
         done = 0        # batches of this role made (or, when resuming, passed over)
         passed = 0      # rows passed over without decoding, when resuming
         pad = None      # eval: a row that decoded, to pad the last batches with (valid=False)
@@ -679,16 +699,37 @@ class ShardStream(IterableDataset):
             return F // 2 if nf == 1 else (F - nf) // 2
         return _hash_int("frame", self.cfg.seed, self.epoch, pass_idx, key) % (F - nf + 1)
 
-    def _read_parts(self, parts: list[SlotPart], pass_idx: int, decode: bool = True
-                    ) -> Iterator[tuple[str, str, dict[str, bytes], int]]:
-        """Raw samples (url, key, members, frame0) of a slot's parts, checking counts against the manifest."""
-        for part in parts:
+    def _remote_store(self) -> RemoteStore:
+        if self._store is None:
+            self._store = RemoteStore(self.cfg.remote)
+        return self._store
+
+    def _read_parts(self, parts: list[SlotPart], pass_idx: int, limit: int | None = None,
+                    cache: SlotCache | None = None) -> Iterator[tuple[str, str, dict[str, bytes], int]]:
+        """Raw samples (url, key, members, frame0) of a slot's parts, checking counts against the manifest.
+
+        Stops after `limit` samples: what the slot still needs this epoch, so nothing past it is read (or, for a
+        remote shard, fetched). `cache` (the slot's, for the epoch) keeps what remote shards already gave."""
+        if cache is None:   # one of its own, ended with this generator
+            own = SlotCache()
+            try:
+                yield from self._read_parts(parts, pass_idx, limit, own)
+            finally:
+                own.close()
+            return
+        taken = 0
+        for k, part in enumerate(parts):
+            if limit is not None and taken >= limit:
+                return
             shard = self.info.shards[part.shard]
+            if k + 1 < len(parts) and is_remote_indexed(self.info.shards[parts[k + 1].shard]):
+                cache.open_ahead(self.info.shards[parts[k + 1].shard], self._remote_store())
             reader = None
             idx = 0
             try:
-                reader = open_shard_reader(shard)
-                if isinstance(reader, IndexedShardReader) and len(reader) != shard.num_samples:
+                reader = open_shard_reader(shard, self._remote_store() if is_remote(shard.url) else None, cache)
+                indexed = not isinstance(reader, TarSampleReader)
+                if indexed and len(reader) != shard.num_samples:
                     raise ShardError(f"shard {shard.url}: holds {len(reader)} samples, the manifest says "
                                      f"{shard.num_samples}")
                 chosen: dict[str, int] = {}
@@ -696,58 +737,89 @@ class ShardStream(IterableDataset):
                 def want(key: str) -> set[str] | None:
                     nonlocal idx
                     i, idx = idx, idx + 1
-                    if i % part.stride != part.offset:
+                    if i % part.stride != part.offset or (limit is not None and len(chosen) + taken >= limit):
                         return None
                     chosen[key] = f0 = self._frame0(key, pass_idx)
                     return {"fbank.npy", "json"} | {f"frame{f0 + j:02d}.jpg" for j in range(self.cfg.num_frames)}
 
                 for key, members in reader.samples(want):
                     if members is not None:
+                        taken += 1
                         yield shard.url, key, members, chosen.pop(key)
-                if idx != shard.num_samples:
-                    raise ShardError(f"shard {shard.url}: holds {idx} samples, the manifest says {shard.num_samples}")
+                    if not indexed and limit is not None and taken >= limit:
+                        break   # a stream: the rest of the shard is not needed (the count was checked up front
+                                # for indexed readers only; a streamed shard is counted when read to its end)
+                else:
+                    if idx != shard.num_samples:
+                        raise ShardError(f"shard {shard.url}: holds {idx} samples, the manifest says "
+                                         f"{shard.num_samples}")
             except (ShardError, OSError) as e:
                 if not self.cfg.skip_bad_shards:
                     if isinstance(e, ShardError):
                         raise
+                    if isinstance(e, RemoteReadError):   # names the URL and what failed already
+                        raise ShardError(f"shard {e}") from e
                     raise ShardError(f"shard {shard.url}: cannot be read ({e})") from e
                 warnings.warn(f"skipping the rest of bad shard {shard.url} after {idx} samples: {e}")
             finally:
                 if reader is not None:
                     reader.close()
 
-    def _train_rows(self, slot: int, role: int) -> Iterator[tuple]:
-        """Endless shuffled rows of a slot: its shards over and over (wrap-around), through a shuffle buffer."""
+    def _train_rows(self, slot: int, role: int, rows: int) -> Iterator[tuple]:
+        """The `rows` shuffled rows of a slot this epoch: its shards in plan order, again from the start
+        (wrap-around, new frame and caption picks) while it needs more, through a shuffle buffer; then, only if the
+        caller asks for more (samples skipped as undecodable), further passes.
+
+        Exactly `rows` samples are read for the epoch's batches: a buffer filled past them would read samples no
+        batch uses (and, before this was bounded, wrapped tiny slots around dozens of times per epoch: one epoch
+        of 11 samples over HTTP fetched each shard ~92 times). A wrap-around pass rereads the slot's first
+        `rows - slot_samples` samples in the same order, so the SlotCache keeps those members and a remote slot
+        fetches no byte twice in an epoch."""
         parts = self.plan[slot]
         rng = random.Random(_hash_int("samples", self.cfg.seed, self.epoch, slot))
+        have = sum(p.count(self.info.shards[p.shard].num_samples) for p in parts)
+        cache = SlotCache(room=min(max(0, rows - have), have))
 
-        def endless() -> Iterator[tuple]:
-            pass_idx = 0
-            while True:
+        def passes(limit: int | None, pass_idx: int) -> Iterator[tuple]:
+            n = 0
+            while limit is None or n < limit:
                 got = 0
-                for url, key, members, f0 in self._read_parts(parts, pass_idx):
+                for url, key, members, f0 in self._read_parts(parts, pass_idx, None if limit is None else limit - n,
+                                                              cache):
                     got += 1
                     pick = _hash_int("caption", self.cfg.seed, self.epoch, pass_idx, key)
                     yield url, key, members, f0, pick, True
                 if got == 0:   # never spin forever on shards that yield nothing
                     urls = [self.info.shards[p.shard].url for p in parts]
                     raise ShardError(f"rank {self.rank} loader role {role}: no readable samples in shards {urls}")
+                n += got
                 pass_idx += 1
 
         buf: list[tuple] = []
-        stream = endless()
         size = max(1, self.cfg.shuffle_buffer)
-        while True:
-            while len(buf) < size:
-                buf.append(next(stream))
-            j = rng.randrange(len(buf))
-            buf[j], buf[-1] = buf[-1], buf[j]
-            yield buf.pop()
+        try:
+            for row in passes(rows, 0):
+                buf.append(row)
+                if len(buf) >= size:
+                    j = rng.randrange(len(buf))
+                    buf[j], buf[-1] = buf[-1], buf[j]
+                    yield buf.pop()
+            while buf:
+                j = rng.randrange(len(buf))
+                buf[j], buf[-1] = buf[-1], buf[j]
+                yield buf.pop()
+            yield from passes(None, -(-rows // max(1, have)))
+        finally:
+            cache.close()
 
     def _eval_rows(self, slot: int) -> Iterator[tuple]:
         """The slot's samples once, in shard order (the caller pads the last batches)."""
-        for url, key, members, f0 in self._read_parts(self.plan[slot], 0):
-            yield url, key, members, f0, 0, True
+        cache = SlotCache()
+        try:
+            for url, key, members, f0 in self._read_parts(self.plan[slot], 0, cache=cache):
+                yield url, key, members, f0, 0, True
+        finally:
+            cache.close()
 
     def _pad_row(self) -> tuple[str, str, dict[str, bytes], int]:
         """A sample that decodes, for a slot without one of its own to pad eval batches with: the split's first."""
@@ -765,7 +837,12 @@ class ShardStream(IterableDataset):
 
 def _worker_context():
     import multiprocessing
-    return multiprocessing.get_context("forkserver")
+    ctx = multiprocessing.get_context("forkserver")
+    # The server imports this module (torch, torchvision, numpy) once and every worker forks from it already
+    # loaded: otherwise each worker of each epoch imports them anew (measured 0.7 s instead of ~25 s for a
+    # 2-worker loader on a loaded 2-core machine). No effect once the server runs.
+    ctx.set_forkserver_preload([__name__])
+    return ctx
 
 
 def make_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1, epoch: int = 0,

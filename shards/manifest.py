@@ -83,6 +83,9 @@ MANIFEST_NAME = "manifest.json"
 STATUSES = ("ok", "failed-permanent", "failed-transient", "pending")
 _SECRET_KEY_RE = re.compile(r"pass(word)?|secret|token|api[_-]?key|credential|auth", re.IGNORECASE)
 _URL_USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^@/\s]+)@")
+# KEY=VALUE inside a string whose KEY looks secret, e.g. yt-dlp's --extractor-args "youtube:po_token=web.gvs+T".
+_KV_SECRET_RE = re.compile(r"(?P<key>[\w-]*(?:pass(?:word)?|secret|token|api[_-]?key|credential|auth|visitor_data)"
+                           r"[\w-]*)=(?P<value>[^;&\s]+)", re.IGNORECASE)
 
 
 @dataclass
@@ -217,7 +220,8 @@ def redact(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [redact(v) for v in obj]
     if isinstance(obj, str):
-        return _URL_USERINFO_RE.sub(lambda m: f"{m.group('scheme')}***@", obj)
+        obj = _URL_USERINFO_RE.sub(lambda m: f"{m.group('scheme')}***@", obj)
+        return _KV_SECRET_RE.sub(lambda m: f"{m.group('key')}=***", obj)
     if isinstance(obj, Path):
         return str(obj)
     return obj
@@ -275,9 +279,9 @@ def _failure(x: Any) -> Failure:
 def make_split_manifest(*, split: str, config: dict, extract_cfg, fbank_cfg, inputs: list[Path],
                         samples_per_shard: int, num_shards: int, build: ShardBuildResult,
                         counts: dict[str, int], failures: list, changes: Changes | None = None,
-                        ffmpeg_bin: str = "ffmpeg") -> SplitManifest:
+                        ffmpeg_bin: str = "ffmpeg", extra_tools: dict | None = None) -> SplitManifest:
     """Assemble one split's entry from the build's parts (failures: dicts or objects with key/status/reason/
-    message, e.g. the ledger's rows)."""
+    message, e.g. the ledger's rows); `extra_tools` joins the tool versions (the download stage's JS runtime)."""
     validate_split(split)
     parts = fingerprint_parts(extract_cfg, fbank_cfg)
     # Added/removed samples come from the shards themselves; `retried` only the caller (the ledger) knows.
@@ -289,7 +293,7 @@ def make_split_manifest(*, split: str, config: dict, extract_cfg, fbank_cfg, inp
     norm = NormStats(mean=stats.mean, std=stats.std, count=stats.count) if stats.count else None
     return SplitManifest(
         split=split, config=redact(config), fingerprint=fingerprint(parts), fingerprint_parts=parts,
-        tool_versions=tool_versions(ffmpeg_bin), inputs=[input_file(p) for p in inputs],
+        tool_versions=tool_versions(ffmpeg_bin) | dict(extra_tools or {}), inputs=[input_file(p) for p in inputs],
         samples_per_shard=samples_per_shard, num_shards=num_shards, num_samples=build.num_samples,
         shards=[ShardEntry.from_dict(asdict(s)) for s in build.shards],
         counts={s: int(counts.get(s, 0)) for s in STATUSES} | {k: int(v) for k, v in counts.items()},

@@ -27,6 +27,7 @@ pytest_plugins = [
     "tests.fixtures_media",
     "tests.fixtures_model",
     "tests.fixtures_loader",
+    "tests.fixtures_remote",
     "tests.fixtures_train",
     "tests.fixtures_ops",
     "tests.fixtures_dask",

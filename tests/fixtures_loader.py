@@ -12,7 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+from shards.loader import LoaderConfig, make_loader
 
 
 def _jpeg(level: int, size: int) -> bytes:
@@ -58,8 +61,63 @@ def build_dataset(root: Path, shard_sizes: dict[str, list[int]], frames: int = 2
     return root
 
 
+def add_member_indexes(root: Path) -> Path:
+    """Give every shard of a hand-made dataset its member index sidecar and a format-2 manifest entry."""
+    from shards.index import index_path
+    from shards.writer import file_sha256, write_shard_index
+    m = json.loads((root / "manifest.json").read_text())
+    m["format_version"] = 2
+    for entries in m["splits"].values():
+        for s in entries["shards"]:
+            path = root / s["path"]
+            s["sha256"] = file_sha256(path)
+            idx_sha, idx_bytes = write_shard_index(path)
+            s["index"] = {"path": index_path(path).relative_to(root).as_posix(), "sha256": idx_sha,
+                          "bytes": idx_bytes}
+    (root / "manifest.json").write_text(json.dumps(m, indent=1))
+    return root
+
+
+def run_epoch(cfg: LoaderConfig, world_size: int, epoch: int = 0, start_batch: int = 0) -> list[list[dict]]:
+    """Every rank's batches of one epoch (ranks one after another), checking each rank's batch count."""
+    out = []
+    for rank in range(world_size):
+        it, n = make_loader(cfg, rank, world_size, epoch, start_batch=start_batch)
+        batches = list(it)
+        assert len(batches) == n - start_batch, f"rank {rank} yielded {len(batches)} of {n - start_batch} batches"
+        out.append(batches)
+    return out
+
+
+def batches_as_data(per_rank: list[list[dict]]) -> list[list[tuple]]:
+    """Batches as comparable data (copies: a batch's tensors may be reused buffers)."""
+    return [[(b["keys"], b["frame_index"].tolist(), b["caption"], b["valid"].tolist(), b["fbank"].clone(),
+              b["frames"].clone()) for b in r] for r in per_rank]
+
+
+def same_batches(a: list[list[tuple]], b: list[list[tuple]]) -> None:
+    """Tensor for tensor equality of two runs' batches_as_data."""
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert len(ra) == len(rb)
+        for x, y in zip(ra, rb):
+            assert x[:4] == y[:4] and torch.equal(x[4], y[4]) and torch.equal(x[5], y[5])
+
+
 def clip_number(key: str) -> int:
     return int(key[4:8])
+
+
+def check_batch_content(b: dict, F: int = 20) -> None:
+    """Each sample's data is its own: fbank value = clip number, pixel level = 10 x frame index."""
+    for i, key in enumerate(b["keys"]):
+        c = clip_number(key)
+        assert float(b["fbank"][i, 0, 0]) == c and float(b["fbank"][i, -1, -1]) == c
+        for j in range(b["frames"].shape[1]):
+            level = float(b["frames"][i, j].float().mean())
+            assert abs(level - 10 * (int(b["frame_index"][i]) + j)) < 3, (key, j, level)
+        assert b["caption"][i] in b["captions"][i]
+        assert b["captions"][i][0] == f"clip {c} caption 0"
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,8 @@
   captions ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4).
 - `bert_layout_vocab`: 1000 tokens laid out like bert-base-uncased ([PAD]=0, [unused*], [UNK]=100, [CLS]=101,
   [SEP]=102, [MASK]=103, then caption wordpieces), so it fits the reference model's special ids.
+- `plain_loss`: the training loss in its plain form (before the training path skipped unread work), for
+  tests/test_train_step.py and benchmarks/profile_train_step.py.
 - `original_checkpoints`: the reference weights in every layout a user may bring, as files: the three reference
   files plus a CAV-MAE pretraining file (no mlp_head, with the MAE decoder keys), GiT-large (no `module.`, a
   1024-wide projection) and a DDP-saved captioner (`module.` prefix).
@@ -51,6 +53,34 @@ def spread_decoder_weights(model) -> None:
             if isinstance(mod, torch.nn.Linear) and name != "output":
                 mod.weight.mul_(10.0)
         model.textual.output.bias.normal_(0.0, 1.0)
+
+
+def plain_loss(model, audio, visual, tokens, need_predict) -> torch.Tensor:
+    """The training loss in its plain form, as the model computed it before the training path skipped unread
+    work: every decoder layer over every row, logits at every position, then the label-smoothed KL as smoothed
+    cross-entropy (log-softmax, gather, sum) minus the entropy of the target distribution."""
+    import math
+
+    import torch.nn.functional as F
+    from avcap.model import prefix_mask
+
+    text = model.textual
+    prefix, emb = text.av_projection(model.encode(audio, visual)), text.embedding(tokens)
+    P, T = prefix.shape[1], emb.shape[1]
+    x = torch.cat([prefix, emb], dim=1)
+    mask = prefix_mask(P, T, x.device)
+    for layer in text.layers:
+        x = layer.finish(x, layer.attend(*layer.qkv(x), mask))
+    logits = text.output(x[:, P:])
+    valid = need_predict[:, 1:] == 1
+    logp = F.log_softmax(logits[:, :-1][valid].float(), dim=-1)
+    target = tokens[:, 1:][valid]
+    V, eps = logp.shape[-1], model.cfg.label_smoothing
+    on, off = 1.0 - eps, eps / (V - 1)
+    logp_target = logp.gather(-1, target[:, None]).squeeze(-1)
+    ce = -(on * logp_target + off * (logp.sum(-1) - logp_target))
+    entropy = -(on * math.log(on) + ((V - 1) * off * math.log(off) if off > 0 else 0.0))
+    return (ce - entropy).mean()
 
 
 def pretraining_only_keys(dim: int) -> dict[str, torch.Tensor]:

@@ -31,6 +31,7 @@ class MediaSpec:
     tone_hz: float = 440.0          # a different tone per clip makes every clip's fbank distinct
     keyframe_s: float = 1.0         # short GOPs: section downloads start near the requested time
     container: str = "mp4"
+    noise_seed: int | None = None   # pink noise instead of tones: no period, so a time offset is unambiguous
 
 
 def make_media(path: Path, spec: MediaSpec) -> Path:
@@ -48,7 +49,9 @@ def make_media(path: Path, spec: MediaSpec) -> Path:
         expr = f"0.4*sin(2*PI*{spec.tone_hz}*t)+0.05*sin(2*PI*37*t)"
         if spec.channels == 2:
             expr += f"|0.3*sin(2*PI*{spec.tone_hz / 2}*t)"
-        cmd += ["-f", "lavfi", "-i", f"aevalsrc={expr}:s={spec.sample_rate}:d={spec.duration}"]
+        source = (f"aevalsrc={expr}:s={spec.sample_rate}:d={spec.duration}" if spec.noise_seed is None else
+                  f"anoisesrc=color=pink:seed={spec.noise_seed}:amplitude=0.3:r={spec.sample_rate}:d={spec.duration}")
+        cmd += ["-f", "lavfi", "-i", source]
         maps += ["-map", f"{len(maps) // 2}:a"]
     cmd += maps
     if spec.video:

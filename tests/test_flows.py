@@ -27,7 +27,7 @@ def _shards(out: Path, split: str = "test") -> dict[str, bytes]:
 def test_every_command_has_clear_help():
     parser = flows.make_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == {"build", "audit", "serve", "publish", "gallery"}
+    assert set(sub.choices) == {"build", "audit", "serve", "publish", "doctor", "gallery"}
     build = sub.choices["build"].format_help()
     for option in ("--dask-address", "--publish", "--prune", "--cpu-workers", "--download-workers", "--no-report"):
         assert option in build, option

@@ -10,32 +10,11 @@ import pytest
 import torch
 
 from shards.loader import LoaderConfig, ShardError, batches_per_epoch, load_split, make_loader
-from tests.fixtures_loader import build_dataset, clip_number
+from tests.fixtures_loader import (add_member_indexes, batches_as_data, build_dataset, check_batch_content,
+                                   clip_number, run_epoch, same_batches)
 
 TRAIN_CLIPS = set(range(0, 16))   # shards of 5, 2, 9 clips
 VAL_CLIPS = set(range(16, 23))    # one shard of 7 clips
-
-
-def run_epoch(cfg: LoaderConfig, world_size: int, epoch: int = 0, start_batch: int = 0) -> list[list[dict]]:
-    out = []
-    for rank in range(world_size):
-        it, n = make_loader(cfg, rank, world_size, epoch, start_batch=start_batch)
-        batches = list(it)
-        assert len(batches) == n - start_batch, f"rank {rank} yielded {len(batches)} of {n - start_batch} batches"
-        out.append(batches)
-    return out
-
-
-def check_batch_content(b: dict, F: int = 20) -> None:
-    """Each sample's data is its own: fbank value = clip number, pixel level = 10 x frame index."""
-    for i, key in enumerate(b["keys"]):
-        c = clip_number(key)
-        assert float(b["fbank"][i, 0, 0]) == c and float(b["fbank"][i, -1, -1]) == c
-        for j in range(b["frames"].shape[1]):
-            level = float(b["frames"][i, j].float().mean())
-            assert abs(level - 10 * (int(b["frame_index"][i]) + j)) < 3, (key, j, level)
-        assert b["caption"][i] in b["captions"][i]
-        assert b["captions"][i][0] == f"clip {c} caption 0"
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -167,40 +146,10 @@ def test_bad_manifest_inputs_are_named(tiny_shards, tmp_path):
 # -----------------------------------------------------------------------------
 # member index (manifest format 2): the indexed reader
 
-def _add_member_indexes(root):
-    """Give every shard of a hand-made dataset its member index sidecar and a format-2 manifest entry."""
-    from shards.index import index_path
-    from shards.writer import file_sha256, write_shard_index
-    m = json.loads((root / "manifest.json").read_text())
-    m["format_version"] = 2
-    for entries in m["splits"].values():
-        for s in entries["shards"]:
-            path = root / s["path"]
-            s["sha256"] = file_sha256(path)
-            idx_sha, idx_bytes = write_shard_index(path)
-            s["index"] = {"path": index_path(path).relative_to(root).as_posix(), "sha256": idx_sha,
-                          "bytes": idx_bytes}
-    (root / "manifest.json").write_text(json.dumps(m, indent=1))
-    return root
-
-
 @pytest.fixture(scope="module")
 def indexed_shards(tmp_path_factory):
     """The tiny_shards layout again (same clips, same bytes), with member indexes."""
-    return _add_member_indexes(build_dataset(tmp_path_factory.mktemp("indexed"), {"train": [5, 2, 9], "val": [7]}))
-
-
-def _batches_as_data(per_rank):
-    return [[(b["keys"], b["frame_index"].tolist(), b["caption"], b["valid"].tolist(), b["fbank"].clone(),
-              b["frames"].clone()) for b in r] for r in per_rank]
-
-
-def _same(a, b):
-    assert len(a) == len(b)
-    for ra, rb in zip(a, b):
-        assert len(ra) == len(rb)
-        for x, y in zip(ra, rb):
-            assert x[:4] == y[:4] and torch.equal(x[4], y[4]) and torch.equal(x[5], y[5])
+    return add_member_indexes(build_dataset(tmp_path_factory.mktemp("indexed"), {"train": [5, 2, 9], "val": [7]}))
 
 
 def _rewrite_manifest(root, edit):
@@ -226,12 +175,12 @@ def test_indexed_reader_gives_the_same_batches_and_never_parses_unused_headers(t
     for cfg in (LoaderConfig(data="", split="train", batch_size=3, num_workers=0, seed=7, shuffle_buffer=4,
                              num_frames=4),
                 LoaderConfig(data="", split="val", batch_size=2, num_workers=2, train=False)):
-        plain = _batches_as_data(run_epoch(LoaderConfig(**{**cfg.__dict__, "data": str(tiny_shards)}), 2))
+        plain = batches_as_data(run_epoch(LoaderConfig(**{**cfg.__dict__, "data": str(tiny_shards)}), 2))
         indexed = run_epoch(LoaderConfig(**{**cfg.__dict__, "data": str(indexed_shards)}), 2)
         for r in indexed:
             for b in r:
                 check_batch_content(b)
-        _same(plain, _batches_as_data(indexed))
+        same_batches(plain, batches_as_data(indexed))
     # Wreck the header of every (never used) flac member in a copy: the indexed reader does not notice, the
     # header-parsing reader (same shards, manifest without the index) does. The manifest still records the
     # original sha256: the loader does not hash whole shards, it compares the index's record with the manifest.

@@ -148,7 +148,8 @@ def test_prefix_never_sees_the_text():
     model = small(dtype=torch.float64).eval()
     feats = torch.randn(1, 30, 64, dtype=torch.float64)
     seen = []
-    hook = model.textual.layers[-1].register_forward_hook(lambda mod, args, out: seen.append(out[:, :30].clone()))
+    # the last layer returns text rows only (its prefix rows are keys/values, never read): watch the one before
+    hook = model.textual.layers[-2].register_forward_hook(lambda mod, args, out: seen.append(out[:, :30].clone()))
     with torch.no_grad():
         for tokens in (torch.tensor([[101, 5, 6]]), torch.tensor([[101, 9, 8, 7, 6, 5, 4]])):
             model.decode(feats, tokens)

@@ -55,7 +55,10 @@ def test_cli_values_reach_the_build_config(tmp_path):
          "--limit", "7", "--download-workers", "2", "--cpu-workers", "3", "--samples-per-shard", "16",
          "--frames", "4", "--cookies", str(cookies), "--sleep", "1.5", "--clip-timeout", "60",
          "--max-retries", "1", "--backoff", "0.5", "--retry-permanent", "--max-failure-rate", "0.2",
-         "--no-report", "--url-template", "http://127.0.0.1:9/{youtube_id}.mp4"])
+         "--no-report", "--url-template", "http://127.0.0.1:9/{youtube_id}.mp4", "--js-runtime", "node:/usr/bin/node",
+         "--allow-no-js", "--max-per-hour", "120", "--on-rate-limit", "wait", "--rate-limit-pause", "90",
+         "--cache-dir", str(tmp_path / "c"), "--extractor-args", "youtube:player_client=web",
+         "--retry-reason", "login-required,drm"])
     p = flows.build_params_from_args(a)
     assert p.report is False and p.retry_permanent is True and p.csv == ["a.csv", "b.csv"]
     cfg = p.to_build_config(proxy="http://proxy:1")
@@ -64,6 +67,18 @@ def test_cli_values_reach_the_build_config(tmp_path):
     assert (d.workers, d.sleep_s, d.timeout_s, d.max_retries, d.backoff_base_s, d.proxy) == \
         (2, 1.5, 60.0, 1, 0.5, "http://proxy:1")
     assert d.cookies == cookies and cfg.max_failure_rate == 0.2 and cfg.csv == [Path("a.csv"), Path("b.csv")]
+    assert (d.js_runtime, d.allow_no_js, d.max_per_hour, d.on_rate_limit, d.rate_limit_pause_s) == \
+        ("node:/usr/bin/node", True, 120.0, "wait", 90.0)
+    assert d.cache_dir == tmp_path / "c" and d.extractor_args == ("youtube:player_client=web",)
+    assert cfg.retry_reasons == ["login-required", "drm"]
+
+
+def test_download_defaults_pace_youtube_and_share_one_cache(tmp_path):
+    d = BuildParams(split="test", out_dir=str(tmp_path)).download_config()
+    assert (d.max_per_hour, d.cache_dir, d.js_runtime) == (250, tmp_path / ".cache" / "yt-dlp", "deno")
+    assert BuildParams(split="test", out_dir="o", max_per_hour=0).download_config().max_per_hour is None
+    loopback = BuildParams(split="test", out_dir="o", url_template="http://127.0.0.1:9/{youtube_id}.mp4")
+    assert loopback.download_config().max_per_hour is None
 
 
 def test_split_alone_reads_the_bundled_csv(tmp_path):

@@ -13,7 +13,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from pipeline.download import build_url, classify_error, is_youtube_template, validate_url_template
+from pipeline.download import (DEFAULT_URL_TEMPLATE, DownloadConfig, build_url, classify_error, is_youtube_template,
+                               validate_url_template, worker_job)
+from pipeline.manifest import Clip
 from tests.media import Route
 
 REPO = Path(__file__).resolve().parent.parent
@@ -149,9 +151,8 @@ def test_yt_dlp_worker_refuses_urls_its_extractors_do_not_cover(media_server, tm
     # The worker is what really runs yt-dlp: restricted to the YouTube extractor, a loopback URL (one the generic
     # extractor would happily fetch) is refused before any request is made.
     media_server.routes["/sec/ABCDEFGHIJK.mp4"] = Route(body=b"x" * 1000)
-    job = {"url": media_server.url("/sec/ABCDEFGHIJK.mp4"), "tmp": str(tmp_path), "start": 0, "end": 10,
-           "format": "b", "format_sort": [], "cookies": None, "proxy": None, "socket_timeout": 5,
-           "extractors": ["youtube"]}
+    cfg = DownloadConfig(url_template=DEFAULT_URL_TEMPLATE, socket_timeout_s=5)
+    job = worker_job(media_server.url("/sec/ABCDEFGHIJK.mp4"), Clip("ABCDEFGHIJK", 0), cfg, tmp_path)
     r = subprocess.run([sys.executable, "-m", "pipeline.download", "--worker"], input=json.dumps(job), cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     answer = json.loads(r.stdout.strip().splitlines()[-1])

@@ -1,6 +1,6 @@
 """Caption local video files with a trained checkpoint.
 
-    python -m avcap.caption VIDEO... --checkpoint CKPT [--start S | --all]
+    python -m avcap.caption VIDEO... --checkpoint CKPT [--start S | --all]     # CKPT: a .pt or an export folder
 
 Each 10 s window goes through the same code as the dataset and the evaluation: `pipeline.extract.extract_clip`
 (one ffmpeg decode: 16 kHz mono audio + evenly spaced 224x224 JPEG frames), `pipeline.features.compute_fbank`,
@@ -26,6 +26,8 @@ from pathlib import Path
 import ffmpeg
 import torch
 
+from avcap.generate import FLAG_FIELDS, GenerationConfig, generate, generation_from_flags
+
 CLIP_SECONDS = 10.0
 
 
@@ -39,8 +41,11 @@ class CaptionConfig:
     start: float = 0.0
     all_windows: bool = False
     window_s: float = CLIP_SECONDS
-    beam_size: int = 4
-    max_gen_steps: int = 42
+    beam_size: int = GenerationConfig.beam_size        # generation settings: see avcap.generate
+    per_node_beam: int = GenerationConfig.per_node_beam
+    length_penalty: float = GenerationConfig.length_penalty
+    max_gen_steps: int = GenerationConfig.max_steps
+    gen_precision: str = GenerationConfig.precision
     batch_size: int = 8           # windows encoded together
     device: str = "cpu"
     mode: str = "auto"            # auto: the checkpoint's mode, or the single-stream mode the file allows
@@ -178,6 +183,7 @@ class Captioner:
         from shards.augment import AugmentConfig
 
         self.cfg = cfg
+        self.generation = generation_from_flags(cfg)
         self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if cfg.device == "auto" else cfg.device))
         loaded = load_checkpoint(cfg.checkpoint, map_location=self.device)
@@ -208,8 +214,13 @@ class Captioner:
         return _Window(start=start, fbank=fbank, frames=frames, end=start + ex.duration)
 
     @torch.no_grad()
+    def generate(self, audio: torch.Tensor | None, visual: torch.Tensor | None, mode: str) -> torch.Tensor:
+        """Token rows for normalized model inputs: the same call (and settings) as avcap.evaluate's."""
+        tokens, _ = generate(self.model, audio, visual, self.generation, mode=mode)
+        return tokens
+
+    @torch.no_grad()
     def _caption_batch(self, windows: list[_Window], mode: str) -> list[str]:
-        from avcap.generate import beam_search
         from avcap.tokenizer import decode_batch
         from shards.augment import augment_audio, normalize_frames
 
@@ -219,9 +230,7 @@ class Captioner:
                                   train=False)
         if windows[0].frames is not None:
             visual = normalize_frames(torch.stack([w.frames for w in windows]).to(self.device), self.augment_cfg)
-        tokens, _ = beam_search(self.model, audio, visual, beam_size=self.cfg.beam_size,
-                                max_steps=self.cfg.max_gen_steps, mode=mode)
-        return decode_batch(self.tokenizer, tokens.cpu())
+        return decode_batch(self.tokenizer, self.generate(audio, visual, mode).cpu())
 
     def caption_file(self, path: Path | str) -> list[WindowCaption]:
         info = probe_media(path)
@@ -240,22 +249,27 @@ class Captioner:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Caption local video files with a trained AVCap checkpoint.")
     ap.add_argument("videos", nargs="+", type=Path, help="video (or audio) files")
-    ap.add_argument("--checkpoint", required=True, help="checkpoint written by training (avcap.checkpoint)")
+    ap.add_argument("--checkpoint", required=True,
+                    help="a checkpoint written by training (.pt) or a folder written by avcap.export")
     where = ap.add_mutually_exclusive_group()
     where.add_argument("--start", type=float, default=0.0, help="window start in seconds (default 0)")
     where.add_argument("--all", dest="all_windows", action="store_true", help="caption every 10 s window")
-    ap.add_argument("--beam-size", type=int, default=CaptionConfig.beam_size)
-    ap.add_argument("--max-gen-steps", type=int, default=CaptionConfig.max_gen_steps)
+    for flag, name in FLAG_FIELDS.items():
+        default = getattr(GenerationConfig, name)
+        ap.add_argument("--" + flag.replace("_", "-"), type=type(default), default=default,
+                        help=GenerationConfig.help(name) + " (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=CaptionConfig.batch_size)
     ap.add_argument("--device", default=CaptionConfig.device, help="cpu | cuda | auto")
     ap.add_argument("--mode", default="auto", choices=["auto", "av", "audio", "visual"],
                     help="encoder mode (auto: the checkpoint's, single-modality when the file lacks a stream)")
     args = ap.parse_args(argv)
-    if not Path(args.checkpoint).is_file():
-        ap.error(f"--checkpoint {args.checkpoint}: no such file")
+    if not Path(args.checkpoint).exists():
+        ap.error(f"--checkpoint {args.checkpoint}: no such file or folder")
     cfg = CaptionConfig(checkpoint=args.checkpoint, start=args.start, all_windows=args.all_windows,
-                        beam_size=args.beam_size, max_gen_steps=args.max_gen_steps, batch_size=args.batch_size,
-                        device=args.device, mode=args.mode)
+                        beam_size=args.beam_size, per_node_beam=args.per_node_beam,
+                        length_penalty=args.length_penalty, max_gen_steps=args.max_gen_steps,
+                        gen_precision=args.gen_precision, batch_size=args.batch_size, device=args.device,
+                        mode=args.mode)
     captioner = Captioner(cfg)
     failed = 0
     for path in args.videos:

@@ -18,14 +18,14 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from avcap.training import (DistEnv, Precision, _LoaderFactory, _f, build_arg_parser, resolve_precision,
-                            setup_distributed, teardown_distributed)
+from avcap.generate import GenerationConfig, generation_from_flags
+from avcap.training import DistEnv, _LoaderFactory, _f, build_arg_parser, setup_distributed, teardown_distributed
 from shards.atomic import atomic_write_text
 
 
 @dataclass
 class EvalConfig:
-    checkpoint: str = _f("", "captioner checkpoint written by avcap.checkpoint.save_checkpoint (e.g. a training run's)")
+    checkpoint: str = _f("", "captioner checkpoint: a training run's .pt, or a folder written by avcap.export")
     data: str = _f("", "dataset directory or URL of its manifest.json")
     shard_base: str = _f("", "read the manifest's shard paths under this local path or URL instead (any fsspec "
                              "scheme, or 'pipe:CMD' with {path} where the path goes)")
@@ -34,15 +34,17 @@ class EvalConfig:
                       "(default: eval-SPLIT.json beside the checkpoint)")
     batch_size: int = _f(16, "samples per rank per batch")
     num_workers: int = _f(2, "loader worker processes per rank")
-    beam_size: int = _f(4, "beam search width")
-    max_gen_steps: int = _f(42, "beam search steps")
+    beam_size: int = _f(GenerationConfig.beam_size, GenerationConfig.help("beam_size"))
+    per_node_beam: int = _f(GenerationConfig.per_node_beam, GenerationConfig.help("per_node_beam"))
+    length_penalty: float = _f(GenerationConfig.length_penalty, GenerationConfig.help("length_penalty"))
+    max_gen_steps: int = _f(GenerationConfig.max_steps, GenerationConfig.help("max_steps"))
+    gen_precision: str = _f(GenerationConfig.precision, GenerationConfig.help("precision"))
     java: str = _f("auto", "metrics with Java (PTB tokenizer, METEOR, SPICE): auto (when found) | yes (required) | "
                            "no (the Python PTB tokenizer; METEOR/SPICE unavailable)")
     spice_jars: str = _f("", "directory with the Stanford CoreNLP 3.6.0 jars for SPICE/SPIDEr (optional)")
     skip_bad_shards: bool = _f(False, "skip a damaged shard, or a sample that does not decode, with a warning "
                                       "instead of failing")
     device: str = _f("auto", "auto | cpu | cuda")
-    precision: str = _f("auto", "auto | fp32 | bf16 | fp16 (autocast for the forward passes)")
     dist_timeout_s: int = _f(600, "collective timeout")
     gallery: bool = _f(False, "also write an HTML gallery of the split with the generated captions and per-clip "
                               "CIDEr-D: reports/gallery-SPLIT.html beside the results file (pipeline.gallery)")
@@ -50,10 +52,9 @@ class EvalConfig:
 
 @torch.no_grad()
 def caption_split(model: torch.nn.Module, batches: Iterable[Any], prepare: Callable[[Any], tuple],
-                  tokenizer: Any, device: torch.device, precision: Precision, beam_size: int,
-                  max_gen_steps: int) -> tuple[dict[str, str], dict[str, list[str]]]:
+                  tokenizer: Any, gen: GenerationConfig) -> tuple[dict[str, str], dict[str, list[str]]]:
     """Beam-search captions for every batch this rank reads -> ({key: caption}, {key: reference captions})."""
-    from avcap.generate import beam_search
+    from avcap.generate import generate
     from avcap.tokenizer import decode_batch
 
     was_training = model.training
@@ -65,9 +66,7 @@ def caption_split(model: torch.nn.Module, batches: Iterable[Any], prepare: Calla
             audio, visual, keys, refs = prepare(batch)
             if not keys:  # a batch of padding only
                 continue
-            with precision.autocast(device):
-                tokens, _ = beam_search(model, audio, visual, beam_size=beam_size, max_steps=max_gen_steps,
-                                        use_cache=True)
+            tokens, _ = generate(model, audio, visual, gen)
             for key, text, ref in zip(keys, decode_batch(tokenizer, tokens.cpu()), refs):
                 predictions[key] = text
                 references[key] = list(ref)
@@ -98,11 +97,12 @@ JAVA_CHOICES = {"auto": None, "yes": True, "no": False}
 
 
 def score_and_write(predictions: dict[str, str], references: dict[str, list[str]], results_path: Path,
-                    java: str = "auto", spice_jars: str = "") -> dict[str, Any]:
+                    java: str = "auto", spice_jars: str = "",
+                    generation: GenerationConfig | None = None) -> dict[str, Any]:
     """COCO results file at results_path, metrics beside it (`<stem>.metrics.json`); returns the metrics.
 
     Metrics that cannot be computed here (METEOR/SPICE without Java, SPICE without the CoreNLP jars) are None,
-    with the reason under "unavailable".
+    with the reason under "unavailable". The generation settings (precision included) go under "generation".
     """
     from avcap import metrics as M
 
@@ -117,6 +117,8 @@ def score_and_write(predictions: dict[str, str], references: dict[str, list[str]
                                                    spice_jars=spice_jars or None, unavailable=unavailable))
     scores["num_clips"] = len(predictions)
     scores["unavailable"] = unavailable
+    if generation is not None:
+        scores["generation"] = generation.to_dict()
     atomic_write_text(results_path.with_name(results_path.stem + ".metrics.json"), json.dumps(scores, indent=2))
     return scores
 
@@ -155,14 +157,13 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any] | None:
                            norm_std=float(norm.get("std", TrainConfig.norm_std)), device=cfg.device)
         check_dataset_matches(split, loaded.config, cfg.data, loaded.frames_per_clip)
         loader = _LoaderFactory(tcfg, split, env)
-        precision = resolve_precision(cfg.precision, env.device)
-        preds, refs = caption_split(model, loader.open(0, train=False), loader.prepare_eval, tokenizer, env.device,
-                                    precision, cfg.beam_size, cfg.max_gen_steps)
+        gen = generation_from_flags(cfg)
+        preds, refs = caption_split(model, loader.open(0, train=False), loader.prepare_eval, tokenizer, gen)
         merged = gather_predictions(preds, refs, env)
         scores = None
         if merged is not None:
             out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).with_name(f"eval-{cfg.split}.json")
-            scores = score_and_write(*merged, out, cfg.java, cfg.spice_jars)
+            scores = score_and_write(*merged, out, cfg.java, cfg.spice_jars, gen)
             report = {"split": cfg.split, "results": str(out), **scores}
             if cfg.gallery:
                 from pipeline.gallery import write_gallery

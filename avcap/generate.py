@@ -17,11 +17,22 @@ nor re-concatenated per step, and reordering beams only gathers the small text p
 The beam-search bookkeeping (candidate selection, finished hypotheses, length normalization, stopping rule,
 output rows) follows the original exactly, so both steppers give the same token ids (up to float rounding in
 near-ties) and `max_steps=1024` reproduces the original.
+
+`GenerationConfig` holds every setting that changes a caption (beam size, per-node beam, length penalty, max
+steps, precision); `generate` is the one call evaluation, training's evaluation and avcap.caption make, so the
+same checkpoint, clip and settings give the same tokens in all three.
+
+Precision. Generation runs in float32 by default, whatever the training precision. Measured on the reference
+fixture (benchmarks/bench_generation_precision.py, `precision_parity`): under bf16 autocast plain beam search
+changes 4 of the 40 expected tokens, and keeping autocast but computing the projection, the output logits and
+the log-softmax in float32 changes 7; float32 reproduces all of them. fp16 autocast keeps them either way.
+`precision="bf16"|"fp16"` remains available (autocast with that float32 head) and is recorded with the results.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Protocol
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -40,13 +51,14 @@ class Stepper(Protocol):
 class RecomputeStepper:
     """The original's decoding step: full recompute over [prefix; tokens] for every beam."""
 
-    def __init__(self, textual: TextualHead, features: torch.Tensor, beam: int):
+    def __init__(self, textual: TextualHead, features: torch.Tensor, beam: int, fp32_head: bool = True):
         B, P, D = features.shape
         self.textual = textual
+        self.fp32_head = fp32_head
         self.features = features.unsqueeze(1).expand(B, beam, P, D).reshape(B * beam, P, D)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.textual(self.features, tokens)[:, -1]
+        return self.textual(self.features, tokens, fp32_head=self.fp32_head)[:, -1]
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
         pass  # all state is in the token history, which the caller reorders
@@ -55,13 +67,15 @@ class RecomputeStepper:
 class CachedStepper:
     """Prefix K/V computed once per sample and shared by its beams; text K/V cached; one token per step."""
 
-    def __init__(self, textual: TextualHead, features: torch.Tensor, beam: int, max_len: int):
+    def __init__(self, textual: TextualHead, features: torch.Tensor, beam: int, max_len: int,
+                 fp32_head: bool = True):
         self.textual = textual
         self.beam = beam
+        self.fp32_head = fp32_head
         B, P, _ = features.shape
         self.B, self.P = B, P
         self.t = 0  # text positions cached so far
-        x = textual.av_projection(features)
+        x = textual.project(features, fp32_head)
         layers = textual.layers
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
@@ -102,7 +116,7 @@ class CachedStepper:
             ctx = ctx.transpose(1, 2).reshape(B * nb, heads, 1, dh)
             x = layer.finish(x, ctx)
         self.t = t + 1
-        return self.textual.output(x[:, 0])
+        return self.textual.logits(x[:, 0], self.fp32_head)
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
         B, nb, P, t = self.B, self.beam, self.P, self.t
@@ -115,10 +129,12 @@ class CachedStepper:
             text.copy_(text.gather(3, idx))
 
 
-def make_stepper(model: AVCap, features: torch.Tensor, beam: int, max_len: int, use_cache: bool) -> Stepper:
+def make_stepper(model: AVCap, features: torch.Tensor, beam: int, max_len: int, use_cache: bool,
+                 fp32_head: bool = True) -> Stepper:
+    """`fp32_head`: the projection and the logits in float32 even under autocast (a no-op without autocast)."""
     if use_cache:
-        return CachedStepper(model.textual, features, beam, max_len)
-    return RecomputeStepper(model.textual, features, beam)
+        return CachedStepper(model.textual, features, beam, max_len, fp32_head)
+    return RecomputeStepper(model.textual, features, beam, fp32_head)
 
 
 @contextmanager
@@ -166,9 +182,12 @@ class Hypotheses:
         return max(self.hyp, key=lambda h: h[0])
 
 
-def _score_dtype(logits: torch.Tensor) -> torch.dtype:
-    # the original scores in float32; a float64 model keeps float64 (used by tests to rule out near-ties)
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    # The original scores in float32; a float64 model keeps float64 (used by tests to rule out near-ties).
+    # Outside autocast, so that a bf16/fp16 run still scores in float32.
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    with torch.autocast(logits.device.type, enabled=False):
+        return F.log_softmax(logits.to(dtype), dim=-1)
 
 
 def _check_args(model: AVCap, features: torch.Tensor, max_steps: int) -> None:
@@ -180,7 +199,7 @@ def _check_args(model: AVCap, features: torch.Tensor, max_steps: int) -> None:
 
 def beam_search_features(model: AVCap, features: torch.Tensor, beam_size: int = 4, per_node_beam: int = 2,
                          length_penalty: float = 0.6, max_steps: int = 42,
-                         use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                         use_cache: bool = True, fp32_head: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Beam search from encoder features [B, N, D]. Returns (tokens [B, max_steps] long: [CLS] words [SEP] then
     [SEP] padding; logprobs [B, 1]: the kept hypothesis' length-normalized score)."""
     _check_args(model, features, max_steps)
@@ -193,7 +212,7 @@ def beam_search_features(model: AVCap, features: torch.Tensor, beam_size: int = 
     B, nb = features.shape[0], beam_size
     device = features.device
     with inference(model):
-        stepper = make_stepper(model, features, nb, max_steps, use_cache)
+        stepper = make_stepper(model, features, nb, max_steps, use_cache, fp32_head)
         input_ids = torch.full((B * nb, 1), cls_id, dtype=torch.long, device=device)
         beam_scores = None  # created on the first step, in the scoring dtype
         hyps = [Hypotheses(1, max_steps, length_penalty) for _ in range(B)]
@@ -201,7 +220,7 @@ def beam_search_features(model: AVCap, features: torch.Tensor, beam_size: int = 
         cur_len = 1
         while cur_len < max_steps:
             logits = stepper.step(input_ids)
-            logp = F.log_softmax(logits.to(_score_dtype(logits)), dim=-1)
+            logp = _log_softmax(logits)
             V = logp.shape[-1]
             if beam_scores is None:
                 # only beam 0 is live at the start: all beams hold the same [CLS]
@@ -274,7 +293,7 @@ def greedy_search_features(model: AVCap, features: torch.Tensor, max_steps: int 
         keep = torch.zeros(B, 1, dtype=torch.long, device=device)
         for _ in range(max_steps - 2):
             logits = stepper.step(tokens)
-            logp = F.log_softmax(logits.to(_score_dtype(logits)), dim=-1)
+            logp = _log_softmax(logits)
             best_logp, word = logp.max(dim=-1)
             total = torch.zeros_like(best_logp) if total is None else total
             total = total + torch.where(finished, torch.zeros_like(best_logp), best_logp)
@@ -292,12 +311,13 @@ def greedy_search_features(model: AVCap, features: torch.Tensor, max_steps: int 
 
 def beam_search(model: AVCap, audio: torch.Tensor | None, visual: torch.Tensor | None, beam_size: int = 4,
                 per_node_beam: int = 2, length_penalty: float = 0.6, max_steps: int = 42, use_cache: bool = True,
-                mode: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                mode: str | None = None, fp32_head: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode and beam-search. audio [B,1024,128], visual [B,3,224,224] or [B,3,nf,224,224] (None when the mode
     does not use it). Returns (tokens [B, max_steps] long, logprobs [B, 1])."""
     with inference(model):
         features = model.encode(audio, visual, mode)
-    return beam_search_features(model, features, beam_size, per_node_beam, length_penalty, max_steps, use_cache)
+    return beam_search_features(model, features, beam_size, per_node_beam, length_penalty, max_steps, use_cache,
+                                fp32_head)
 
 
 def greedy_search(model: AVCap, audio: torch.Tensor | None, visual: torch.Tensor | None, max_steps: int = 42,
@@ -315,3 +335,127 @@ def caption_token_ids(row: torch.Tensor | list[int], cls_id: int, sep_id: int) -
     start = ids.index(cls_id) + 1 if cls_id in ids else 0
     rest = ids[start:]
     return rest[:rest.index(sep_id)] if sep_id in rest else rest
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One set of generation settings for evaluation, training's evaluation and avcap.caption
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+MAX_STEPS_HELP = ("generation steps, [CLS] included: [CLS] + 40 wordpieces + [SEP], the longest training caption "
+                  "(docs/original.md §1); the original runs up to 1024. The steps before the cap are the same "
+                  "computation, so whenever the search ends (best hypothesis finished, no live beam can beat it) "
+                  "before the cap, the caption equals the 1024-step one")
+
+
+def _gen_field(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Everything that changes a generated caption. Evaluate, training's evaluation and caption take their
+    defaults and --help texts from here."""
+    beam_size: int = _gen_field(4, "beam search width")
+    per_node_beam: int = _gen_field(2, "candidates each beam proposes per step (the original's per_node_beam_size)")
+    length_penalty: float = _gen_field(0.6, "length normalization exponent ((5+len)^a / 6^a, the original's)")
+    max_steps: int = _gen_field(42, MAX_STEPS_HELP)
+    precision: str = _gen_field("fp32", "generation precision: fp32 (measured to keep the reference tokens; the "
+                                        "default whatever the training precision) | bf16 | fp16 (autocast with the "
+                                        "projection, logits and log-softmax in float32)")
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"generation precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.beam_size < 1:
+            raise ValueError(f"beam_size={self.beam_size}: must be >= 1")
+        if self.per_node_beam < 2:
+            raise ValueError(f"per_node_beam={self.per_node_beam}: must be >= 2")
+        if self.max_steps < 2:
+            raise ValueError(f"max_steps={self.max_steps}: must be >= 2")
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        return cls.__dataclass_fields__[name].metadata["help"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def autocast(self, device: torch.device | str):
+        """The autocast context of this precision; fp32 switches off any autocast around it."""
+        device_type = torch.device(device).type
+        dtype = _AUTOCAST[self.precision]
+        if dtype is None:
+            return torch.autocast(device_type, enabled=False)
+        return torch.autocast(device_type, dtype=dtype)
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def generate(model: AVCap, audio: torch.Tensor | None, visual: torch.Tensor | None, gen: GenerationConfig,
+             mode: str | None = None, use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Beam search under `gen`'s settings and precision: the call every captioning path makes."""
+    with gen.autocast(_device_of(model)):
+        return beam_search(model, audio, visual, beam_size=gen.beam_size, per_node_beam=gen.per_node_beam,
+                           length_penalty=gen.length_penalty, max_steps=gen.max_steps, use_cache=use_cache,
+                           mode=mode, fp32_head=True)
+
+
+@dataclass
+class PrecisionCheck:
+    precision: str           # fp32 | bf16 | fp16
+    policy: str              # "no autocast" (fp32) | "fp32 head" (what generate does under bf16/fp16) |
+                             # "plain autocast" (everything under autocast)
+    tokens_differing: int    # from the expected tokens
+    tokens_total: int
+
+    @property
+    def ok(self) -> bool:
+        return self.tokens_differing == 0
+
+
+def precision_parity(model: AVCap, audio: torch.Tensor | None, visual: torch.Tensor | None,
+                     expected: torch.Tensor | None = None, gen: GenerationConfig | None = None,
+                     precisions: tuple[str, ...] = PRECISIONS, mode: str | None = None) -> list[PrecisionCheck]:
+    """How many beam-search tokens each precision changes, on the model's device.
+
+    `expected`: the tokens to reproduce (e.g. a reference fixture's); by default the float32 tokens. For bf16
+    and fp16 both policies are measured: `generate`'s (autocast, float32 head) and plain autocast. The
+    measurement behind the default generation precision; benchmarks run it on CPU and on CUDA (inputs are moved
+    to the model's device)."""
+    gen = gen or GenerationConfig()
+    device = _device_of(model)
+    audio = audio.to(device) if audio is not None else None
+    visual = visual.to(device) if visual is not None else None
+    if expected is None:
+        expected, _ = generate(model, audio, visual, GenerationConfig(**{**gen.to_dict(), "precision": "fp32"}),
+                               mode)
+    expected = expected.to(device)
+    checks = []
+    for precision in precisions:
+        setting = GenerationConfig(**{**gen.to_dict(), "precision": precision})
+        policies = [("no autocast", True)] if precision == "fp32" else [("fp32 head", True),
+                                                                        ("plain autocast", False)]
+        for policy, fp32_head in policies:
+            with setting.autocast(device):
+                tokens, _ = beam_search(model, audio, visual, beam_size=gen.beam_size,
+                                        per_node_beam=gen.per_node_beam, length_penalty=gen.length_penalty,
+                                        max_steps=gen.max_steps, mode=mode, fp32_head=fp32_head)
+            if tokens.shape != expected.shape:
+                raise ValueError(f"expected tokens {list(expected.shape)} but generation gave {list(tokens.shape)} "
+                                 f"(max_steps={gen.max_steps})")
+            checks.append(PrecisionCheck(precision, policy, int((tokens != expected).sum()), tokens.numel()))
+    return checks
+
+
+# The flags (config field names) of evaluate, train and caption that make a GenerationConfig.
+FLAG_FIELDS = {"beam_size": "beam_size", "per_node_beam": "per_node_beam", "length_penalty": "length_penalty",
+               "max_gen_steps": "max_steps", "gen_precision": "precision"}
+
+
+def generation_from_flags(cfg: Any) -> GenerationConfig:
+    """The GenerationConfig of a command's config (EvalConfig, TrainConfig, CaptionConfig)."""
+    return GenerationConfig(**{ours: getattr(cfg, flag) for flag, ours in FLAG_FIELDS.items()})

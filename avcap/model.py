@@ -446,12 +446,27 @@ class TextualHead(nn.Module):
     def layers(self) -> nn.ModuleList:
         return self.transformer.encoder.layer
 
-    def hidden(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _run(module: nn.Module, x: torch.Tensor, fp32: bool) -> torch.Tensor:
+        if fp32 and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return module(x.float())
+        return module(x)
+
+    def project(self, features: torch.Tensor, fp32: bool = False) -> torch.Tensor:
+        """The prefix projection; `fp32` runs it in float32 even under autocast (generation's precision policy)."""
+        return self._run(self.av_projection, features, fp32)
+
+    def logits(self, hidden: torch.Tensor, fp32: bool = False) -> torch.Tensor:
+        """Vocabulary logits of decoder outputs; `fp32` as in `project`."""
+        return self._run(self.output, hidden, fp32)
+
+    def hidden(self, features: torch.Tensor, tokens: torch.Tensor, fp32_head: bool = False) -> torch.Tensor:
         """Teacher-forced text hidden states [B, T, H] for tokens [B, T] given encoder features [B, P, D].
 
         Only text rows are read at the end, so the last layer runs its queries and FFN on the text rows alone
         (the prefix there is keys and values only): ~1/6 of the decoder's work over the prefix saved."""
-        prefix = self.av_projection(features)
+        prefix = self.project(features, fp32_head)
         text = self.embedding(tokens)
         P, T = prefix.shape[1], text.shape[1]
         if T > self.cfg.max_positions:
@@ -462,9 +477,9 @@ class TextualHead(nn.Module):
             x = layer(x, mask, first_query=P if i + 1 == len(self.layers) else 0)
         return x
 
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, fp32_head: bool = False) -> torch.Tensor:
         """Teacher-forced logits [B, T, V] for tokens [B, T] given encoder features [B, P, D]."""
-        return self.output(self.hidden(features, tokens))
+        return self.logits(self.hidden(features, tokens, fp32_head), fp32_head)
 
 
 # ----------------------------------------------------------------------------------------------------------

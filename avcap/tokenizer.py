@@ -19,8 +19,8 @@ from typing import Iterable, NamedTuple, Sequence
 import torch
 from transformers import BertTokenizerFast
 
-# Tokens every vocab must hold; the first five lines of a vocab we build, in this order ([PAD] = 0 because batches
-# are padded with 0 in both tokens and need_predict, as the original does).
+# Tokens every vocab must hold; the first five lines of a vocab we build, in this order ([PAD] = 0 as in
+# bert-base-uncased; any other [PAD] id works too: tokens are padded with it, need_predict always with 0).
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MAX_WORDPIECES = 40  # docs/original.md §1: [CLS] + wordpieces[:40] + [SEP]
 
@@ -34,7 +34,8 @@ class SpecialIds:
 
 
 class CaptionBatch(NamedTuple):
-    """Unpacks like `(tokens, need_predict)`; both LongTensor [B, T], padded with the pad id."""
+    """Unpacks like `(tokens, need_predict)`; both LongTensor [B, T], tokens padded with the pad id and
+    need_predict with 0 (padding is never predicted, whatever the pad id)."""
     tokens: torch.Tensor
     need_predict: torch.Tensor
 
@@ -128,8 +129,8 @@ def special_ids(tok: BertTokenizerFast) -> SpecialIds:
 
 def encode_captions(tok: BertTokenizerFast, captions: Sequence[str],
                     max_wordpieces: int = MAX_WORDPIECES) -> CaptionBatch:
-    """[CLS] + wordpieces[:max_wordpieces] + [SEP] per caption; need_predict 0 at [CLS], 1 on the rest, and
-    both padded with the pad id to the longest caption of the batch (docs/original.md §1)."""
+    """[CLS] + wordpieces[:max_wordpieces] + [SEP] per caption, padded with the pad id to the longest caption of
+    the batch; need_predict 1 on the wordpieces and [SEP], 0 at [CLS] and on padding (docs/original.md §1)."""
     if isinstance(captions, str):
         raise TypeError("encode_captions takes a list of captions, got a single string")
     if max_wordpieces < 1:
@@ -147,7 +148,8 @@ def encode_captions(tok: BertTokenizerFast, captions: Sequence[str],
     rows = [[ids.cls] + p[:max_wordpieces] + [ids.sep] for p in pieces]
     length = max(len(r) for r in rows)
     tokens = torch.full((len(rows), length), ids.pad, dtype=torch.long)
-    need_predict = torch.full((len(rows), length), ids.pad, dtype=torch.long)
+    # zeros, not the pad id: with a vocab whose [PAD] is not 0, padding would otherwise enter the loss
+    need_predict = torch.zeros((len(rows), length), dtype=torch.long)
     for i, row in enumerate(rows):
         tokens[i, :len(row)] = torch.tensor(row, dtype=torch.long)
         need_predict[i, 1:len(row)] = 1

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from avcap.generate import GenerationConfig, generation_from_flags
 from shards.atomic import atomic_copy, atomic_write_text
 
 
@@ -77,10 +78,14 @@ class TrainConfig:
     num_frames: int = _f(1, "video frames per sample fed to the encoder (1, or an even number for Conv3d)")
     mode: str = _f("av", "encoder mode: av (audio-visual) | audio | visual")
     model_overrides: str = _f("", "JSON object of avcap.model.AVCapConfig fields overriding the preset, e.g. '{\"depth_a\": 2}'")
-    vocab: str = _f("bert-base-uncased", "tokenizer: a local vocab.txt / tokenizer dir, or a hub name")
+    vocab: str = _f("", "tokenizer: a local vocab.txt / tokenizer dir, or a hub name (default: the one that comes "
+                        "with --pretrained-text when it is a Hugging Face folder or hub name, else "
+                        "bert-base-uncased)")
     max_caption_tokens: int = _f(40, "wordpieces kept per caption (plus [CLS] and [SEP])")
     pretrained_encoder: str = _f("", "CAV-MAE checkpoint (.pth) to initialize the encoder from")
-    pretrained_text: str = _f("", "GiT checkpoint (.pt) to initialize the text decoder from")
+    pretrained_text: str = _f("", "GiT weights to initialize the text decoder from: a Hugging Face hub name "
+                                  "(e.g. microsoft/git-base, from the local hub cache), a save_pretrained folder, "
+                                  "a .safetensors file, or an original GiT .pt")
     init_from: str = _f("", "a trained captioner checkpoint to start from (weights only, a fresh run)")
     freeze_encoder: bool = _f(False, "freeze the audio-visual encoder")
     freeze_text: bool = _f(False, "freeze the text decoder (the projection stays trainable)")
@@ -106,8 +111,11 @@ class TrainConfig:
     # evaluation
     eval_every: int = _f(1, "evaluate on --eval-split every N epochs (0: never)")
     eval_batch_size: int = _f(16, "samples per rank per evaluation batch")
-    beam_size: int = _f(4, "beam search width")
-    max_gen_steps: int = _f(42, "beam search steps ([CLS] + 40 wordpieces + [SEP]; the original used 1024)")
+    beam_size: int = _f(GenerationConfig.beam_size, GenerationConfig.help("beam_size"))
+    per_node_beam: int = _f(GenerationConfig.per_node_beam, GenerationConfig.help("per_node_beam"))
+    length_penalty: float = _f(GenerationConfig.length_penalty, GenerationConfig.help("length_penalty"))
+    max_gen_steps: int = _f(GenerationConfig.max_steps, GenerationConfig.help("max_steps"))
+    gen_precision: str = _f(GenerationConfig.precision, GenerationConfig.help("precision"))
     java: str = _f("auto", "metrics with Java (PTB tokenizer, METEOR, SPICE): auto (when found) | yes (required) | "
                            "no (the Python PTB tokenizer; METEOR/SPICE unavailable)")
     spice_jars: str = _f("", "directory with the Stanford CoreNLP 3.6.0 jars for SPICE/SPIDEr (optional)")
@@ -136,6 +144,10 @@ class TrainConfig:
             problems.append(f"learning rates must be positive (lr={self.lr}, min_lr={self.min_lr}, warmup_lr={self.warmup_lr})")
         if self.clip_grad < 0:
             problems.append(f"clip_grad must be >= 0, got {self.clip_grad}")
+        try:  # at start, not at the first evaluation an epoch later
+            generation_from_flags(self)
+        except ValueError as e:
+            problems.append(str(e))
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
 
@@ -440,6 +452,7 @@ def training_state(cfg: TrainConfig, env: DistEnv, pos: Position, optimizer: tor
 RESUME_MAY_CHANGE = ("epochs", "max_steps", "lr", "warmup_lr", "min_lr", "warmup_epochs", "decay_epochs",
                      "weight_decay", "beta1", "beta2", "clip_grad", "precision", "skip_bad_shards", "shard_base",
                      "out", "resume", "ckpt_every", "eval_every", "eval_batch_size", "beam_size", "max_gen_steps",
+                     "per_node_beam", "length_penalty", "gen_precision",
                      "java", "spice_jars", "device", "dist_timeout_s", "log_every", "tensorboard", "progress")
 _RESUME_QUIET = ("out", "resume")   # differ on every resume: not worth a log line
 
@@ -494,7 +507,7 @@ def check_eval_split(cfg: TrainConfig) -> None:
     the first epoch."""
     if not cfg.eval_every:
         return
-    from shards.loader import load_split
+    from shards.split_info import load_split
     try:
         load_split(cfg.data, cfg.eval_split, cfg.shard_base)
     except ValueError as e:
@@ -550,6 +563,15 @@ class RunLogger:
 # -----------------------------------------------------------------------------
 # model and data wiring
 
+def vocab_source(cfg: TrainConfig) -> str:
+    """--vocab; else the tokenizer of --pretrained-text's Hugging Face folder or hub entry (they carry BERT's
+    WordPiece vocab.txt, the one the decoder was trained with); else bert-base-uncased."""
+    if cfg.vocab:
+        return cfg.vocab
+    from avcap.foreign import tokenizer_source
+    return (tokenizer_source(cfg.pretrained_text) if cfg.pretrained_text else None) or "bert-base-uncased"
+
+
 def build_model_config(cfg: TrainConfig, tokenizer: Any) -> Any:
     """The preset, sized to the tokenizer (vocab size and special ids come from it, docs/original.md §1 "Text")."""
     from avcap.model import AVCapConfig
@@ -575,7 +597,7 @@ def build_model_config(cfg: TrainConfig, tokenizer: Any) -> Any:
 def check_dataset_matches(split: Any, model_config: Any, data: str, frames_per_clip: int | None = None) -> None:
     """Refuse a dataset whose frames per clip or fbank parameters disagree with the model, naming both.
 
-    `split` is shards.loader.SplitInfo (what the manifest says); `frames_per_clip` is what a checkpoint's model
+    `split` is shards.split_info.SplitInfo (what the manifest says); `frames_per_clip` is what a checkpoint's model
     was trained with, when known (the eval frame F//2 and the train frame spacing depend on it).
     """
     problems = []
@@ -638,7 +660,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     from avcap import checkpoint as ckpt_mod
     from avcap.model import AVCap
     from avcap.tokenizer import load_tokenizer, tokenizer_vocab
-    from shards.loader import load_split
+    from shards.split_info import load_split
 
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
@@ -674,7 +696,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
                   "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in resume_check.changed.items()),
                   flush=True)
     else:
-        tokenizer = load_tokenizer(cfg.vocab)
+        tokenizer = load_tokenizer(vocab_source(cfg))
         model_config = build_model_config(cfg, tokenizer)
         seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
         model = AVCap(model_config)
@@ -840,13 +862,14 @@ def _evaluate_epoch(cfg: TrainConfig, env: DistEnv, model: torch.nn.Module, toke
     """Caption the eval split, score on rank 0, keep the best checkpoint by CIDEr-D (SPIDEr when available)."""
     from avcap.evaluate import caption_split, gather_predictions, score_and_write, selection_metric
 
-    preds, refs = caption_split(model, loader.open(epoch, train=False), loader.prepare_eval, tokenizer, env.device,
-                                precision, cfg.beam_size, cfg.max_gen_steps)
+    # Generation has its own precision (--gen-precision), not the training one: see avcap.generate.
+    gen = generation_from_flags(cfg)
+    preds, refs = caption_split(model, loader.open(epoch, train=False), loader.prepare_eval, tokenizer, gen)
     merged = gather_predictions(preds, refs, env)
     if env.is_main:
         assert merged is not None
         results = Path(cfg.out) / "eval" / f"{cfg.eval_split}-epoch{epoch:03d}.json"
-        scores = score_and_write(*merged, results, cfg.java, cfg.spice_jars)
+        scores = score_and_write(*merged, results, cfg.java, cfg.spice_jars, gen)
         name, value = selection_metric(scores)
         logger.log({"kind": "eval", "step": step, "epoch": epoch, "split": cfg.eval_split, "selection": name,
                     **{k: v for k, v in scores.items() if k != "unavailable"}}, step)
@@ -881,7 +904,7 @@ class _LoaderFactory:
                             pin_memory=self.env.device.type == "cuda")
 
     def batches_per_epoch(self) -> int:
-        from shards.loader import batches_per_epoch
+        from shards.epoch_plan import batches_per_epoch
         return int(batches_per_epoch(self.split, self.env.world_size, self.cfg.num_workers, self.cfg.batch_size,
                                      train=True))
 

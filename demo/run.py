@@ -187,7 +187,7 @@ def evaluate_test(checkpoint: Path, data_dir: Path, out_json: Path, cfg: DemoCon
     java = {None: "auto", True: "yes", False: "no"}[cfg.use_java]
     cmd = [sys.executable, "-m", "avcap.evaluate", "--checkpoint", str(checkpoint), "--data", str(data_dir),
            "--split", "test", "--out", str(out_json), "--device", cfg.device, "--num-workers", "0",
-           "--max-gen-steps", "24", "--precision", "fp32", "--java", java, "--gallery"]
+           "--max-gen-steps", "24", "--java", java, "--gallery"]
     _run(cmd, "evaluation", log_dir / "evaluate.log")
     metrics_path = out_json.with_name(out_json.stem + ".metrics.json")
     if not metrics_path.is_file():

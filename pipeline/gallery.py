@@ -18,7 +18,7 @@ links to its own files only (the YouTube links are plain links). It shows
 - the failures table from the ledger (clip, status, reason, message tail, attempts).
 
 Sampling is seeded: the same seed gives the same cards. Samples are read through the loader's shard readers
-(shards.loader.open_shard_reader: the member index when there is one), and only the members the page shows.
+(shards.readers.open_shard_reader: the member index when there is one), and only the members the page shows.
 Everything shown comes from other people's files (captions, messages, ids, results), so all text is escaped
 with html.escape and nothing from them reaches the page's script or its file names.
 """
@@ -154,7 +154,7 @@ def _java_used(metrics: dict[str, Any]) -> bool:
 
 def _local_dir(data: str) -> Path | None:
     """The build directory of a local dataset (a directory or its manifest.json), else None."""
-    from shards.loader import local_path
+    from shards.readers import local_path
     here = local_path(data)
     if here is None:
         return None
@@ -219,7 +219,8 @@ def spectrogram_png(fbank, real_frames: int | None) -> bytes:
 def _read_samples(info, want: dict[str, set[str]], take) -> None:
     """Calls take(key, {member: bytes}) with the wanted members of each wanted key, through the loader's shard
     readers."""
-    from shards.loader import ShardError, open_shard_reader
+    from shards.index import ShardError
+    from shards.readers import open_shard_reader
     for shard in info.shards:
         reader = None
         try:
@@ -266,7 +267,8 @@ def _score(predictions: dict[str, str], jsons: dict[str, bytes], metrics: dict |
 
 
 def _list_keys(info) -> list[str]:
-    from shards.loader import ShardError, open_shard_reader
+    from shards.index import ShardError
+    from shards.readers import open_shard_reader
     keys: list[str] = []
     for shard in info.shards:
         reader = None
@@ -289,7 +291,8 @@ def _make_card(n: int, key: str, members: dict[str, bytes], frame_ids: list[int]
     import numpy as np
 
     from pipeline.report import rms_dbfs
-    from shards.loader import ShardError, decode_npy
+    from shards.decode import decode_npy
+    from shards.index import ShardError
     from shards.writer import decode_flac
 
     base = key if SAFE_NAME_RE.match(key) else f"clip{n:04d}"   # a file name never comes from a hostile key
@@ -537,7 +540,7 @@ def write_gallery(data: str | Path, split: str = "test", out: str | Path | None 
     """Write `OUT/reports/gallery-{split}.html` (+ `OUT/reports/gallery-{split}/`) for the split of the dataset
     at `data` (a directory or manifest URL); OUT defaults to `data`. See the module docstring."""
     from shards.atomic import atomic_write_text
-    from shards.loader import load_split
+    from shards.split_info import load_split
     from shards.manifest import read_manifest
     from shards.writer import validate_split
 

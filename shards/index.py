@@ -20,11 +20,12 @@ Kept free of torch/webdataset imports: both the writer and the loader use it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from shards.hashing import bytes_sha256, file_sha256
 
 INDEX_FORMAT_VERSION = 1
 INDEX_SUFFIX = ".idx.json"
@@ -102,6 +103,23 @@ class ShardIndex:
             raise ValueError(f"{where}: malformed shard index ({e})") from e
         return index
 
+    @classmethod
+    def from_manifest_entry(cls, data: bytes, where: str, *, index_sha256: str | None, shard_name: str,
+                            shard_bytes: int | None, shard_sha256: str | None) -> "ShardIndex":
+        """Parse an index a reader fetched for a manifest entry and check it against that entry: the index's
+        sha256, the shard's name, size (None: take the index's word) and sha256. ShardIndexError otherwise.
+
+        The one check for the local and the remote indexed reader."""
+        if index_sha256 is not None and bytes_sha256(data) != index_sha256:
+            raise ShardIndexError(f"{where}: sha256 differs from the manifest's (stale or replaced index)")
+        try:
+            index = cls.from_json(data, where)
+            index.check_shard(shard_name, index.shard_bytes if shard_bytes is None else shard_bytes, shard_sha256,
+                              where)
+        except ValueError as e:
+            raise ShardIndexError(str(e)) from e
+        return index
+
     def check_shard(self, name: str, size: int, sha256: str | None, where: str) -> None:
         """Raise ValueError unless this index describes the shard `name` of `size` bytes (and `sha256`, if known)."""
         problems = []
@@ -152,11 +170,7 @@ def scan_tar(path: Path, sha256: str | None = None) -> ShardIndex:
     offsets = [[ms[m][0] if m in ms else None for m in members] for _, ms in rows]
     sizes = [[ms[m][1] if m in ms else None for m in members] for _, ms in rows]
     if sha256 is None:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-        sha256 = h.hexdigest()
+        sha256 = file_sha256(path)
     return ShardIndex(shard=path.name, shard_bytes=path.stat().st_size, shard_sha256=sha256, members=members,
                       keys=keys, offsets=offsets, sizes=sizes)
 

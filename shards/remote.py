@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import hashlib
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -234,16 +233,9 @@ def _open_index(shard: Any, store: RemoteStore) -> ShardIndex:
             raise ShardIndexError(f"{where}: listed in the manifest but cannot be read ({e})") from e
         if end is not None:
             end.result()
-    if shard.index_sha256 is not None and hashlib.sha256(raw).hexdigest() != shard.index_sha256:
-        raise ShardIndexError(f"{where}: sha256 differs from the manifest's (stale or replaced index)")
-    name = unquote(urlparse(shard.url).path.rsplit("/", 1)[-1])
-    try:
-        index = ShardIndex.from_json(raw, where)
-        index.check_shard(name, shard.bytes if shard.bytes is not None else index.shard_bytes, shard.sha256,
-                          where)
-    except ValueError as e:
-        raise ShardIndexError(str(e)) from e
-    return index
+    return ShardIndex.from_manifest_entry(raw, where, index_sha256=shard.index_sha256,
+                                          shard_name=unquote(urlparse(shard.url).path.rsplit("/", 1)[-1]),
+                                          shard_bytes=shard.bytes, shard_sha256=shard.sha256)
 
 
 def _check_end(shard: Any, store: RemoteStore) -> None:
@@ -271,9 +263,9 @@ def _check_end(shard: Any, store: RemoteStore) -> None:
 
 
 class RemoteShardReader:
-    """Reads a remote shard through its member index; same interface as shards.loader.TarSampleReader.
+    """Reads a remote shard through its member index; same interface as shards.readers.TarSampleReader.
 
-    `shard` is the loader's ShardInfo (url, bytes, sha256, index_url, index_sha256 from the manifest).
+    `shard` is a shards.split_info.ShardInfo (url, bytes, sha256, index_url, index_sha256 from the manifest).
     """
 
     def __init__(self, shard: Any, store: RemoteStore, cache: SlotCache | None = None):

@@ -88,7 +88,7 @@ def test_window_matches_the_dataset_sample(assets, tmp_path):
     from avcap.generate import beam_search
     from avcap.tokenizer import decode_batch
     from shards.augment import AugmentConfig, prepare_batch
-    from shards.loader import decode_jpeg, decode_npy
+    from shards.decode import decode_jpeg, decode_npy
     from shards.writer import stage_clip
 
     clip = assets["clip"]
@@ -148,3 +148,15 @@ def test_command_line(assets):
     res = subprocess.run([sys.executable, "-m", "avcap.caption", str(assets["video"]), "--checkpoint",
                           str(assets["root"] / "nope.pt")], capture_output=True, text=True, cwd=REPO_ROOT)
     assert res.returncode == 2 and "nope.pt: no such file" in res.stderr
+
+
+def test_exported_folder_captions_like_the_checkpoint(assets, tmp_path):
+    from avcap.export import export
+    folder = export(assets["ckpt_av"], tmp_path / "exported")
+    from_pt = Captioner(CaptionConfig(checkpoint=str(assets["ckpt_av"])))
+    from_folder = Captioner(CaptionConfig(checkpoint=str(folder)))
+    assert (from_folder.augment_cfg, from_folder.extract_cfg) == (from_pt.augment_cfg, from_pt.extract_cfg)
+    # one decoded window (ffmpeg is the slow part), captioned by both
+    window = from_pt._window(assets["video"], float(assets["clip"].start_time), "av", assets["video"])
+    caption = from_pt._caption_batch([window], "av")
+    assert caption[0].strip() and from_folder._caption_batch([window], "av") == caption

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from avcap.checkpoint import (CheckpointError, LoadReport, load_checkpoint, load_pretrained, map_state_dict,
-                              read_checkpoint_file, save_checkpoint)
+                              read_torch_file, save_checkpoint)
 from avcap.generate import beam_search, beam_search_features
 from avcap.model import AVCap, AVCapConfig
 from avcap.tokenizer import decode_batch
@@ -336,7 +336,7 @@ def test_our_checkpoint_alone_captions_like_reference(tiny_config, original_chec
                  extra={"optimizer": opt.state_dict(), "rng": rng, "step": 1})
     assert sorted(os.listdir(path.parent)) == ["ckpt.pt"]  # no temp file left behind
 
-    raw = read_checkpoint_file(path)  # weights_only=True
+    raw = read_torch_file(path)  # weights_only=True
     assert raw["format_version"] == 1 and raw["config"]["frames_per_clip"] == 20
     loaded = load_checkpoint(path)
     assert loaded.config == tiny_config

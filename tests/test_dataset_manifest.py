@@ -156,7 +156,8 @@ def test_redact_nested_and_untouched_values():
 def test_format_1_manifest_still_loads_and_is_upgraded_when_written(tmp_path):
     """A manifest from before member indexes (format_version 1, no `index` per shard) loads; the loader reads
     its shards by header parsing; adding a split rewrites it as format 2 with the old split's index null."""
-    from shards.loader import LoaderConfig, load_split, make_loader
+    from shards.loader import LoaderConfig, make_loader
+    from shards.split_info import load_split
     out = tmp_path / "ds"
     write_dataset_manifest(out, _entry(out, "train", 0, 6, tmp_path)[1])
     batches_v2 = list(make_loader(LoaderConfig(data=str(out), split="train", batch_size=2, num_workers=0,

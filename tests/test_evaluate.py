@@ -102,3 +102,20 @@ def test_evaluate_refuses_a_dataset_with_other_frames_per_clip(learnable_data, t
                                        num_workers=0, out=str(tmp_path / "never.json"),
                                        shard_base=str(learnable_data.root)))
     assert not (tmp_path / "never.json").exists()
+
+
+def test_exported_folder_evaluates_like_the_checkpoint_and_records_generation(learnable_data, tiny_checkpoint,
+                                                                              tmp_path):
+    from avcap.evaluate import EvalConfig, evaluate_checkpoint
+    from avcap.export import export
+    folder = export(tiny_checkpoint, tmp_path / "exported")
+    results = {}
+    for name, ckpt in (("pt", tiny_checkpoint), ("folder", folder)):
+        out = tmp_path / f"{name}.json"
+        evaluate_checkpoint(EvalConfig(checkpoint=str(ckpt), data=str(learnable_data.root), split="val",
+                                       java="no", num_workers=0, batch_size=4, max_gen_steps=8, out=str(out)))
+        results[name] = json.loads(out.read_text())
+        metrics = json.loads(out.with_name(f"{name}.metrics.json").read_text())
+        assert metrics["generation"] == {"beam_size": 4, "per_node_beam": 2, "length_penalty": 0.6,
+                                         "max_steps": 8, "precision": "fp32"}
+    assert results["folder"] == results["pt"] and len(results["pt"]) == len(learnable_data.references("val"))

@@ -22,7 +22,8 @@ import soundfile as sf
 import flows
 from pipeline.gallery import GalleryError, strip_frames, write_gallery
 from pipeline.ledger import Ledger
-from shards.loader import load_split, open_shard_reader
+from shards.readers import open_shard_reader
+from shards.split_info import load_split
 from tests.fixtures_ops import OPS_CLIPS, OpsBuild, clip_key, copy_build
 
 HOSTILE = "<img src=x onerror=alert(1)>"
@@ -160,9 +161,9 @@ def test_page_structure_links_audio_and_failure_filter(gallery_build, tmp_path):
 def test_reads_only_what_it_shows_through_the_member_index(gallery_build, tmp_path, monkeypatch):
     """Every read goes through the loader's indexed reader; a sampled clip's members are json, flac, fbank.npy
     and the 4 strip frames, another clip's nothing (with results: its json alone, for the references)."""
-    from shards import loader
+    from shards import readers
     asked: dict[str, set[str]] = {}
-    real = loader.IndexedShardReader.samples
+    real = readers.IndexedShardReader.samples
 
     def spy(self, want):
         def record(key):
@@ -171,8 +172,8 @@ def test_reads_only_what_it_shows_through_the_member_index(gallery_build, tmp_pa
             return got
         return real(self, record)
 
-    monkeypatch.setattr(loader.IndexedShardReader, "samples", spy)
-    monkeypatch.setattr(loader, "TarSampleReader", None)     # header parsing would fail loudly
+    monkeypatch.setattr(readers.IndexedShardReader, "samples", spy)
+    monkeypatch.setattr(readers, "TarSampleReader", None)     # header parsing would fail loudly
     page = write_gallery(gallery_build.out_dir, "test", out=tmp_path, sample=2, seed=3)
     shown = {c["data-key"] for c in _Page(page.html.read_text()).find("article", "card")}
     strip = {f"frame{i:02d}.jpg" for i in strip_frames(20)}

@@ -9,7 +9,10 @@ from collections import Counter
 import pytest
 import torch
 
-from shards.loader import LoaderConfig, ShardError, batches_per_epoch, load_split, make_loader
+from shards.epoch_plan import batches_per_epoch
+from shards.index import ShardError
+from shards.loader import LoaderConfig, make_loader
+from shards.split_info import load_split
 from tests.fixtures_loader import (add_member_indexes, batches_as_data, build_dataset, check_batch_content,
                                    clip_number, run_epoch, same_batches)
 
@@ -166,7 +169,7 @@ def _flac_header_offsets(path):
 
 def test_indexed_reader_gives_the_same_batches_and_never_parses_unused_headers(tiny_shards, indexed_shards,
                                                                               tmp_path):
-    from shards.loader import IndexedShardReader
+    from shards.readers import IndexedShardReader
     info = load_split(str(indexed_shards), "train")
     assert all(s.index_url and s.sha256 and s.bytes for s in info.shards)
     reader = IndexedShardReader(info.shards[0])
@@ -200,7 +203,7 @@ def test_indexed_reader_gives_the_same_batches_and_never_parses_unused_headers(t
 
 
 def test_stale_or_mismatched_index_is_detected_and_names_the_shard(indexed_shards, tmp_path):
-    from shards.loader import ShardIndexError
+    from shards.index import ShardIndexError
     cfg = LoaderConfig(data="", split="val", batch_size=7, num_workers=0, train=False)
 
     def fresh(name):

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from shards.loader import LoaderConfig, ShardError, load_split, make_loader
+from shards.index import ShardError
+from shards.loader import LoaderConfig, make_loader
+from shards.split_info import load_split
 from tests.fixtures_loader import build_dataset, clip_number
 
 REPO = Path(__file__).resolve().parent.parent

@@ -9,8 +9,11 @@ from collections import defaultdict
 
 import pytest
 
-from shards.loader import LoaderConfig, ShardError, ShardIndexError, load_split, make_loader, plan_epoch
+from shards.epoch_plan import plan_epoch
+from shards.index import ShardError, ShardIndexError
+from shards.loader import LoaderConfig, make_loader
 from shards.remote import RemoteConfig
+from shards.split_info import load_split
 from tests.fixtures_loader import (add_member_indexes, batches_as_data, build_dataset, check_batch_content,
                                    run_epoch, same_batches)
 from tests.remote_store import FaultProxy, Nginx

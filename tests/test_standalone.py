@@ -271,3 +271,18 @@ def test_optional_programs_are_listed_in_the_readme():
     readme = (REPO_ROOT / "README.md").read_text()
     missing = [name for name in OPTIONAL_PROGRAMS if f"`{name}`" not in readme]
     assert not missing, f"README.md does not list the optional programs {missing} (tests/skip_policy.py)"
+
+
+# Built from parts so that this file's own text does not match.
+_CONFLICT = re.compile("^(?:" + "<" * 7 + " |" + ">" * 7 + " |" + "=" * 7 + "$)", re.MULTILINE)
+
+
+def test_no_file_holds_an_unresolved_merge_conflict():
+    stuck = []
+    for path in _project_files():
+        data = path.read_bytes()
+        if b"\0" in data:
+            continue
+        text = data.decode("utf-8", errors="replace")
+        stuck += [f"{path.relative_to(REPO_ROOT)}:{text[:m.start()].count(chr(10)) + 1}" for m in _CONFLICT.finditer(text)]
+    assert not stuck, "merge conflict markers left in: " + ", ".join(stuck)

@@ -89,7 +89,7 @@ def test_warmup_cosine_per_step():
 
 def test_dataset_that_disagrees_with_the_model_is_refused(learnable_data):
     from avcap.model import AVCapConfig
-    from shards.loader import load_split
+    from shards.split_info import load_split
     split = load_split(str(learnable_data.root), "train")
     overrides = json.loads(learnable_data.model_overrides)
     ok = AVCapConfig.tiny(**overrides)

@@ -1,0 +1,99 @@
+"""safetensors in and out: `python -m avcap.export` folders, and safetensors files of the foreign layouts."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from avcap.checkpoint import CheckpointError, load_checkpoint, load_pretrained, save_checkpoint
+from avcap.export import main as export_main
+from avcap.model import AVCap, AVCapConfig
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def run_checkpoint(tmp_path_factory, reference_dir, bert_layout_vocab):
+    """The reference captioner saved as a training run would leave it: OUT/checkpoints/best.pt with training
+    state, OUT/config.json naming the dataset manifest, best.json and metrics.jsonl."""
+    run = tmp_path_factory.mktemp("run")
+    data = run / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps({"format_version": 2, "splits": {
+        "train": {"fingerprint": "f" * 64, "shards": []}, "val": {"fingerprint": "e" * 64, "shards": []}}}))
+    config = AVCapConfig.tiny()
+    model = AVCap(config)
+    model.load_state_dict(torch.load(reference_dir / "avcap_state_dict.pt", weights_only=True))
+    training = {"step": 120, "train_config": {"data": str(data), "lr": 1e-4, "epochs": 3}}
+    ckpt = save_checkpoint(run / "checkpoints" / "best.pt", model, config, bert_layout_vocab,
+                           norm_stats={"mean": -4.0, "std": 4.5}, frames_per_clip=20, extra={"training": training})
+    (run / "config.json").write_text(json.dumps({"manifest": str(data / "manifest.json")}))
+    (run / "checkpoints" / "best.json").write_text(json.dumps({"metric": "CIDEr", "value": 0.42, "epoch": 2}))
+    (run / "metrics.jsonl").write_text(json.dumps({"kind": "train", "loss": 3.0}) + "\n"
+                                       + json.dumps({"kind": "eval", "CIDEr": 0.42, "epoch": 2}) + "\n")
+    return ckpt
+
+
+def test_export_round_trip_is_bit_identical(run_checkpoint, tmp_path, capsys):
+    out = tmp_path / "export"
+    assert export_main([str(run_checkpoint), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "vocab.txt"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["avcap_format"] == "avcap-export" and "model_type" not in config
+    # the tie is stored once (safetensors refuses shared tensors)
+    stored = load_file(out / "model.safetensors")
+    assert "textual.embedding.words.weight" in stored and "textual.output.weight" not in stored
+
+    source = torch.load(run_checkpoint, weights_only=True)["model_state"]
+    loaded = load_checkpoint(out)
+    state = loaded.model.state_dict()
+    assert sorted(state) == sorted(source)
+    for k, v in source.items():
+        assert state[k].dtype == v.dtype and torch.equal(state[k], v), k
+    assert loaded.model.textual.output.weight is loaded.model.textual.embedding.words.weight
+    pt = load_checkpoint(run_checkpoint)
+    assert (loaded.config, loaded.vocab, loaded.norm_stats, loaded.frames_per_clip) == (
+        pt.config, pt.vocab, pt.norm_stats, pt.frames_per_clip)
+
+    card = (out / "README.md").read_text()
+    assert "f" * 64 in card and "e" * 64 in card            # the manifest's fingerprints
+    assert '"lr": 0.0001' in card and "step 120" in card     # the training config
+    assert '"value": 0.42' in card and '"CIDEr": 0.42' in card  # the run's metrics
+
+    # load_pretrained takes the folder (ours) and the bare file (the original captioner layout)
+    model = AVCap(AVCapConfig.tiny())
+    assert load_pretrained(model, out).kind == "ours"
+    report = load_pretrained(AVCap(AVCapConfig.tiny()), out / "model.safetensors")
+    assert report.kind == "avcap_original" and len(report.loaded) == len(source)
+
+    # an existing folder is never overwritten
+    assert export_main([str(run_checkpoint), "--out", str(out)]) == 1
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_safetensors_of_foreign_layouts_and_damaged_files(reference_dir, tmp_path, reference_inputs,
+                                                          reference_expected):
+    cav = torch.load(reference_dir / "cav_mae.pth", weights_only=True)
+    save_file({k: v.contiguous() for k, v in cav.items()}, tmp_path / "cav_mae.safetensors")
+    model = AVCap(AVCapConfig.tiny(dropout=0.0, attention_dropout=0.0)).eval()
+    report = load_pretrained(model, tmp_path / "cav_mae.safetensors")
+    assert report.kind == "cav_mae"
+    with torch.no_grad():
+        feats = model.encode(reference_inputs["audio"], reference_inputs["visual"], "av")
+    torch.testing.assert_close(feats, reference_expected["features_av"], rtol=1e-4, atol=1e-5)
+
+    data = (tmp_path / "cav_mae.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors: cannot read safetensors file"):
+        load_pretrained(model, tmp_path / "cut.safetensors")
+    folder = tmp_path / "half"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"avcap_format": "avcap-export", "format_version": 1,
+                                                    "tokenizer": {}}))
+    with pytest.raises(CheckpointError, match=r"half: export folder lacks its vocab"):
+        load_checkpoint(folder)
+    (folder / "vocab.txt").write_text("[PAD]\n")
+    with pytest.raises(CheckpointError, match=r"half/model\.safetensors: safetensors file does not exist"):
+        load_checkpoint(folder)

@@ -23,18 +23,21 @@ proxy URL comes from the environment variable AVCAP_PROXY or from a Prefect Secr
 Prefect starts its own temporary local server when no PREFECT_API_URL is set: nothing to set up.
 
 Exit status of `build`: 0 when the build finished (per-clip failures included), 1 when it could not run
-(unreadable CSV, no ffmpeg, bad arguments, no space left on device, a failed preflight such as no JS runtime
-for YouTube), 3 on a bot wall (or a run of no-formats failures), 4 when more than --max-failure-rate of the clips
-failed, 5 when the build finished but publishing failed, 6 when the site rate-limited the session (the clips
-not done stay pending: run again later). `audit`: 0 clean, 1 mismatch, 2 could not run. `doctor`: 0 a build can
-start, 1 it would stop.
+(unreadable CSV, no ffmpeg, bad arguments, no space left on device, a read-only --out, another build of the
+split running, a failed preflight such as no JS runtime for YouTube), 3 on a bot wall (or a run of no-formats
+failures), 4 when more than --max-failure-rate of the clips failed, 5 when the build finished but publishing
+failed, 6 when the site rate-limited the session (the clips not done stay pending: run again later), 128 + the
+signal's number when Ctrl-C or SIGTERM stopped it (130, 143; a rerun continues). `audit`: 0 clean, 1 mismatch,
+2 could not run. `doctor`: 0 a build can start, 1 it would stop.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,21 +132,24 @@ def build_flow(**parameters):
     publish to publish_url. Parameters: the fields of pipeline.params.BuildParams. Returns
     pipeline.build.BuildResult. Raises BuildFailed (the run fails) on a bot wall or too many failures, after the
     report, and without publishing."""
-    from pipeline.build import run_build
+    from pipeline.build import check_out_writable, holding_build_lock, run_build
 
     p = BuildParams(**parameters)
     cfg = p.to_build_config(proxy=_proxy(p.proxy_secret))
-    result = run_build(cfg, stage_runner=_stage_task, clip_runner=p.clip_runner())
-    if p.report:
-        from pipeline.report import build_report
-        _stage_task("report", build_report, result, True)
-        from pipeline.gallery import build_gallery_artifact
-        _stage_task("gallery", build_gallery_artifact, p.out_dir, p.split)
-    if not result.ok:
-        raise BuildFailed(failure_message(result), result)
-    if p.publish_url:
-        from pipeline.publish import publish
-        result.publish = _stage_task("publish", publish, p.out_dir, p.publish_url, prune=p.prune)
+    check_out_writable(cfg.out)
+    # The lock covers the report and publishing too: a second build must not rewrite shards being published.
+    with holding_build_lock(cfg):
+        result = run_build(cfg, stage_runner=_stage_task, clip_runner=p.clip_runner())
+        if p.report:
+            from pipeline.report import build_report
+            _stage_task("report", build_report, result, True)
+            from pipeline.gallery import build_gallery_artifact
+            _stage_task("gallery", build_gallery_artifact, p.out_dir, p.split)
+        if not result.ok:
+            raise BuildFailed(failure_message(result), result)
+        if p.publish_url:
+            from pipeline.publish import publish
+            result.publish = _stage_task("publish", publish, p.out_dir, p.publish_url, prune=p.prune)
     return result
 
 
@@ -181,33 +187,113 @@ def _env(name: str, value: str | None):
 
 def _run_direct(p: BuildParams, proxy: str | None):
     """--no-prefect: the same build, stages called directly; report files and publishing as in the flow."""
-    from pipeline.build import run_build
+    from pipeline.build import check_out_writable, holding_build_lock, run_build
     from pipeline.publish import publish
     from pipeline.report import build_report
 
-    result = run_build(p.to_build_config(proxy=proxy), clip_runner=p.clip_runner())
-    if p.report:
-        from pipeline.gallery import build_gallery_artifact
-        build_report(result, artifacts=False)
-        build_gallery_artifact(p.out_dir, p.split, artifacts=False)
-    if not result.ok:
-        raise BuildFailed(failure_message(result), result)
-    if p.publish_url:
-        result.publish = publish(p.out_dir, p.publish_url, prune=p.prune)
+    cfg = p.to_build_config(proxy=proxy)
+    check_out_writable(cfg.out)
+    with holding_build_lock(cfg):
+        result = run_build(cfg, clip_runner=p.clip_runner())
+        if p.report:
+            from pipeline.gallery import build_gallery_artifact
+            build_report(result, artifacts=False)
+            build_gallery_artifact(p.out_dir, p.split, artifacts=False)
+        if not result.ok:
+            raise BuildFailed(failure_message(result), result)
+        if p.publish_url:
+            result.publish = publish(p.out_dir, p.publish_url, prune=p.prune)
     return result
 
 
+class BuildInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: unwinds the build like a KeyboardInterrupt (libraries clean up as for one)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def _stoppable():
+    """Ctrl-C (SIGINT) and SIGTERM stop a build within seconds: the first unwinds it (the download stage kills
+    its yt-dlp process groups, the CPU stage drops the clips not started, Prefect marks the run crashed and
+    its temporary server is stopped at exit), the second ends the process at once, its child processes with
+    it. Work already recorded stays: a rerun continues. (During a flow run Prefect replaces the SIGTERM
+    handler with its own, which raises TerminationSignal the same way.)"""
+    count = [0]
+
+    def handler(signum, frame):
+        count[0] += 1
+        if count[0] > 1:
+            _end_now(signum)
+        raise BuildInterrupted(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
+def _end_now(signum: int) -> None:
+    """The second interrupt: kill every process this one started (downloads in their own sessions, CPU
+    workers, Prefect's temporary server) and exit without waiting for anything."""
+    import psutil
+    os.write(2, f"build stopped by a second {signal.Signals(signum).name}: clips in flight are lost, finished "
+                "clips are kept; run the same command again to continue\n".encode())
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    os._exit(128 + signum)
+
+
+def _start_temporary_server() -> None:
+    """Prefect's temporary server (when no PREFECT_API_URL is set), started here, before the flow, with SIGINT
+    blocked so that the server process inherits the block. Ctrl-C in a terminal reaches the whole process
+    group: a server that quit on it would leave the build unable to record that it stopped (Prefect retries
+    its API for minutes). It stops at exit (Prefect's atexit hook), or is killed with the rest by a second
+    Ctrl-C."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        SubprocessASGIServer().start()   # the instance Prefect's client uses (one per process)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def cmd_build(a: argparse.Namespace) -> int:
-    from pipeline.build import BuildError
+    with _stoppable():
+        return _cmd_build(a)
+
+
+def _cmd_build(a: argparse.Namespace) -> int:
+    from prefect.exceptions import TerminationSignal
+
+    from pipeline.build import BuildError, check_out_writable
     from pipeline.publish import PublishError
 
     proxy = a.proxy or os.environ.get(PROXY_ENV)
     try:
         params = build_params_from_args(a)
-        params.csv_paths()   # a split without a bundled CSV fails here, before Prefect starts
+        # Bad arguments (a split without a bundled CSV, a missing --media-dir) and a read-only --out fail here,
+        # before Prefect starts and before anything is written.
+        params.to_build_config()
+        check_out_writable(Path(params.out_dir))
         if a.no_prefect:
             result = _run_direct(params, proxy)
         else:
+            _start_temporary_server()
             # The proxy reaches the flow through this process's environment, never as a parameter.
             with _env(PROXY_ENV, a.proxy):
                 result = build_flow(**params.as_dict())
@@ -223,6 +309,11 @@ def cmd_build(a: argparse.Namespace) -> int:
     except (BuildError, ValueError) as e:
         print(f"build failed: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except (KeyboardInterrupt, TerminationSignal) as e:
+        signum = getattr(e, "signum", None) or getattr(e, "signal", None) or signal.SIGINT
+        print(f"build interrupted by {signal.Signals(signum).name}: finished clips are kept; run the same "
+              "command again to continue", file=sys.stderr)
+        return 128 + signum
     _print_summary(result)
     if getattr(result, "publish", None) is not None:
         p = result.publish

@@ -38,7 +38,8 @@ from avcap.statemap import (CheckpointError, KeyNote, Layout, LoadReport, abbrev
                             map_onto, read_safetensors_file, read_torch_file, tie_groups, unwrap)
 from avcap.tokenizer import (validate_vocab, parse_vocab_text, read_vocab_file, special_ids, tokenizer_from_vocab,
                              tokenizer_vocab)
-from shards.atomic import fsync_dir
+from shards.atomic import fsync_dir, temp_path
+from shards.atomic import remove_stale_temps as _remove_stale_temps
 
 __all__ = ["CheckpointError", "KeyNote", "LoadReport", "LoadedCheckpoint", "load_pretrained", "map_state_dict",
            "save_checkpoint", "save_export", "load_checkpoint", "read_torch_file", "read_checkpoint_file",
@@ -212,28 +213,10 @@ def _check_config_consistency(config: dict[str, Any], vocab: list[str], where: s
 
 
 def remove_stale_temps(directory: str | Path) -> list[Path]:
-    """Delete `.{name}.tmp-{pid}` files that a killed save_checkpoint left in `directory` (their pid is gone).
-
-    A save that dies mid-write never replaces the finished file, but its temp file (the size of a checkpoint)
-    would stay forever; a writer that is still running (its pid alive) keeps its file."""
-    removed = []
-    d = Path(directory)
-    if not d.is_dir():
-        return removed
-    for p in d.iterdir():
-        m = re.fullmatch(r"\..+\.tmp-(\d+)", p.name)
-        if not m or not p.is_file():
-            continue
-        try:
-            os.kill(int(m.group(1)), 0)
-            continue
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # someone else's live process
-        p.unlink(missing_ok=True)
-        removed.append(p)
-    return removed
+    """Delete the temp files that a killed save_checkpoint left in `directory` (their pid is gone): a save that
+    dies mid-write never replaces the finished file, but its temp file (the size of a checkpoint) would stay
+    forever; a writer that is still running keeps its file. The project's one cleaner (shards.atomic)."""
+    return _remove_stale_temps(directory)
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, model_config: Any, tokenizer_vocab: Any,
@@ -287,7 +270,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, model_config: Any, token
         **extra,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(payload, f)

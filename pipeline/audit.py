@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 from prefect import flow
 
+from shards.atomic import atomic_write_text
 from shards.writer import file_sha256 as _sha256_file
 
 
@@ -322,23 +323,20 @@ def check_fbank(key: str, sample: dict[str, bytes], plan: _SplitPlan, tol: float
 
 
 def locate_media(out: Path, meta: dict, media_dir: Path | None) -> tuple[Path, float] | None:
-    """Where the build read the clip from, and where its window starts in that file.
-
-    DIR/media/{key}.* is what the downloader leaves (the window cut out: starts at 0); a build from the user's
-    --media-dir (recorded in the manifest config) read `{youtube_id}_{start_time}.*` or the whole `{youtube_id}.*`.
-    """
-    from pipeline.download import find_local_media, window_start
+    """Where the build read the clip from, and where its window starts in that file, by the build's own rule
+    (pipeline.download.find_local_media): the user's --media-dir (recorded in the manifest config) first, then
+    DIR/media/{key}.* that the downloader leaves (the window cut out: starts at 0)."""
+    from pipeline.download import find_local_media
     from pipeline.manifest import Clip
-    key = meta["key"]
-    hits = sorted(p for p in (out / "media").glob(f"{key}.*") if p.is_file() and not p.name.startswith("."))
-    if hits:
-        return hits[0], 0.0
-    if media_dir is not None and "youtube_id" in meta and "start_time" in meta:
+    if "youtube_id" in meta and "start_time" in meta:
         clip = Clip(youtube_id=meta["youtube_id"], start_time=int(meta["start_time"]))
-        found = find_local_media(clip, media_dir)
-        if found is not None:
-            return found, window_start(clip, found)
-    return None
+        for d in ([media_dir] if media_dir is not None else []) + [out / "media"]:
+            found = find_local_media(clip, d)
+            if found is not None:
+                return found.path, found.offset
+        return None
+    hits = sorted(p for p in (out / "media").glob(f"{meta['key']}.*") if p.is_file() and not p.name.startswith("."))
+    return (hits[0], 0.0) if hits else None
 
 
 def check_reextract(out: Path, key: str, sample: dict[str, bytes], plan: _SplitPlan, report: AuditReport) -> None:
@@ -356,6 +354,11 @@ def check_reextract(out: Path, key: str, sample: dict[str, bytes], plan: _SplitP
         report.mismatches.append(Mismatch("media", key, f"no cached media ({where}) to re-extract from"))
         return
     media, start = located
+    recorded = meta.get("media_offset")
+    if recorded is not None and float(recorded) != start:
+        # The name of the media file now says another window than the one the sample was cut from.
+        report.mismatches.append(Mismatch("media-offset", key, f"the sample was cut at {float(recorded):g} s "
+                                          f"of its media, but {media.name} gives {start:g} s by its name"))
     if meta.get("media_sha256") and _sha256_file(media) != meta["media_sha256"]:
         report.mismatches.append(Mismatch("media", _rel(media, out),
                                           "sha256 differs from the sample's media_sha256: the cached media changed"))
@@ -499,9 +502,7 @@ def run_audit(cfg: AuditConfig) -> AuditReport:
     audit_dir.mkdir(exist_ok=True)
     path = audit_dir / f"audit-{started.strftime('%Y%m%dT%H%M%S%fZ')}.json"
     report.report_path = str(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(report.to_json(), indent=2) + "\n")
     return report
 
 

@@ -29,21 +29,25 @@ import json
 import logging
 import multiprocessing
 import shutil
+import signal
 import time
 import tarfile
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
-from pipeline.download import (DownloadConfig, download_many, expected_hours, find_local_media, sha256_file,
-                               window_start)
+from pipeline.buildlock import LockHeld, build_lock
+from pipeline.download import (DownloadConfig, download_many, expected_hours, find_local_media, local_media_names,
+                               sha256_file)
 from pipeline.extract import ExtractConfig, ExtractError
 from pipeline.features import FbankConfig
 from pipeline.ledger import FAILED_PERMANENT, FAILED_TRANSIENT, OK, PENDING, Ledger, LedgerError
 from pipeline.manifest import Clip, ManifestError, RowError, read_manifests
 from shards import manifest as dataset_manifest
+from shards.atomic import temp_path
 from shards.writer import (Sample, ShardBuildResult, build_shards, encode_json, read_staged_sample, stage_clip,
                            staged_path, validate_split, write_staged_sample)
 
@@ -52,6 +56,7 @@ log = logging.getLogger("avcap.build")
 LEDGER_NAME = "ledger.sqlite"
 DISK_FULL = "disk-full"
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_UNWRITABLE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class BuildError(RuntimeError):
@@ -70,6 +75,7 @@ class BuildConfig:
     retry_permanent: bool = False
     retry_reasons: list[str] = field(default_factory=list)   # permanent failures with these reasons are retried
     max_failure_rate: float = 0.5
+    wait_lock: bool = False                # another build of this split into `out` running: wait, not exit
     download: DownloadConfig = field(default_factory=DownloadConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     fbank: FbankConfig = field(default_factory=FbankConfig)
@@ -86,6 +92,9 @@ class BuildConfig:
                              "must be >= 1")
         if not 0.0 <= self.max_failure_rate <= 1.0:
             raise ValueError(f"max_failure_rate must be in [0, 1], got {self.max_failure_rate}")
+        if self.media_dir is not None and not self.media_dir.is_dir():
+            # Checked up front: otherwise every clip would fail as media-not-found, one by one.
+            raise ValueError(f"--media-dir {self.media_dir}: no such directory")
 
     def as_record(self) -> dict:
         """Every parameter, as plain JSON values (the manifest redacts secrets from it)."""
@@ -294,16 +303,16 @@ def download_stage(cfg: BuildConfig, clips: list[Clip]) -> DownloadStageResult:
     with Ledger(cfg.out / LEDGER_NAME, cfg.split) as ledger:
         if cfg.media_dir is not None:
             for clip in clips:
-                path = find_local_media(clip, cfg.media_dir)
-                if path is None:
+                found = find_local_media(clip, cfg.media_dir)
+                if found is None:
                     # Transient: adding the file and running again is exactly how a user fixes it.
+                    names = " or ".join(f"{stem}.*" for stem, _ in local_media_names(clip))
                     ledger.record(clip.key, FAILED_TRANSIENT, "media-not-found",
-                                  f"no {clip.youtube_id}_{clip.start_time}.* or {clip.youtube_id}.* in "
-                                  f"{cfg.media_dir}", stage="download")
+                                  f"no {names} in {cfg.media_dir}", stage="download")
                     result.failed += 1
                 else:
-                    result.media.append(MediaRef(clip, path, window_start(clip, path)))
-                progress.step(ok=path is not None)
+                    result.media.append(MediaRef(clip, found.path, found.offset))
+                progress.step(ok=found is not None)
             return result
 
         def on_result(clip: Clip, r) -> None:
@@ -382,9 +391,16 @@ def process_stage(cfg: BuildConfig, media: list[MediaRef], clip_runner: ClipRunn
         else:
             # spawn: the parent runs threads (downloads, Prefect), which fork would copy mid-flight.
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(cfg.cpu_workers, mp_context=ctx, initializer=_worker_init) as pool:
+            pool = ProcessPoolExecutor(cfg.cpu_workers, mp_context=ctx, initializer=_worker_init)
+            try:
                 for fut in as_completed([pool.submit(process_clip, j) for j in jobs]):
                     land(fut.result())
+            except BaseException:
+                # Interrupted: the clips not started are dropped (they stay pending), the running ones end in
+                # seconds; waiting for the whole queue would keep a stopped build busy for minutes.
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            pool.shutdown()
     if disk_full:
         raise BuildError(_disk_full_message(cfg, f"{len(disk_full)} clips could not be staged"))
     return counts
@@ -396,7 +412,10 @@ def process_clip(job: ProcessJob) -> ProcessOutcome:
         sha = job.media_sha256 or sha256_file(Path(job.media_path))
         meta = dict(job.meta, media_sha256=sha)
         sample = stage_clip(Path(job.media_path), job.offset, meta, Path(job.out_path), job.extract, job.fbank)
-        return ProcessOutcome(job.key, OK, media_sha256=sha, duration=sample.meta["duration"])
+        errors = sample.meta.get("decode_errors")
+        note = (f"kept: decoded audio and frames are complete, but ffmpeg reported {errors['count']} decode "
+                f"errors; first: " + " | ".join(errors["first_lines"])) if errors else None
+        return ProcessOutcome(job.key, OK, message=note, media_sha256=sha, duration=sample.meta["duration"])
     except ExtractError as e:
         # A truncated download is fetched again next run; a truncated file of the user's stays what it is.
         transient = e.reason == "timeout" or (e.reason == "truncated" and not job.local_media)
@@ -469,11 +488,16 @@ def run_build(cfg: BuildConfig, stage_runner: StageRunner = _direct, clip_runner
     `stage_runner(name, fn, *args)` runs each stage (flows.py passes one that makes it a Prefect task);
     `clip_runner` runs the CPU stage's clips elsewhere (flows.py: a Dask cluster) instead of a local pool.
 
-    A full disk (ENOSPC anywhere, or the ledger failing) is a BuildError naming cfg.out."""
+    A full disk (ENOSPC anywhere, or the ledger failing) is a BuildError naming cfg.out, and so are a read-only
+    or unwritable cfg.out and another build of the split holding its lock (pipeline.buildlock)."""
     check_tools()
+    check_out_writable(cfg.out)
     try:
-        return _run_build(cfg, stage_runner, clip_runner)
+        with holding_build_lock(cfg):
+            return _run_build(cfg, stage_runner, clip_runner)
     except OSError as e:
+        if e.errno in _UNWRITABLE_ERRNOS:
+            raise BuildError(_unwritable_message(cfg.out, e)) from e
         if e.errno not in _DISK_FULL_ERRNOS:
             raise
         raise BuildError(_disk_full_message(cfg, f"{type(e).__name__}: {e}")) from e
@@ -483,9 +507,42 @@ def run_build(cfg: BuildConfig, stage_runner: StageRunner = _direct, clip_runner
         raise BuildError(f"{cfg.out}: {e}") from e
 
 
+@contextmanager
+def holding_build_lock(cfg: BuildConfig) -> Iterator[None]:
+    """The build lock of (cfg.out, cfg.split) for the block; another build holding it is a BuildError (or,
+    with cfg.wait_lock, waited for). Re-entrant: flows hold it around run_build, report and publish."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    try:
+        with build_lock(cfg.out, cfg.split, wait=cfg.wait_lock):
+            yield
+    except LockHeld as e:   # only ever raised on entry
+        raise BuildError(str(e)) from None
+
+
+def check_out_writable(out: Path) -> None:
+    """A read-only or unwritable --out is said to be one up front (the build would otherwise fail at its first
+    write, blamed on free space or as a raw EROFS traceback)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = temp_path(out / ".write-probe")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        if e.errno in _UNWRITABLE_ERRNOS:
+            raise BuildError(_unwritable_message(out, e)) from e
+        if e.errno in _DISK_FULL_ERRNOS:
+            raise BuildError(f"{out}: no space left on device; free space and run again") from e
+        raise BuildError(f"{out}: cannot write the output directory ({type(e).__name__}: {e})") from e
+
+
+def _unwritable_message(out: Path, e: OSError) -> str:
+    why = "is on a read-only file system" if e.errno == errno.EROFS else "is not writable by this user"
+    return (f"{out} {why} ({e.strerror}: {e.filename or out}): the build writes its ledger, media, samples and "
+            "shards there; pass a writable --out (or remount it read-write)")
+
+
 def _run_build(cfg: BuildConfig, stage_runner: StageRunner, clip_runner: ClipRunner | None) -> BuildResult:
     t0 = time.monotonic()
-    cfg.out.mkdir(parents=True, exist_ok=True)
     check_fingerprint(cfg)
     preflight = getattr(clip_runner, "preflight", None)
     if preflight is not None:
@@ -564,8 +621,9 @@ def _looks_full(cfg: BuildConfig, e: LedgerError) -> bool:
 
 def _job(cfg: BuildConfig, m: MediaRef) -> ProcessJob:
     c = m.clip
+    # media_offset: where the window was cut in the media file; the audit derives it again from the file's name.
     meta = {"key": c.key, "youtube_id": c.youtube_id, "start_time": c.start_time, "split": cfg.split,
-            "captions": list(c.captions), "audiocap_ids": list(c.audiocap_ids)}
+            "captions": list(c.captions), "audiocap_ids": list(c.audiocap_ids), "media_offset": m.offset}
     return ProcessJob(key=c.key, media_path=str(Path(m.path).absolute()), offset=m.offset, meta=meta,
                       out_path=str(staged_path(cfg.out, cfg.split, c.key)), extract=cfg.extract, fbank=cfg.fbank,
                       media_sha256=m.media_sha256, local_media=cfg.media_dir is not None)
@@ -584,6 +642,9 @@ def _split_status(cfg: BuildConfig, clips: list[Clip]) -> tuple[dict[str, int], 
 
 
 def _worker_init() -> None:
+    # Ctrl-C reaches the whole process group: the parent decides what stops (workers would only print
+    # tracebacks and leave their clip half done).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # One clip per core: torch's intra-op threads would only fight the other workers.
     import torch
     torch.set_num_threads(1)

@@ -30,7 +30,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -40,7 +39,7 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 from pipeline.manifest import Clip, validate_youtube_id
-from shards.atomic import finalize
+from shards.atomic import finalize, remove_stale_temps, temp_dir
 
 log = logging.getLogger("avcap.download")
 
@@ -273,6 +272,16 @@ def truncation(ffmpeg_log: str, start: float, window: float,
             f"({expected:.2f} s expected from {start:g} s): the transfer ended early")
 
 
+def start_past_end(ffmpeg_log: str, start: float) -> str | None:
+    """A message when the window starts at or after the end the source declares (ffmpeg's first `Duration:`),
+    else None: yt-dlp then "succeeds" with a file of a few stray frames, and no later request can do better.
+    The message is classified by ERROR_TABLE's start-past-end row."""
+    declared = _FF_DURATION.search(ffmpeg_log)
+    if declared is None or start < _seconds(declared):
+        return None
+    return f"the window starts past the end of the video (start {start:g} s, video {_seconds(declared):.2f} s)"
+
+
 def error_part(message: str) -> str:
     """The message without its WARNING lines: a warning (such as the missing-JS-runtime one) comes with many
     failures without being their cause, so it never classifies a clip."""
@@ -362,29 +371,77 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def find_local_media(clip: Clip, media_dir: Path) -> Path | None:
-    """`{youtube_id}_{start_time}.*` (the clip's window) first, else `{youtube_id}.*` (the whole video)."""
-    media_dir = Path(media_dir)
+@dataclass(frozen=True)
+class LocalMedia:
+    """A media file found for a clip on disk, and where the clip's window starts in it."""
+    path: Path       # as the user named it: absolute, links NOT resolved (the name decides the offset)
+    offset: float    # seconds: 0 in a cut clip (the user's or a build's cache), start_time in a whole video
+    name: str        # the matched name
+
+
+def local_media_names(clip: Clip) -> list[tuple[str, float]]:
+    """(file stem, window offset) that a clip's media may have on disk, most specific first: the user's cut
+    clip `{youtube_id}_{start_time}`, a build's own media cache `{key}` (DIR/media: the window cut out), the
+    whole video `{youtube_id}`. The one rule that maps a name to an offset (the build and the audit use it)."""
     yid = validate_youtube_id(clip.youtube_id)  # no glob metacharacters can follow from here
-    for stem in (f"{yid}_{clip.start_time}", yid):
+    return [(f"{yid}_{clip.start_time}", 0.0), (clip.key, 0.0), (yid, float(clip.start_time))]
+
+
+def find_local_media(clip: Clip, media_dir: Path) -> LocalMedia | None:
+    """The clip's media in `media_dir` by the names of `local_media_names`, or None.
+
+    The offset comes from the name found here, before anything resolves a link: git-annex and DVC keep
+    `{youtube_id}.mp4` as a symlink into a store whose names say nothing, so symlinks, hard links and a
+    symlinked directory are plain files to us. The path stays the one the user gave."""
+    media_dir = Path(media_dir).absolute()
+    for stem, offset in local_media_names(clip):
         hits = sorted(p for p in media_dir.glob(f"{stem}.*")
                       if p.is_file() and p.suffix.lower() in MEDIA_SUFFIXES and p.stem == stem)
         if hits:
-            return hits[0].resolve()
+            return LocalMedia(hits[0], offset, hits[0].name)
     return None
 
 
-def window_start(clip: Clip, media_path: Path) -> float:
-    """Where the clip's window begins inside a local file: 0 in a cut clip, start_time in a whole video."""
-    return float(clip.start_time) if Path(media_path).stem == clip.youtube_id else 0.0
+class DownloadsStopped(RuntimeError):
+    """The download stage was interrupted (Ctrl-C, SIGTERM): the clip was not tried to the end."""
+
+
+class _Attempts:
+    """The yt-dlp child processes of one download batch, and its stop flag: a stop kills them (their whole
+    process group) and no new attempt or retry starts, so a stopped stage ends within seconds."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self._procs: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+
+    def add(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self._procs.add(proc)
+        if self.stop.is_set():
+            _kill_group(proc)
+
+    def discard(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self._procs.discard(proc)
+
+    def kill_all(self) -> None:
+        self.stop.set()
+        with self._lock:
+            procs = list(self._procs)
+        for proc in procs:
+            _kill_group(proc)
 
 
 def download_clip(clip: Clip, cfg: DownloadConfig, media_dir: Path, pacer: RequestPacer | None = None,
-                  sleep: Callable[[float], None] = time.sleep) -> DownloadResult:
+                  sleep: Callable[[float], None] | None = None, attempts: _Attempts | None = None
+                  ) -> DownloadResult:
     """Download the clip's window to `media_dir/{key}.mp4` (atomic), retrying transient errors with backoff.
 
-    Raises BotWallError on a bot check, RateLimitError on a rate limit (also an HTTP 429 through every retry).
-    A file already at the destination is returned as is."""
+    Raises BotWallError on a bot check, RateLimitError on a rate limit (also an HTTP 429 through every retry),
+    DownloadsStopped when `attempts` was stopped. A file already at the destination is returned as is."""
+    attempts = attempts or _Attempts()
+    sleep = sleep or attempts.stop.wait   # a backoff that a stop cuts short
     media_dir = Path(media_dir)
     final = media_dir / f"{clip.key}.mp4"
     if final.is_file():
@@ -398,10 +455,17 @@ def download_clip(clip: Clip, cfg: DownloadConfig, media_dir: Path, pacer: Reque
             sleep(backoff_delay(attempt - 1, cfg))
         if pacer is not None:
             pacer.wait()
+        if attempts.stop.is_set():
+            raise DownloadsStopped(f"{clip.key}: downloads stopped")
         # The pid in the name lets a later run tell a killed build's leftovers from a running build's work.
-        tmp = Path(tempfile.mkdtemp(prefix=f"{clip.key}.{os.getpid()}.", dir=tmp_root))
+        tmp = temp_dir(tmp_root, clip.key)
         try:
-            ok, produced, message = _run_attempt(url, clip, cfg, tmp)
+            ok, produced, message = _run_attempt(url, clip, cfg, tmp, attempts)
+            if attempts.stop.is_set():
+                raise DownloadsStopped(f"{clip.key}: downloads stopped")
+            past = start_past_end(message, clip.start_time)
+            if past is not None:
+                ok, message = False, f"{past}\n{message[-1000:]}"
             cut = truncation(message, clip.start_time, cfg.clip_seconds) if ok else None
             if cut is not None:
                 ok, message = False, f"{cut}\n{message[-1000:]}"
@@ -433,29 +497,11 @@ def _rate_limit_message(url: str, said: str, what: str = "rate-limited") -> str:
     return (f"{url}: {what}: the site rate-limits this session; stopping downloads (the clip and every untried "
             f"clip stay pending: run the same build again in an hour, with a lower --max-per-hour, or pass "
             f"--on-rate-limit wait). yt-dlp said: {said.strip()[-300:]}")
-    return last
 
 
 def remove_stale_attempts(media_dir: Path) -> int:
-    """Delete `media_dir/.tmp/{key}.{pid}.*` left by killed builds (their pid is gone); returns how many."""
-    removed = 0
-    tmp_root = Path(media_dir) / ".tmp"
-    if not tmp_root.is_dir():
-        return 0
-    for p in tmp_root.iterdir():
-        parts = p.name.split(".")
-        if len(parts) < 3 or not parts[1].isdigit():
-            continue
-        try:
-            os.kill(int(parts[1]), 0)
-            continue  # still running: another build's attempt
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        shutil.rmtree(p, ignore_errors=True)
-        removed += 1
-    return removed
+    """Delete the attempt dirs in `media_dir/.tmp` left by killed builds (their pid is gone); returns how many."""
+    return len(remove_stale_temps(Path(media_dir) / ".tmp"))
 
 
 def download_many(clips: list[Clip], cfg: DownloadConfig, media_dir: Path,
@@ -472,47 +518,55 @@ def download_many(clips: list[Clip], cfg: DownloadConfig, media_dir: Path,
     stop = threading.Event()
     streak = 0
     first: list[bool] = []   # of the first no_formats_window outcomes: whether each was no-formats
+    live = _Attempts()
     with ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="download") as pool:
         running: dict[Future, Clip] = {}
-        while queue or running:
-            while queue and len(running) < cfg.workers and not stop.is_set():
-                clip = queue.pop(0)
-                running[pool.submit(download_clip, clip, cfg, media_dir, pacer)] = clip
-            if not running:
-                break
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in done:
-                clip = running.pop(fut)
-                try:
-                    result = fut.result()
-                except BotWallError as e:
-                    batch.bot_wall = batch.bot_wall or e
-                    stop.set()
-                    batch.untried.append(clip.key)  # attempted, but it stays pending like the rest
-                    continue
-                except RateLimitError as e:
-                    if cfg.on_rate_limit == "wait" and not stop.is_set():
-                        batch.rate_limit_pauses += 1
-                        log.warning("rate limited: all downloads pause for %g s, then go on (%s)",
-                                    cfg.rate_limit_pause_s, e)
-                        pacer.pause(cfg.rate_limit_pause_s)
-                        queue.insert(0, clip)
-                    else:
-                        batch.rate_limit = batch.rate_limit or e
+        try:
+            while queue or running:
+                while queue and len(running) < cfg.workers and not stop.is_set():
+                    clip = queue.pop(0)
+                    running[pool.submit(download_clip, clip, cfg, media_dir, pacer, attempts=live)] = clip
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    clip = running.pop(fut)
+                    try:
+                        result = fut.result()
+                    except BotWallError as e:
+                        batch.bot_wall = batch.bot_wall or e
                         stop.set()
-                        batch.untried.append(clip.key)
-                    continue
-                batch.results[clip.key] = result
-                if on_result is not None:
-                    on_result(clip, result)
-                no_formats = result.reason == NO_FORMATS
-                streak = streak + 1 if no_formats else 0
-                if len(first) < cfg.no_formats_window:
-                    first.append(no_formats)
-                wall = _no_formats_wall(streak, first, cfg)
-                if wall is not None and batch.bot_wall is None:
-                    batch.bot_wall = BotWallError(wall)
-                    stop.set()
+                        batch.untried.append(clip.key)  # attempted, but it stays pending like the rest
+                        continue
+                    except RateLimitError as e:
+                        if cfg.on_rate_limit == "wait" and not stop.is_set():
+                            batch.rate_limit_pauses += 1
+                            log.warning("rate limited: all downloads pause for %g s, then go on (%s)",
+                                        cfg.rate_limit_pause_s, e)
+                            pacer.pause(cfg.rate_limit_pause_s)
+                            queue.insert(0, clip)
+                        else:
+                            batch.rate_limit = batch.rate_limit or e
+                            stop.set()
+                            batch.untried.append(clip.key)
+                        continue
+                    batch.results[clip.key] = result
+                    if on_result is not None:
+                        on_result(clip, result)
+                    no_formats = result.reason == NO_FORMATS
+                    streak = streak + 1 if no_formats else 0
+                    if len(first) < cfg.no_formats_window:
+                        first.append(no_formats)
+                    wall = _no_formats_wall(streak, first, cfg)
+                    if wall is not None and batch.bot_wall is None:
+                        batch.bot_wall = BotWallError(wall)
+                        stop.set()
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM, an error in on_result): kill the running attempts now, or leaving
+            # the pool would wait for each stalled download to reach its time limit. Their clips stay as they
+            # were in the ledger, so the next run tries them again.
+            live.kill_all()
+            raise
         batch.untried.extend(c.key for c in queue)
     return batch
 
@@ -554,13 +608,16 @@ def worker_job(url: str, clip: Clip, cfg: DownloadConfig, tmp: Path) -> dict:
     }
 
 
-def _run_attempt(url: str, clip: Clip, cfg: DownloadConfig, tmp: Path) -> tuple[bool, Path | None, str]:
+def _run_attempt(url: str, clip: Clip, cfg: DownloadConfig, tmp: Path, attempts: _Attempts | None = None
+                 ) -> tuple[bool, Path | None, str]:
     """(ok, produced file, message): on failure the error, on success the tools' log (to check truncation)."""
     job = worker_job(url, clip, cfg, tmp)
     # Own session: on timeout the whole group goes, the ffmpeg that yt-dlp started included.
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.download", "--worker"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                             cwd=str(Path(__file__).resolve().parent.parent))
+    if attempts is not None:
+        attempts.add(proc)
     try:
         out, err = proc.communicate(json.dumps(job).encode(), timeout=cfg.timeout_s)
     except subprocess.TimeoutExpired:
@@ -570,6 +627,8 @@ def _run_attempt(url: str, clip: Clip, cfg: DownloadConfig, tmp: Path) -> tuple[
     finally:
         if proc.poll() is None:
             _kill_group(proc)
+        if attempts is not None:
+            attempts.discard(proc)
     try:
         answer = json.loads(out.decode().strip().splitlines()[-1])
     except (IndexError, ValueError):

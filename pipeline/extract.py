@@ -23,6 +23,15 @@ genuinely short video. When the decoded audio or video ends more than `truncatio
 min(what the container declares for that stream (ffprobe; the format's duration when the stream has none),
 the window), the clip is `truncated`. ffprobe runs only for clips that decode shorter than the window.
 
+A window that starts at or after the declared end of every stream is `start-past-end` (not `too-short`: no other
+file of that video can fix a wrong start_time).
+
+Damaged media: ffmpeg conceals what it cannot decode and still exits 0, printing one error line per damaged
+packet (it runs at `-v error`, so every line it prints is one). When it printed any, the clip is kept only if the
+decode is complete (audio to within `COMPLETE_TOLERANCE_S` of the expected end, video to one frame step), else it
+is `decode-errors`; a kept clip carries the error count and first lines (`Extracted.decode_errors`), and
+`ExtractConfig.strict_decode` makes any error `decode-errors`.
+
 Failures raise `ExtractError(reason, message)` with one of `REASONS`; `message` carries the tail of ffmpeg's
 stderr so a ledger entry says what went wrong.
 """
@@ -42,7 +51,13 @@ import ffmpeg
 import numpy as np
 from PIL import Image
 
-REASONS = ("no-audio-stream", "no-video-stream", "undecodable", "too-short", "timeout", "truncated")
+REASONS = ("no-audio-stream", "no-video-stream", "undecodable", "too-short", "timeout", "truncated",
+           "start-past-end", "decode-errors")
+# A decode that reported errors is kept only when it is complete: audio to within this of the expected end (an
+# AAC frame is 21-23 ms, and a concealed one shifts all later audio against the frames; a clean decode of a
+# window is exact to the sample, container durations are rounded to the millisecond).
+COMPLETE_TOLERANCE_S = 0.005
+DECODE_ERROR_LINES = 5   # of ffmpeg's error lines kept as evidence (ledger, sample json)
 
 # Pillow's JPEG subsampling codes; recorded by name in the config.
 _SUBSAMPLING = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2}
@@ -80,6 +95,8 @@ class ExtractConfig:
     # How far decoding may end before the declared end of a stream: container durations are rounded and the
     # last frames of a stream may be dropped by the decoder; a cut-off download misses seconds.
     truncation_tolerance_s: float = 1.0
+    # Refuse a clip whose decode reported any error, even when the decoded audio and frames are complete.
+    strict_decode: bool = False
 
     def __post_init__(self):
         if self.frames < 1:
@@ -101,8 +118,8 @@ class ExtractConfig:
             raise ValueError(f"ExtractConfig.truncation_tolerance_s must be > 0, got {self.truncation_tolerance_s}")
 
     def fingerprint_parts(self) -> dict:
-        """The settings that change the bytes of a sample (threads, timeout, binary paths and the truncation
-        tolerance do not: the last only decides whether a clip becomes a sample at all)."""
+        """The settings that change the bytes of a sample (threads, timeout, binary paths, the truncation
+        tolerance and strict_decode do not: the last two only decide whether a clip becomes a sample at all)."""
         return {"sample_rate": self.sample_rate, "frames": self.frames, "size": self.size,
                 "jpeg_quality": self.jpeg_quality, "jpeg_subsampling": self.jpeg_subsampling,
                 "downmix": self.downmix, "frame_times": self.frame_times, "min_duration_s": self.min_duration_s,
@@ -117,11 +134,20 @@ class Extracted:
     sample_rate: int
     decoded_frames: int             # distinct frames ffmpeg produced before repeating for short clips
     frame_times: list[float] = field(default_factory=list)  # nominal time (s from window start) of each frame
+    decode_errors: int = 0          # error lines ffmpeg printed while decoding (the clip was complete anyway)
+    decode_error_lines: list[str] = field(default_factory=list)  # the first of them, without memory addresses
 
 
 def _stderr_tail(stderr: bytes, lines: int = 8) -> str:
     text = stderr.decode("utf-8", errors="replace").strip().splitlines()
     return "\n".join(text[-lines:]) if text else "(ffmpeg printed nothing)"
+
+
+def _error_lines(stderr: bytes) -> list[str]:
+    """ffmpeg's error lines (it runs at `-v error`), without the `@ 0x55...` addresses of its log prefixes, so
+    the same file gives the same lines in every run."""
+    text = stderr.decode("utf-8", errors="replace").splitlines()
+    return [re.sub(r" @ 0x[0-9a-f]+\]", "]", t.strip()) for t in text if t.strip()]
 
 
 def _classify_failure(stderr: bytes) -> ExtractError:
@@ -169,13 +195,23 @@ def declared_durations(media_path: Path, cfg: ExtractConfig) -> dict[str, float]
     return out
 
 
+def check_start(media_path: Path, start: float, declared: dict[str, float]) -> None:
+    """Raise ExtractError("start-past-end") when the window starts where no stream has anything left."""
+    if declared and start >= max(declared.values()):
+        raise ExtractError("start-past-end", f"{media_path.name}: the window starts at {start:g} s but the file "
+                                             f"declares {max(declared.values()):.2f} s (a wrong start_time?)")
+
+
 def check_truncation(media_path: Path, start: float, duration: float, audio_s: float, video_s: float,
-                     cfg: ExtractConfig) -> None:
-    """Raise ExtractError("truncated") when audio or video ends well before the end the container declares.
+                     cfg: ExtractConfig, declared: dict[str, float] | None = None,
+                     tolerance_s: float | None = None) -> None:
+    """Raise ExtractError("truncated") when audio or video ends well before the end the container declares
+    (more than `tolerance_s`, default cfg.truncation_tolerance_s).
 
     `video_s` is known to one frame step (duration / frames): the video's slack is one step more."""
-    declared = declared_durations(media_path, cfg)
-    slack = {"audio": cfg.truncation_tolerance_s, "video": cfg.truncation_tolerance_s + duration / cfg.frames}
+    declared = declared_durations(media_path, cfg) if declared is None else declared
+    tol = cfg.truncation_tolerance_s if tolerance_s is None else tolerance_s
+    slack = {"audio": tol, "video": tol + duration / cfg.frames}
     for kind, got in (("audio", audio_s), ("video", video_s)):
         if kind not in declared:
             continue
@@ -258,8 +294,26 @@ def extract_clip(media_path: Path | str, start: float, cfg: ExtractConfig = Extr
     step = duration / cfg.frames
     # The video covers up to the last frame time it filled (+ half a step: the picture stays on screen).
     video_s = min(duration, decoded * step)
-    if real_duration < duration - cfg.truncation_tolerance_s or video_s < duration - cfg.truncation_tolerance_s - step:
-        check_truncation(media_path, float(start), float(duration), real_duration, video_s, cfg)
+    errors = _error_lines(proc.stderr)
+    if errors or real_duration < duration - cfg.truncation_tolerance_s or \
+            video_s < duration - cfg.truncation_tolerance_s - step:
+        declared = declared_durations(media_path, cfg)
+        check_start(media_path, float(start), declared)
+        check_truncation(media_path, float(start), float(duration), real_duration, video_s, cfg, declared)
+    if errors and cfg.strict_decode:
+        raise ExtractError("decode-errors", f"ffmpeg reported {len(errors)} decode errors in {media_path.name} "
+                                            f"(--strict-decode); first: " + " | ".join(errors[:DECODE_ERROR_LINES]))
+    if errors:
+        # ffmpeg conceals damaged data and exits 0: the clip is kept only if nothing of the window is missing.
+        try:
+            check_truncation(media_path, float(start), float(duration), real_duration, video_s, cfg, declared,
+                             tolerance_s=COMPLETE_TOLERANCE_S)
+            if not declared and (real_duration < duration - COMPLETE_TOLERANCE_S or decoded < cfg.frames):
+                raise ExtractError("truncated", f"{real_duration:.2f} s of audio, {decoded} frames")
+        except ExtractError as e:
+            raise ExtractError("decode-errors", f"ffmpeg reported {len(errors)} decode errors in {media_path.name} "
+                                                f"and the decode is incomplete ({e.message}); first: "
+                                                + " | ".join(errors[:DECODE_ERROR_LINES])) from None
     if real_duration < cfg.min_duration_s:
         raise ExtractError("too-short", f"{real_duration:.2f} s of audio in the window [{start}, {start + duration})"
                                         f" of {media_path.name}; at least {cfg.min_duration_s:g} s needed")
@@ -284,4 +338,5 @@ def extract_clip(media_path: Path | str, start: float, cfg: ExtractConfig = Extr
         frames.append(jpegs[j])
     times = frame_times(cfg, duration)
     return Extracted(waveform=waveform, frames=frames, duration=real_duration, sample_rate=cfg.sample_rate,
-                     decoded_frames=min(decoded, cfg.frames), frame_times=[times[j] for j in chosen])
+                     decoded_frames=min(decoded, cfg.frames), frame_times=[times[j] for j in chosen],
+                     decode_errors=len(errors), decode_error_lines=errors[:DECODE_ERROR_LINES])

@@ -34,11 +34,12 @@ import random
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import quote
+
+from shards.atomic import remove_stale_temps, temp_dir
 
 log = logging.getLogger("avcap.gallery")
 
@@ -601,7 +602,8 @@ def write_gallery(data: str | Path, split: str = "test", out: str | Path | None 
     reports.mkdir(parents=True, exist_ok=True)
     assets_name = f"gallery-{split}"
     final_assets = reports / assets_name
-    tmp_assets = Path(tempfile.mkdtemp(prefix=f".{assets_name}.tmp-", dir=reports))
+    remove_stale_temps(reports)                   # asset dirs of killed runs (their pid is gone)
+    tmp_assets = temp_dir(reports, assets_name)
     try:
         number = {k: n for n, k in enumerate(chosen)}
         made: dict[str, Card] = {}

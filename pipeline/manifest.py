@@ -5,10 +5,11 @@ clip that carries all their captions and audiocap_ids. Ids and start times are v
 path is formed from them: everything downstream builds paths and URLs from `Clip.key` only.
 
 A bad row is reported (file, line, what is wrong) and skipped; the rest of the file goes on: that includes a CSV
-row with bytes that are not UTF-8, and a row whose audiocap_id was already used for another clip or caption. A
-row repeated verbatim is merged (it adds nothing). A file that cannot be read at all (missing, a header that is
-not UTF-8 or lacks a column, a JSON file that is not UTF-8 or not a list) raises `ManifestError`, naming the
-file and the line.
+row with bytes that are not UTF-8, and a row whose audiocap_id was already used for another clip or caption (in
+any of the files given together). A row repeated verbatim is merged (it adds nothing). A file that cannot be read
+at all (missing, a header that is not UTF-8 or lacks a column, a JSON file that is not UTF-8 or not a list, a CSV
+that breaks the csv module's strict quoting or whose quoted field runs over lines that are rows of the file: a
+quote left open) raises `ManifestError`, naming the file and the line.
 """
 from __future__ import annotations
 
@@ -116,12 +117,25 @@ def _not_utf8(values) -> str | None:
     return None
 
 
+def _looks_like_row(line: str, names: list[str]) -> bool:
+    """Whether one physical line would parse as a row of this file on its own (field count and youtube_id)."""
+    try:
+        values = next(csv.reader([line]), [])
+    except csv.Error:
+        return False
+    if len(values) != len(names):
+        return False
+    return bool(_YOUTUBE_ID.fullmatch(values[names.index("youtube_id")].strip()))
+
+
 def _csv_rows(path: Path):
     # surrogateescape: one row with a stray byte is reported with its line and skipped, not the whole file;
     # utf-8-sig tolerates a BOM; newline="" lets the csv module handle the CRLF line ends.
     text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    # strict: a quote in the wrong place is an error, not a field that silently eats what follows.
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    start = 1   # physical line where the row being read begins (reader.line_num is where it ends)
     try:
-        reader = csv.reader(io.StringIO(text, newline=""))
         header = next(reader, None)
         if header is None:
             raise ManifestError(f"{path}: empty file, expected header {','.join(CSV_HEADER)}")
@@ -132,10 +146,21 @@ def _csv_rows(path: Path):
         missing = [h for h in CSV_HEADER if h not in names]
         if missing:
             raise ManifestError(f"{path}:1: header {names} lacks {missing}; expected {','.join(CSV_HEADER)}")
+        start = reader.line_num + 1
         for values in reader:
-            line = reader.line_num
+            line, start = start, reader.line_num + 1
             if not values or all(not v.strip() for v in values):
                 continue
+            # A quoted field may hold a line break, but one whose lines are rows of this file is a quote left
+            # open: the rows it swallowed would be lost and their text stored as a caption.
+            for v in values:
+                inner = v.splitlines()[1:]
+                swallowed = next((i for i, t in enumerate(inner, start=1) if _looks_like_row(t, names)), None)
+                if swallowed is not None:
+                    raise ManifestError(
+                        f"{path}:{line}: a quoted field opened on line {line} runs to line {reader.line_num} over "
+                        f"lines that are rows of this file (line {line + swallowed}: {inner[swallowed - 1][:60]!r});"
+                        " close the quote (a quote inside a field is written twice: \"\")")
             if len(values) != len(names):
                 yield line, None, f"expected {len(names)} fields, found {len(values)}"
                 continue
@@ -145,7 +170,10 @@ def _csv_rows(path: Path):
                 continue
             yield line, dict(zip(names, values)), None
     except csv.Error as e:
-        raise ManifestError(f"{path}:{reader.line_num}: malformed CSV ({e})") from e
+        what = ("a quote opened here is never closed" if "end of data" in str(e)
+                else "a quote in the wrong place")
+        raise ManifestError(f"{path}:{start}: malformed CSV ({e}: {what}); the file is refused so that no row is "
+                            "silently lost") from e
 
 
 def _json_rows(path: Path):
@@ -169,28 +197,23 @@ def _json_rows(path: Path):
             yield i, entry, None
 
 
-def read_manifest(path: str | Path, split: str) -> ManifestResult:
-    """Read one AudioCaps CSV or AVCap JSON file into clips grouped by (youtube_id, start_time)."""
-    path = Path(path)
+def _rows(path: Path):
     if not path.is_file():
         raise ManifestError(f"{path}: no such file")
     rows = _json_rows(path) if path.suffix.lower() == ".json" else _csv_rows(path)
-    return _group(rows, str(path), split)
+    for line, raw, problem in rows:
+        yield str(path), line, raw, problem
+
+
+def read_manifest(path: str | Path, split: str) -> ManifestResult:
+    """Read one AudioCaps CSV or AVCap JSON file into clips grouped by (youtube_id, start_time)."""
+    return read_manifests([path], split)
 
 
 def read_manifests(paths: list[str | Path], split: str) -> ManifestResult:
-    """Several files into one split; a clip listed in two files gets the captions of both."""
-    clips: dict[str, Clip] = {}
-    errors: list[RowError] = []
-    for p in paths:
-        r = read_manifest(p, split)
-        errors.extend(r.errors)
-        for c in r.clips:
-            if c.key in clips:
-                _merge(clips[c.key], c.captions, c.audiocap_ids, c.sources)
-            else:
-                clips[c.key] = c
-    return ManifestResult(list(clips.values()), errors)
+    """Several files into one split, read as one list of rows: a clip listed in two files gets the captions of
+    both, and an audiocap_id reused across files is reported as within one file."""
+    return _group((r for p in paths for r in _rows(Path(p))), split)
 
 
 def _merge(clip: Clip, captions: list[str], acids: list[int], sources: list[str]) -> None:
@@ -202,26 +225,27 @@ def _merge(clip: Clip, captions: list[str], acids: list[int], sources: list[str]
         clip.sources.append(src)
 
 
-def _group(rows, file: str, split: str) -> ManifestResult:
-    """Rows -> clips. A row repeated verbatim is merged (it adds nothing); an audiocap_id reused for a different
-    clip or caption is an error on the later row: one of the two is wrong and we cannot tell which."""
+def _group(rows, split: str) -> ManifestResult:
+    """(file, line, row, problem) -> clips. A row repeated verbatim is merged (it adds nothing); an audiocap_id
+    reused for a different clip or caption is an error on the later row, in the same file or another: one of
+    the two is wrong and we cannot tell which."""
     clips: dict[str, Clip] = {}
     errors: list[RowError] = []
-    seen: dict[int, tuple[str, str, int]] = {}  # audiocap_id -> (key, caption, line)
-    for line, raw, problem in rows:
+    seen: dict[int, tuple[str, str, str, int]] = {}  # audiocap_id -> (key, caption, file, line)
+    for file, line, raw, problem in rows:
         if problem is None:
             try:
                 yid, start, caption, acid = _validate_row(raw)
             except ValueError as e:
                 problem = str(e)
         if problem is None and acid in seen and seen[acid][:2] != (clip_key(yid, start), caption):
-            problem = (f"audiocap_id {acid} is already used on line {seen[acid][2]} for another clip or caption; "
-                       "the first is kept")
+            where = f"line {seen[acid][3]}" + ("" if seen[acid][2] == file else f" of {seen[acid][2]}")
+            problem = f"audiocap_id {acid} is already used on {where} for another clip or caption; the first is kept"
         if problem is not None:
             errors.append(RowError(file, line, problem))
             continue
         key = clip_key(yid, start)
-        seen.setdefault(acid, (key, caption, line))
+        seen.setdefault(acid, (key, caption, file, line))
         clip = clips.setdefault(key, Clip(yid, start, [], [], split, []))
         _merge(clip, [caption], [acid], [f"{file}:{line}"])
     return ManifestResult(list(clips.values()), errors)

@@ -100,6 +100,11 @@ class BuildParams:
         "with --publish: delete shards at URL that the new manifest no longer lists"))
     report: bool = field(default=True, metadata=_param("skip DIR/reports/build-<split>.md and its plots",
                                                        flag="--no-report"))
+    strict_decode: bool = field(default=False, metadata=_param(
+        "fail a clip whose decode reported any error (default: keep it when its audio and frames are complete, "
+        "with ffmpeg's errors recorded)"))
+    wait_lock: bool = field(default=False, metadata=_param(
+        "when another build of this split into --out is running, wait for it instead of exiting at once"))
     proxy_secret: str | None = field(default=None, metadata=_param(
         "name of a Prefect Secret block holding the proxy URL", cli=False))
 
@@ -135,7 +140,8 @@ class BuildParams:
                            cpu_workers=self.cpu_workers or max(1, os.cpu_count() or 1),
                            samples_per_shard=self.samples_per_shard, retry_permanent=self.retry_permanent,
                            retry_reasons=self.retry_reasons(), max_failure_rate=self.max_failure_rate,
-                           download=self.download_config(proxy), extract=ExtractConfig(frames=self.frames))
+                           wait_lock=self.wait_lock, download=self.download_config(proxy),
+                           extract=ExtractConfig(frames=self.frames, strict_decode=self.strict_decode))
 
     def download_config(self, proxy: str | None = None):
         """pipeline.download.DownloadConfig of these parameters (the build's, and what `flows.py doctor` checks)."""

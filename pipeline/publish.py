@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from shards.atomic import temp_path
 from shards.index import INDEX_SUFFIX
 from shards.manifest import MANIFEST_NAME, DatasetManifest, ShardEntry, parse_manifest
 from shards.writer import file_sha256 as sha256_file  # noqa: F401  (re-exported: publish's checks use it)
@@ -90,7 +90,7 @@ def _put_atomic(fs: fsspec.AbstractFileSystem, dest: str, *, local: Path | None 
     fs.makedirs(fs._parent(dest), exist_ok=True)
     if _is_local(fs):
         parent, name = dest.rsplit("/", 1)
-        tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex}"  # hidden, and never matches a shard name
+        tmp = f"{parent}/{temp_path(Path(name)).name}"  # hidden, never a shard name; carries our pid
         try:
             if local is not None:
                 fs.put_file(str(local), tmp)

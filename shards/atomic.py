@@ -4,13 +4,20 @@ A reader (a loader, a rerun after SIGKILL, an audit) must never see a half-writt
 every writer goes through a temp file in the same directory, named `.{name}.tmp-{pid}-{random}` (a leading dot
 and a suffix: no glob or regex for finished files can match it), fsyncs it, renames it over the final name and
 fsyncs the directory so the rename itself survives a crash.
+
+The same scheme names every temporary file or directory of the project (shard and manifest writes, checkpoint
+saves, download attempts, local publishing): `.{name}.tmp-{pid}-{random}`. `remove_stale_temps` is the one
+cleaner: it removes only the temps whose pid is no longer running, so a build never deletes the live work of
+another process (another build, a publish, a trainer) in the same directory.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -36,9 +43,54 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_TEMP_NAME = re.compile(r"\..+\.tmp-(\d+)(?:-[A-Za-z0-9_]+)?")
+
+
 def temp_path(path: Path) -> Path:
+    """A temp name next to `path` that carries this process's pid."""
     path = Path(path)
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def temp_dir(directory: Path, name: str) -> Path:
+    """A new temp directory `directory/.{name}.tmp-{pid}-{random}` (created now)."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=directory))
+
+
+def temp_owner(name: str) -> int | None:
+    """The pid in a temp name of this scheme, or None for any other name."""
+    m = _TEMP_NAME.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True   # another user's live process
+    return True
+
+
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Delete the temp files and directories in `directory` whose writer is dead (killed mid-write); those of
+    running processes, and every name outside the scheme, are left alone. Returns what was removed."""
+    removed: list[Path] = []
+    d = Path(directory)
+    if not d.is_dir():
+        return removed
+    for p in sorted(d.iterdir()):
+        pid = temp_owner(p.name)
+        if pid is None or pid_alive(pid):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
 
 
 @contextmanager

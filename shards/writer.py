@@ -4,7 +4,9 @@ Sample members (webdataset naming, `{key}.{member}` inside the tar):
   fbank.npy      float16 [1024, 128] unnormalized Kaldi fbank (np.save bytes)
   flac           the 16 kHz mono int16 waveform the fbank was computed from
   frame00.jpg .. frame{F-1:02d}.jpg   224x224 JPEG
-  json           captions, audiocap_ids, youtube_id, start_time, split, duration, media_sha256, key, ...
+  json           captions, audiocap_ids, youtube_id, start_time, split, duration, media_sha256, media_offset,
+                 key, ...; `decode_errors` {count, first_lines} only when ffmpeg reported errors on a clip kept
+                 because its decode was complete
 
 Staging: `DIR/staging/{split}/{key}.tar` holds one finished sample (written atomically), so a killed build
 keeps every sample it finished and a rerun only extracts the rest.
@@ -14,7 +16,7 @@ sha256(key) mod num_shards. `num_shards` is fixed at a split's first build (`num
 manifest, so adding or removing a clip changes exactly one shard. Inside a shard samples are sorted by key and
 members by name; tar headers are normalized (mtime 0, uid/gid 0, empty user/group names, mode 0644), so the same
 samples always give the same bytes. A shard is written to `.{name}.tmp-*` (never matching the shard name
-pattern), fsynced and renamed over the old file; a shard whose bytes would not change is left untouched.
+pattern), fsynced and renamed over the old file (a later build removes the temp files of dead writers only); a shard whose bytes would not change is left untouched.
 
 Member index: next to each shard, `{split}-{i:05d}.idx.json` (shards.index) gives every sample's member data
 offsets and sizes and the shard's size and sha256, so the loader reads only the members it uses. It is derived
@@ -42,6 +44,7 @@ from pipeline.features import FbankStats
 from shards.atomic import HashingFile as _HashingFile
 from shards.atomic import atomic_write_bytes, atomic_writer  # noqa: F401 - re-exported: callers import them from here
 from shards.atomic import fsync_dir as _fsync_dir
+from shards.atomic import remove_stale_temps  # noqa: F401 - re-exported
 from shards.atomic import temp_path as _tmp_path
 from shards.index import ShardIndex, index_path, scan_tar
 
@@ -86,17 +89,8 @@ def num_shards_for(num_samples: int, samples_per_shard: int = 256) -> int:
     return max(1, math.ceil(num_samples / samples_per_shard))
 
 
-# ---------------------------------------------------------------- temp files (writes: shards.atomic)
-
-def remove_stale_temps(directory: Path) -> list[Path]:
-    """Delete temp files a killed writer left behind in `directory` (only ours: `.{name}.tmp-*`)."""
-    removed = []
-    if Path(directory).is_dir():
-        for p in Path(directory).iterdir():
-            if p.name.startswith(".") and ".tmp-" in p.name and p.is_file():
-                p.unlink()
-                removed.append(p)
-    return removed
+# ---------------------------------------------------------------- temp files: shards.atomic (remove_stale_temps
+# there is the one pid-aware cleaner; re-exported here for callers that import it from the writer)
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -244,6 +238,9 @@ def stage_clip(media_path: Path, start_time: int, meta: dict, out_path: Path, ex
                 fbank_frames=min(num_fbank_frames(len(ex.waveform), fbank_cfg), fbank_cfg.target_length),
                 frames=len(ex.frames), decoded_frames=ex.decoded_frames,
                 frame_times=[round(t, 6) for t in ex.frame_times])
+    if ex.decode_errors:
+        # Only when there were any: a clean sample keeps the bytes it had before this field existed.
+        full["decode_errors"] = {"count": ex.decode_errors, "first_lines": list(ex.decode_error_lines)}
     sample = Sample(full["key"], encode_sample(fbank=fbank, waveform=ex.waveform, sample_rate=ex.sample_rate,
                                                frames=ex.frames, meta=full))
     write_staged_sample(out_path, sample)

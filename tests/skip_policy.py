@@ -18,8 +18,8 @@ OPTIONAL_PROGRAMS: dict[str, str] = {
     "stanford-corenlp-3.6.0": "the Stanford CoreNLP 3.6.0 jars SPICE needs (stanford-corenlp-3.6.0.jar and "
                               "stanford-corenlp-3.6.0-models.jar); no package registry has them: put them in a "
                               "directory and set AVCAP_SPICE_JARS to it",
-    "mount-tmpfs": "mount(8) of a 2 MiB tmpfs for the full-disk tests; needs root or CAP_SYS_ADMIN "
-                   "(a container needs --cap-add SYS_ADMIN)",
+    "mount-tmpfs": "mount(8) of a 2 MiB tmpfs for the full-disk tests (a read-only one for the read-only --out "
+                   "test); needs root or CAP_SYS_ADMIN (a container needs --cap-add SYS_ADMIN)",
 }
 
 _PREFIX = "optional program "

@@ -5,7 +5,7 @@ import subprocess
 import pytest
 
 from pipeline.download import (BotWallError, DownloadConfig, build_url, classify_error, download_clip,
-                               download_many, find_local_media, remove_stale_attempts, window_start)
+                               download_many, find_local_media, remove_stale_attempts)
 from pipeline.manifest import Clip
 from tests.media import MediaSpec, Route, make_media
 
@@ -119,10 +119,13 @@ def test_local_media_lookup_prefers_the_cut_clip(tmp_path):
     (tmp_path / "-NrFeH-kBSM.part").write_bytes(b"x")       # a partial download is not media
     (tmp_path / "-NrFeH-kBSMX.mp4").write_bytes(b"x")       # another id with the same prefix
     whole = find_local_media(clip, tmp_path)
-    assert whole.name == "-NrFeH-kBSM.webm" and whole.is_absolute() and window_start(clip, whole) == 30.0
+    assert whole.name == "-NrFeH-kBSM.webm" and whole.path.is_absolute() and whole.offset == 30.0
+    (tmp_path / f"{clip.key}.mp4").write_bytes(b"x")         # a build's own media cache: the window cut out
+    cached = find_local_media(clip, tmp_path)
+    assert cached.name == f"{clip.key}.mp4" and cached.offset == 0.0
     (tmp_path / "-NrFeH-kBSM_30.mp4").write_bytes(b"x")
     cut = find_local_media(clip, tmp_path)
-    assert cut.name == "-NrFeH-kBSM_30.mp4" and window_start(clip, cut) == 0.0
+    assert cut.name == "-NrFeH-kBSM_30.mp4" and cut.offset == 0.0
 
 
 def test_a_connection_dropped_mid_body_is_a_transient_failure(media_server, tmp_path):
@@ -137,10 +140,10 @@ def test_a_connection_dropped_mid_body_is_a_transient_failure(media_server, tmp_
 def test_leftovers_of_a_killed_attempt_are_removed_but_not_a_running_one(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
-    (tmp_path / ".tmp" / f"AAAAAAAAAAA_0_10000.{dead.pid}.x1").mkdir(parents=True)
-    (tmp_path / ".tmp" / f"BBBBBBBBBBB_0_10000.{os.getpid()}.x2").mkdir()
+    (tmp_path / ".tmp" / f".AAAAAAAAAAA_0_10000.tmp-{dead.pid}-x1").mkdir(parents=True)
+    (tmp_path / ".tmp" / f".BBBBBBBBBBB_0_10000.tmp-{os.getpid()}-x2").mkdir()
     assert remove_stale_attempts(tmp_path) == 1
-    assert [p.name.split(".")[0] for p in (tmp_path / ".tmp").iterdir()] == ["BBBBBBBBBBB_0_10000"]
+    assert [p.name.split(".")[1] for p in (tmp_path / ".tmp").iterdir()] == ["BBBBBBBBBBB_0_10000"]
 
 
 def test_templates_and_ids_are_checked_before_any_request():

@@ -4,11 +4,12 @@
     torchrun --nproc_per_node 8 train.py --data DIR --out runs/x ...  # DDP: nccl on GPUs, gloo on CPU
     torchrun --nproc_per_node 8 train.py ... --resume latest          # continue exactly where it stopped
 
-Every flag is a field of avcap.training.TrainConfig (`--help` lists them with their defaults).
+Every flag is a field of avcap.train_config.TrainConfig (`--help` lists them with their defaults).
 """
 import sys
 
-from avcap.training import config_from_args, train
+from avcap.train_config import config_from_args
+from avcap.training import train
 
 
 def main(argv: list[str] | None = None) -> int:

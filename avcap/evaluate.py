@@ -19,34 +19,36 @@ import torch
 import torch.distributed as dist
 
 from avcap.generate import GenerationConfig, generation_from_flags
-from avcap.training import DistEnv, _LoaderFactory, _f, build_arg_parser, setup_distributed, teardown_distributed
+from avcap.distributed import DistEnv, setup_distributed, teardown_distributed
+from avcap.train_config import build_arg_parser, config_field
+from avcap.train_data import TrainData
 from shards.atomic import atomic_write_text
 
 
 @dataclass
 class EvalConfig:
-    checkpoint: str = _f("", "captioner checkpoint: a training run's .pt, or a folder written by avcap.export")
-    data: str = _f("", "dataset directory or URL of its manifest.json")
-    shard_base: str = _f("", "read the manifest's shard paths under this local path or URL instead (any fsspec "
+    checkpoint: str = config_field("", "captioner checkpoint: a training run's .pt, or a folder written by avcap.export")
+    data: str = config_field("", "dataset directory or URL of its manifest.json")
+    shard_base: str = config_field("", "read the manifest's shard paths under this local path or URL instead (any fsspec "
                              "scheme, or 'pipe:CMD' with {path} where the path goes)")
-    split: str = _f("test", "split to caption and score")
-    out: str = _f("", "results file (COCO format JSON); metrics go beside it as *.metrics.json "
+    split: str = config_field("test", "split to caption and score")
+    out: str = config_field("", "results file (COCO format JSON); metrics go beside it as *.metrics.json "
                       "(default: eval-SPLIT.json beside the checkpoint)")
-    batch_size: int = _f(16, "samples per rank per batch")
-    num_workers: int = _f(2, "loader worker processes per rank")
-    beam_size: int = _f(GenerationConfig.beam_size, GenerationConfig.help("beam_size"))
-    per_node_beam: int = _f(GenerationConfig.per_node_beam, GenerationConfig.help("per_node_beam"))
-    length_penalty: float = _f(GenerationConfig.length_penalty, GenerationConfig.help("length_penalty"))
-    max_gen_steps: int = _f(GenerationConfig.max_steps, GenerationConfig.help("max_steps"))
-    gen_precision: str = _f(GenerationConfig.precision, GenerationConfig.help("precision"))
-    java: str = _f("auto", "metrics with Java (PTB tokenizer, METEOR, SPICE): auto (when found) | yes (required) | "
+    batch_size: int = config_field(16, "samples per rank per batch")
+    num_workers: int = config_field(2, "loader worker processes per rank")
+    beam_size: int = config_field(GenerationConfig.beam_size, GenerationConfig.help("beam_size"))
+    per_node_beam: int = config_field(GenerationConfig.per_node_beam, GenerationConfig.help("per_node_beam"))
+    length_penalty: float = config_field(GenerationConfig.length_penalty, GenerationConfig.help("length_penalty"))
+    max_gen_steps: int = config_field(GenerationConfig.max_steps, GenerationConfig.help("max_steps"))
+    gen_precision: str = config_field(GenerationConfig.precision, GenerationConfig.help("precision"))
+    java: str = config_field("auto", "metrics with Java (PTB tokenizer, METEOR, SPICE): auto (when found) | yes (required) | "
                            "no (the Python PTB tokenizer; METEOR/SPICE unavailable)")
-    spice_jars: str = _f("", "directory with the Stanford CoreNLP 3.6.0 jars for SPICE/SPIDEr (optional)")
-    skip_bad_shards: bool = _f(False, "skip a damaged shard, or a sample that does not decode, with a warning "
+    spice_jars: str = config_field("", "directory with the Stanford CoreNLP 3.6.0 jars for SPICE/SPIDEr (optional)")
+    skip_bad_shards: bool = config_field(False, "skip a damaged shard, or a sample that does not decode, with a warning "
                                       "instead of failing")
-    device: str = _f("auto", "auto | cpu | cuda")
-    dist_timeout_s: int = _f(600, "collective timeout")
-    gallery: bool = _f(False, "also write an HTML gallery of the split with the generated captions and per-clip "
+    device: str = config_field("auto", "auto | cpu | cuda")
+    dist_timeout_s: int = config_field(600, "collective timeout")
+    gallery: bool = config_field(False, "also write an HTML gallery of the split with the generated captions and per-clip "
                               "CIDEr-D: reports/gallery-SPLIT.html beside the results file (pipeline.gallery)")
 
 
@@ -136,7 +138,8 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any] | None:
     """Caption cfg.split with the checkpoint's model; returns the metrics on rank 0 (None on other ranks)."""
     from avcap.checkpoint import load_checkpoint
     from shards.split_info import load_split
-    from avcap.training import TrainConfig, check_dataset_matches
+    from avcap.train_config import TrainConfig
+    from avcap.training import check_dataset_matches
 
     if not cfg.checkpoint or not cfg.data:
         raise ValueError("--checkpoint and --data are required")
@@ -156,7 +159,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any] | None:
                            norm_mean=float(norm.get("mean", TrainConfig.norm_mean)),
                            norm_std=float(norm.get("std", TrainConfig.norm_std)), device=cfg.device)
         check_dataset_matches(split, loaded.config, cfg.data, loaded.frames_per_clip)
-        loader = _LoaderFactory(tcfg, split, env)
+        loader = TrainData(tcfg, split, env)
         gen = generation_from_flags(cfg)
         preds, refs = caption_split(model, loader.open(0, train=False), loader.prepare_eval, tokenizer, gen)
         merged = gather_predictions(preds, refs, env)

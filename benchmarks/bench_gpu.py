@@ -47,7 +47,9 @@ import torch  # noqa: E402
 
 from avcap.generate import GenerationConfig, beam_search, precision_parity  # noqa: E402
 from avcap.model import AVCap, AVCapConfig  # noqa: E402
-from avcap.training import TrainConfig, build_optimizer, resolve_precision, train_step  # noqa: E402
+from avcap.optim import build_optimizer, resolve_precision
+from avcap.train_config import TrainConfig
+from avcap.training import train_step  # noqa: E402
 
 REFERENCE = REPO / "tests" / "data" / "reference" / "tiny_avcap_seed1234"
 

@@ -27,7 +27,9 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from avcap.model import AVCap, AVCapConfig  # noqa: E402
-from avcap.training import TrainConfig, build_optimizer, resolve_precision, train_step  # noqa: E402
+from avcap.optim import build_optimizer, resolve_precision
+from avcap.train_config import TrainConfig
+from avcap.training import train_step  # noqa: E402
 from tests.fixtures_model import plain_loss  # noqa: E402
 
 

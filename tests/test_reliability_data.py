@@ -231,12 +231,12 @@ def test_resume_refuses_changed_model_or_data_settings_and_logs_allowed_changes(
     group = state["optimizer"]["param_groups"][0]
     assert group["weight_decay"] == 0.5 and group["initial_lr"] == 2e-3   # what config.json says is what ran
     # On the command line a flag left out of a resume takes the checkpoint's value; a flag given is checked.
-    from avcap.training import config_from_args
+    from avcap.train_config import config_from_args
     again = config_from_args(["--out", str(out), "--resume", "latest", "--lr", "3e-3"])
     assert again == TrainConfig(**{**cfg.__dict__, "resume": "latest", "max_steps": 2, "lr": 3e-3,
                                    "weight_decay": 0.5})
     # The settings that may change are the documented ones.
-    from avcap.training import RESUME_MAY_CHANGE
+    from avcap.train_state import RESUME_MAY_CHANGE
     readme = (REPO / "README.md").read_text()
     assert all(f"`--{f.replace('_', '-')}`" in readme for f in RESUME_MAY_CHANGE)
     assert set(RESUME_MAY_CHANGE) <= {f for f in TrainConfig.__dataclass_fields__}

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from avcap.training import (TrainConfig, WarmupCosine, build_arg_parser, check_dataset_matches, config_from_args,
-                            train)
+from avcap.optim import WarmupCosine
+from avcap.train_config import TrainConfig, build_arg_parser, config_from_args
+from avcap.training import check_dataset_matches, train
 from tests.fixtures_train import TrainData, make_train_data
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from avcap.model import AVCap, AVCapConfig
-from avcap.training import TrainConfig, build_optimizer, resolve_precision, train_step
+from avcap.optim import build_optimizer, resolve_precision
+from avcap.train_config import TrainConfig
+from avcap.training import train_step
 from tests.fixtures_model import plain_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

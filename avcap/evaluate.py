@@ -21,7 +21,7 @@ import torch.distributed as dist
 from avcap.generate import GenerationConfig, generation_from_flags
 from avcap.distributed import DistEnv, setup_distributed, teardown_distributed
 from avcap.train_config import build_arg_parser, config_field
-from avcap.train_data import TrainData
+from avcap.train_data import TrainData, check_dataset_matches
 from shards.atomic import atomic_write_text
 
 
@@ -139,7 +139,6 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any] | None:
     from avcap.checkpoint import load_checkpoint
     from shards.split_info import load_split
     from avcap.train_config import TrainConfig
-    from avcap.training import check_dataset_matches
 
     if not cfg.checkpoint or not cfg.data:
         raise ValueError("--checkpoint and --data are required")

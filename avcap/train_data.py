@@ -11,6 +11,32 @@ from avcap.train_config import TrainConfig
 from avcap.train_state import derive_seed
 
 
+def check_dataset_matches(split: Any, model_config: Any, data: str, frames_per_clip: int | None = None) -> None:
+    """Refuse a dataset whose frames per clip or fbank parameters disagree with the model, naming both.
+
+    `split` is shards.split_info.SplitInfo (what the manifest says); `frames_per_clip` is what a checkpoint's model
+    was trained with, when known (the eval frame F//2 and the train frame spacing depend on it).
+    """
+    problems = []
+    nf = int(model_config.num_frames)
+    if nf > split.frames_per_clip:
+        problems.append(f"the model config takes num_frames={nf} per sample but the dataset {data} has "
+                        f"{split.frames_per_clip} frames per clip")
+    if frames_per_clip is not None and int(frames_per_clip) != split.frames_per_clip:
+        problems.append(f"the checkpoint was trained on {frames_per_clip} frames per clip but the dataset {data} "
+                        f"has {split.frames_per_clip}")
+    for name, have, want in (("target_length", split.target_length, model_config.audio_length),
+                             ("num_mel_bins", split.num_mel_bins, model_config.num_mel_bins)):
+        if int(have) != int(want):
+            problems.append(f"fbank {name}: the dataset {data} has {have}, the model config has {want}")
+    rate = split.fbank.get("sample_frequency", split.fbank.get("sample_rate"))
+    if rate is not None and int(rate) != 16000:
+        problems.append(f"fbank sample rate: the dataset {data} has {rate} Hz, the encoder was pretrained on 16000 Hz")
+    if problems:
+        raise ValueError("dataset does not fit the model: " + "; ".join(problems))
+
+
+
 class TrainData:
     """The seam between the training loop and shards.loader / shards.augment."""
 

@@ -37,7 +37,7 @@ from avcap.distributed import DistEnv, all_reduce_sum, gather_objects, setup_dis
 from avcap.generate import generation_from_flags
 from avcap.optim import Precision, build_optimizer, build_scheduler, resolve_precision
 from avcap.train_config import TrainConfig, resolve_resume_path
-from avcap.train_data import TrainData
+from avcap.train_data import TrainData, check_dataset_matches
 from avcap.train_state import (Position, ResumeCheck, apply_resumed_settings, check_eval_split, check_resume_config,
                                derive_seed, refuse_resume_changes, restore_rng_state, seed_everything, training_state)
 from shards.atomic import atomic_copy, atomic_write_text
@@ -160,31 +160,6 @@ def build_model_config(cfg: TrainConfig, tokenizer: Any) -> Any:
             raise ValueError(f"--model-overrides: {unknown} are not AVCapConfig fields")
         fields.update(overrides)
     return AVCapConfig.tiny(**fields) if cfg.model == "tiny" else AVCapConfig.full(**fields)
-
-
-def check_dataset_matches(split: Any, model_config: Any, data: str, frames_per_clip: int | None = None) -> None:
-    """Refuse a dataset whose frames per clip or fbank parameters disagree with the model, naming both.
-
-    `split` is shards.split_info.SplitInfo (what the manifest says); `frames_per_clip` is what a checkpoint's model
-    was trained with, when known (the eval frame F//2 and the train frame spacing depend on it).
-    """
-    problems = []
-    nf = int(model_config.num_frames)
-    if nf > split.frames_per_clip:
-        problems.append(f"the model config takes num_frames={nf} per sample but the dataset {data} has "
-                        f"{split.frames_per_clip} frames per clip")
-    if frames_per_clip is not None and int(frames_per_clip) != split.frames_per_clip:
-        problems.append(f"the checkpoint was trained on {frames_per_clip} frames per clip but the dataset {data} "
-                        f"has {split.frames_per_clip}")
-    for name, have, want in (("target_length", split.target_length, model_config.audio_length),
-                             ("num_mel_bins", split.num_mel_bins, model_config.num_mel_bins)):
-        if int(have) != int(want):
-            problems.append(f"fbank {name}: the dataset {data} has {have}, the model config has {want}")
-    rate = split.fbank.get("sample_frequency", split.fbank.get("sample_rate"))
-    if rate is not None and int(rate) != 16000:
-        problems.append(f"fbank sample rate: the dataset {data} has {rate} Hz, the encoder was pretrained on 16000 Hz")
-    if problems:
-        raise ValueError("dataset does not fit the model: " + "; ".join(problems))
 
 
 # -----------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from pipeline.build import BuildConfig, caption_stage  # noqa: E402
 from pipeline.download import DownloadConfig  # noqa: E402
 from pipeline.ledger import OK, Ledger  # noqa: E402
 from pipeline.manifest import Clip  # noqa: E402
-from shards.writer import Sample, encode_json, read_staged_sample, stage_clip, staged_path, write_staged_sample  # noqa: E402
+from pipeline.stage import stage_clip  # noqa: E402
+from shards.writer import Sample, encode_json, read_staged_sample, staged_path, write_staged_sample  # noqa: E402
 from tests.media import MediaSpec, make_media  # noqa: E402
 
 

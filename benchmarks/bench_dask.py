@@ -65,7 +65,7 @@ def make_dataset(root: Path, n: int) -> Path:
 
 def run_one(mode: str, out: Path, csv: Path, dask: str | None) -> dict:
     """One build in this process; prints its figures as JSON."""
-    import flows
+    from pipeline import orchestrate as flows
     from pipeline.params import BuildParams
 
     p = BuildParams(split="test", out_dir=str(out), csv=[str(csv)], url_template=DEAD_URL, cpu_workers=2,
@@ -175,7 +175,7 @@ def main() -> None:
                 p.wait(30)
 
     local = rows["local, --no-prefect --cpu-workers 2"]
-    print(f"## Dask scale-out (bench_dask.py)\n")
+    print("## Dask scale-out (bench_dask.py)\n")
     print(f"Date {time.strftime('%Y-%m-%d')}; machine: {load_before} before, load {os.getloadavg()[0]:.1f} after. "
           f"Command: `.venv/bin/python benchmarks/bench_dask.py --clips {a.clips} --noop {a.noop}`\n")
     print("| mode | build wall | vs local | process stage | driver CPU in process stage | per clip | shards |")

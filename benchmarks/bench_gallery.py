@@ -40,7 +40,8 @@ def make_split(root: Path, clips: int, rng: np.random.Generator) -> dict[str, li
     from pipeline.ledger import FAILED_PERMANENT, OK, Ledger
     from pipeline.manifest import Clip, read_manifest
     from shards.index import index_path
-    from shards.writer import Sample, encode_sample, file_sha256, num_shards_for, shard_index, write_shard
+    from shards.hashing import file_sha256
+    from shards.writer import Sample, encode_sample, num_shards_for, shard_index, write_shard
 
     rows = read_manifest(REPO / "data" / "audiocaps" / "test.csv", "test").clips[:clips]
     strips = []

@@ -54,7 +54,8 @@ def make_clips(root: Path, n: int, rng: np.random.Generator, per_shard: int = 16
 
     Writes manifest.json (shards with their member index) and manifest-noindex.json (the same shards, no index).
     """
-    from shards.writer import Sample, file_sha256, write_shard
+    from shards.hashing import file_sha256
+    from shards.writer import Sample, write_shard
     from shards.index import index_path
     (root / "wav").mkdir(parents=True)
     (root / "jpg").mkdir()

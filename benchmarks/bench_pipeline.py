@@ -6,7 +6,7 @@ measures, one clip at a time on one core (ffmpeg -threads 1, torch.set_num_threa
 
   decode   `ffmpeg -threads 1 -ss S -t 10 -i clip -map 0:V:0 -map 0:a:0 -f null -`: the decode every method
            must pay;
-  ours     shards.writer.stage_clip: one ffmpeg decode (audio + 20 frames), Kaldi fbank, FLAC, JPEGs, the staged
+  ours     pipeline.stage.stage_clip: one ffmpeg decode (audio + 20 frames), Kaldi fbank, FLAC, JPEGs, the staged
            tar written atomically (fsync included);
   2-pass   the original's way for scale: ffmpeg for the audio (`-vn -ar 16000` to wav), then again for the
            frames (`fps`, scale, crop, JPEG files).
@@ -84,7 +84,8 @@ def run(n_clips: int, workdir: Path) -> dict:
     import torch
     from pipeline.extract import ExtractConfig
     from pipeline.features import FbankConfig
-    from shards.writer import read_staged_sample, stage_clip, staged_path
+    from pipeline.stage import stage_clip
+    from shards.writer import read_staged_sample, staged_path
 
     torch.set_num_threads(1)
     clips = []

@@ -129,7 +129,7 @@ def build_splits(ds: DemoDataset, data_dir: Path, cfg: DemoConfig) -> None:
     It runs in this process, so the three splits share one temporary Prefect server instead of starting three."""
     import logging
 
-    import flows
+    from pipeline import orchestrate as flows
 
     # Prefect's client logs every API call at INFO through httpx: noise between the build's own progress lines.
     logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -39,7 +39,7 @@ import numpy as np
 from prefect import flow
 
 from shards.atomic import atomic_write_text
-from shards.writer import file_sha256 as _sha256_file
+from shards.hashing import file_sha256 as _sha256_file
 
 
 class AuditError(RuntimeError):

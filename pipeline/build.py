@@ -1,6 +1,6 @@
 """The build: AudioCaps CSV -> media -> staged samples -> shards + manifest.json, without Prefect.
 
-`run_build(cfg)` chains the stage functions below; each is usable on its own. `flows.build_flow` runs the same
+`run_build(cfg)` chains the stage functions below; each is usable on its own. `pipeline.orchestrate.build_flow` runs the same
 stage functions as Prefect tasks by passing a `stage_runner` (so there is one implementation of the build).
 
 Stages and where their state lives (all under `cfg.out`, nothing is written elsewhere):
@@ -11,8 +11,8 @@ Stages and where their state lives (all under `cfg.out`, nothing is written else
                   json (audio and frames are kept, nothing is decoded again), so only its shard changes
   download_stage  media/{key}.mp4 (or the user's --media-dir); download failures recorded as they land; the
                   preflight (pipeline.doctor) first, and a bot wall or rate limit stops the stage
-  process_stage   staging/{split}/{key}.tar via shards.writer.stage_clip (extract + fbank + encode), one
-                  clip per CPU worker (a local process pool, or a `clip_runner` such as flows' Dask runner);
+  process_stage   staging/{split}/{key}.tar via pipeline.stage.stage_clip (extract + fbank + encode), one
+                  clip per CPU worker (a local process pool, or a `clip_runner` such as pipeline.dask_runner);
                   outcomes recorded as they land
   shard_stage     shards/{split}/*.tar from the ok clips (deterministic, only changed shards rewritten)
   manifest_stage  manifest.json entry of the split
@@ -46,9 +46,10 @@ from pipeline.extract import ExtractConfig, ExtractError
 from pipeline.features import FbankConfig
 from pipeline.ledger import FAILED_PERMANENT, FAILED_TRANSIENT, OK, PENDING, Ledger, LedgerError
 from pipeline.manifest import Clip, ManifestError, RowError, read_manifests
+from pipeline.stage import stage_clip
 from shards import manifest as dataset_manifest
 from shards.atomic import temp_path
-from shards.writer import (Sample, ShardBuildResult, build_shards, encode_json, read_staged_sample, stage_clip,
+from shards.writer import (Sample, ShardBuildResult, build_shards, encode_json, read_staged_sample, 
                            staged_path, validate_split, write_staged_sample)
 
 log = logging.getLogger("avcap.build")

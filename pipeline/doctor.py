@@ -11,9 +11,7 @@ cookies file through yt-dlp's own Netscape cookie jar. No request leaves the mac
 """
 from __future__ import annotations
 
-import argparse
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import date
@@ -218,35 +216,3 @@ def run_checks(cfg: DownloadConfig, out: Path | None = None, today: date | None 
     pace = f"{cfg.max_per_hour:g} downloads/hour" if cfg.max_per_hour else "no per-hour cap"
     report.add("pacing", OK, pace + (f", rate limit: {cfg.on_rate_limit}"))
     return report
-
-
-# ------------------------------------------------------------------------------------------- CLI
-
-DOCTOR_PARAMS = ("url_template", "cookies", "js_runtime", "allow_no_js", "max_per_hour", "on_rate_limit",
-                 "extractor_args")
-
-
-def add_doctor_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipeline.params import add_arguments
-    add_arguments(parser, only=DOCTOR_PARAMS, required=False)
-    parser.add_argument("--out", dest="out_dir", help="the build directory: free disk is checked under it")
-    parser.add_argument("--proxy", help="proxy URL the build would use (shown redacted)")
-
-
-def doctor_main(a: argparse.Namespace) -> int:
-    from pipeline.params import from_args
-
-    try:
-        params = from_args(a, split="doctor", out_dir=a.out_dir or ".")
-        cfg = params.download_config(a.proxy)
-    except ValueError as e:
-        print(f"doctor: {e}", file=sys.stderr)
-        return 1
-    report = run_checks(cfg, Path(a.out_dir) if a.out_dir else None)
-    print(report.text())
-    if report.failed:
-        print(f"\n{len(report.failed)} check(s) failed: a build would stop before its first download.",
-              file=sys.stderr)
-        return 1
-    print("\na build can start.")
-    return 0

@@ -2,7 +2,7 @@
 
 `BuildParams` is the one list of what a user can set for a build. Everything else is generated from its fields:
 the flags of `flows.py build` and `flows.py serve` (`add_arguments`), the parameters of the Prefect flow
-`flows.build_flow` (`flow_signature`: Prefect reads the flow's signature for its UI form and validation), the
+`pipeline.orchestrate.build_flow` (`flow_signature`: Prefect reads the flow's signature for its UI form and validation), the
 parameters of the served `rebuild` deployment (`deployment_parameters`), and the stage configs of
 `pipeline.build` (`to_build_config`). Adding a build setting is one field here plus the code that uses it.
 

@@ -26,7 +26,7 @@ from fsspec.implementations.local import LocalFileSystem
 from shards.atomic import temp_path
 from shards.index import INDEX_SUFFIX
 from shards.manifest import MANIFEST_NAME, DatasetManifest, ShardEntry, parse_manifest
-from shards.writer import file_sha256 as sha256_file  # noqa: F401  (re-exported: publish's checks use it)
+from shards.hashing import file_sha256 as sha256_file
 
 _CHUNK = 1 << 20
 

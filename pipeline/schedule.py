@@ -1,6 +1,6 @@
 """Scheduled rebuilds and audit deployments.
 
-- `make_deployments(build_flow, audit_flow, cfg)`: the `rebuild` deployment of flows.build_flow (the one build
+- `make_deployments(build_flow, audit_flow, cfg)`: the `rebuild` deployment of pipeline.orchestrate.build_flow (the one build
   flow: run on the same DIR it is an incremental rebuild) and the `audit` deployment of
   pipeline.audit.audit_flow, with their cron schedules. Deployment parameters are stored in Prefect's database
   and shown in its UI, so no secret is one (the proxy comes from the serving process's AVCAP_PROXY or a Prefect

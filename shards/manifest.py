@@ -74,7 +74,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urljoin, urlparse, uses_relative
 
-from shards.writer import ShardBuildResult, atomic_write_bytes, file_sha256, num_shards_for, validate_split
+from shards.atomic import atomic_write_bytes
+from shards.hashing import file_sha256
+from shards.writer import ShardBuildResult, num_shards_for, validate_split
 
 FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)   # 1: shards without a member index

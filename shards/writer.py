@@ -42,10 +42,10 @@ import webdataset as wds
 
 from pipeline.features import FbankStats
 from shards.atomic import HashingFile as _HashingFile
-from shards.atomic import atomic_write_bytes, atomic_writer  # noqa: F401 - re-exported: callers import them from here
+from shards.atomic import atomic_write_bytes, atomic_writer, remove_stale_temps
 from shards.atomic import fsync_dir as _fsync_dir
-from shards.atomic import remove_stale_temps  # noqa: F401 - re-exported
 from shards.atomic import temp_path as _tmp_path
+from shards.hashing import file_sha256
 from shards.index import ShardIndex, index_path, scan_tar
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]{11}_\d+_\d+$")
@@ -91,14 +91,6 @@ def num_shards_for(num_samples: int, samples_per_shard: int = 256) -> int:
 
 # ---------------------------------------------------------------- temp files: shards.atomic (remove_stale_temps
 # there is the one pid-aware cleaner; re-exported here for callers that import it from the writer)
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- sample encoding
@@ -213,38 +205,6 @@ def read_staged_sample(path: Path) -> Sample:
 
 def staged_path(out_dir: Path, split: str, key: str) -> Path:
     return Path(out_dir) / "staging" / validate_split(split) / f"{validate_key(key)}.tar"
-
-
-def stage_clip(media_path: Path, start_time: int, meta: dict, out_path: Path, extract_cfg=None, fbank_cfg=None,
-               duration: float = 10.0) -> Sample:
-    """Media file -> extract (one ffmpeg decode) -> fbank -> encoded sample written to `out_path`.
-
-    `meta` carries the clip fields (key, youtube_id, start_time, split, captions, audiocap_ids, media_sha256);
-    the measured fields (duration, fbank_frames, frames, decoded_frames, frame_times, sample_rate) are added here.
-    Raises pipeline.extract.ExtractError for a bad clip (nothing is written then).
-    """
-    from pipeline.extract import ExtractConfig, extract_clip
-    from pipeline.features import FbankConfig, compute_fbank, num_fbank_frames
-
-    extract_cfg = extract_cfg or ExtractConfig()
-    fbank_cfg = fbank_cfg or FbankConfig()
-    if extract_cfg.sample_rate != int(fbank_cfg.sample_frequency):
-        raise ValueError(f"extract sample_rate {extract_cfg.sample_rate} != fbank sample_frequency "
-                         f"{fbank_cfg.sample_frequency}")
-    ex = extract_clip(media_path, start_time, extract_cfg, duration=duration)
-    fbank = compute_fbank(ex.waveform, fbank_cfg)
-    full = dict(meta)
-    full.update(duration=round(ex.duration, 6), sample_rate=ex.sample_rate, num_samples=int(len(ex.waveform)),
-                fbank_frames=min(num_fbank_frames(len(ex.waveform), fbank_cfg), fbank_cfg.target_length),
-                frames=len(ex.frames), decoded_frames=ex.decoded_frames,
-                frame_times=[round(t, 6) for t in ex.frame_times])
-    if ex.decode_errors:
-        # Only when there were any: a clean sample keeps the bytes it had before this field existed.
-        full["decode_errors"] = {"count": ex.decode_errors, "first_lines": list(ex.decode_error_lines)}
-    sample = Sample(full["key"], encode_sample(fbank=fbank, waveform=ex.waveform, sample_rate=ex.sample_rate,
-                                               frames=ex.frames, meta=full))
-    write_staged_sample(out_path, sample)
-    return sample
 
 
 # ---------------------------------------------------------------- shards

@@ -64,7 +64,8 @@ def build_dataset(root: Path, shard_sizes: dict[str, list[int]], frames: int = 2
 def add_member_indexes(root: Path) -> Path:
     """Give every shard of a hand-made dataset its member index sidecar and a format-2 manifest entry."""
     from shards.index import index_path
-    from shards.writer import file_sha256, write_shard_index
+    from shards.hashing import file_sha256
+    from shards.writer import write_shard_index
     m = json.loads((root / "manifest.json").read_text())
     m["format_version"] = 2
     for entries in m["splits"].values():

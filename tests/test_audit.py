@@ -12,7 +12,8 @@ import pytest
 from pipeline.audit import (AuditConfig, AuditError, add_audit_arguments, audit_main, run_audit,
                             sample_clips)
 from shards.manifest import fingerprint
-from shards.writer import Sample, file_sha256, write_shard
+from shards.hashing import file_sha256
+from shards.writer import Sample, write_shard
 from tests.fixtures_ops import copy_build
 
 

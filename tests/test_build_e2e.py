@@ -20,7 +20,7 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-import flows
+from pipeline import orchestrate as flows
 from pipeline.build import BuildConfig, run_build
 from pipeline.download import DownloadConfig
 from pipeline.features import FbankConfig, compute_fbank

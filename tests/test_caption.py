@@ -89,7 +89,7 @@ def test_window_matches_the_dataset_sample(assets, tmp_path):
     from avcap.tokenizer import decode_batch
     from shards.augment import AugmentConfig, prepare_batch
     from shards.decode import decode_jpeg, decode_npy
-    from shards.writer import stage_clip
+    from pipeline.stage import stage_clip
 
     clip = assets["clip"]
     captioner = Captioner(CaptionConfig(checkpoint=str(assets["ckpt_av"]), start=clip.start_time))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import flows
+from pipeline import orchestrate as flows
 from pipeline.build import BuildConfig, BuildError, ProcessJob, ProcessOutcome, run_build
 from pipeline.dask_runner import DaskClipRunner, chunked, read_journal, run_chunk
 from pipeline.download import DownloadConfig

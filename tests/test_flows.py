@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import flows
+from pipeline import orchestrate as flows
 from pipeline.params import BuildParams
 from pipeline.build import run_build
 from pipeline.ledger import Ledger

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import flows
+from pipeline import orchestrate as flows
 from pipeline.gallery import GalleryError, strip_frames, write_gallery
 from pipeline.ledger import Ledger
 from shards.readers import open_shard_reader

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import flows
+from pipeline import orchestrate as flows
 from pipeline.params import BUNDLED_CSV_DIR, FIELDS, BuildParams, deployment_parameters
 from pipeline.schedule import add_serve_arguments, make_deployments, serve_config_from_args
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-import flows
+from pipeline import orchestrate as flows
 from pipeline.audit import AuditConfig, run_audit
 from pipeline.build import BuildConfig, BuildError, run_build
 from pipeline.download import DownloadConfig, sha256_file
@@ -393,7 +393,7 @@ def test_ctrl_c_stops_a_prefect_build_leaves_nothing_behind_and_a_rerun_continue
 
 _SLOW_TO_STOP = """
 import subprocess, sys, time
-import flows
+from pipeline import orchestrate as flows
 with flows._stoppable():
     try:
         print("ready", flush=True)

@@ -105,7 +105,11 @@ def test_a_manifest_entry_that_is_a_command_or_leaves_the_dataset_is_refused_by_
 
     # train.py the same, before anything else happens
     _edit_manifest(root, lambda m: m["splits"]["train"]["shards"][1].update(path=f"pipe:touch {marker}"))
-    from train import main as train_main
+    from avcap.train_config import config_from_args
+    from avcap.training import train
+
+    def train_main(argv):   # what train.py runs
+        return train(config_from_args(argv))
     with pytest.raises(ValueError, match=r"split 'train' shard #1 'pipe:touch .*' is a URL or command"):
         train_main(["--data", str(root), "--out", str(tmp_path / "run"), "--model", "tiny", "--num-workers", "0",
                     "--no-progress", "--no-tensorboard"])

@@ -132,7 +132,7 @@ def hook(event, args):
                                         (list(map(str, a)) if isinstance(a, (list, tuple)) else repr(a))
                                         for a in args[:2]]]) + "\\n")
 sys.addaudithook(hook)
-import flows
+from pipeline import orchestrate as flows
 sys.exit(flows.main(sys.argv[1:]))
 """
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-import flows
+from pipeline import orchestrate as flows
 from pipeline.build import BuildConfig, BuildError, run_build
 from pipeline.download import DownloadConfig
 from pipeline.extract import ExtractConfig
@@ -152,7 +152,7 @@ def replace(src, dst, *a, **kw):
         os.kill(os.getpid(), signal.SIGKILL)
     return real_replace(src, dst, *a, **kw)
 os.replace = replace
-import flows
+from pipeline import orchestrate as flows
 sys.exit(flows.main(sys.argv[1:]))
 """
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.audit import audit_flow
-from flows import build_flow
+from pipeline.orchestrate import build_flow
 from pipeline.schedule import ScheduleConfig, make_deployments
 from tests.fixtures_ops import copy_build, prefect_settings, stop_process
 
@@ -40,7 +40,7 @@ def test_deployments_carry_cron_schedules_and_parameters(prefect_server, tmp_pat
     assert (aus.schedule.cron, aus.schedule.timezone) == ("30 6 * * 1", "Europe/Paris")
     assert rebuild.parameters == {"out_dir": cfg.out_dir, "csv": ["/data/train.csv"], "split": "train"}
     assert audit.parameters == {"out_dir": cfg.out_dir, "sample": 3, "seed": 0}
-    assert rebuild.entrypoint == "flows.py:build_flow"
+    assert rebuild.entrypoint == "pipeline/orchestrate.py:build_flow"
     assert audit.entrypoint == "pipeline/audit.py:audit_flow"
     assert rebuild.global_concurrency_limit is not None and rebuild.global_concurrency_limit.limit == 1
 
@@ -56,7 +56,7 @@ def test_bad_schedule_is_refused_before_deploying(tmp_path):
 
 _SERVE = """
 import sys
-from flows import build_flow
+from pipeline.orchestrate import build_flow
 from pipeline.audit import audit_flow
 from pipeline.schedule import ScheduleConfig, make_deployments, serve_deployments
 cfg = ScheduleConfig(out_dir=sys.argv[1], audit_cron="0 4 * * *", audit_sample=1, rebuild_cron="0 3 * * *",

@@ -18,9 +18,10 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.features import compute_fbank, num_fbank_frames
+from pipeline.stage import stage_clip
 from shards.index import ShardIndex, index_path
 from shards.writer import (Sample, build_shards, decode_flac, encode_flac, encode_sample, num_shards_for,
-                           read_staged_sample, shard_index, shard_name_re, stage_clip, staged_path, write_shard,
+                           read_staged_sample, shard_index, shard_name_re, staged_path, write_shard,
                            write_staged_sample)
 from tests.media import MediaSpec, make_media
 from tests.test_features import spec_fbank

@@ -20,7 +20,8 @@ import torch
 
 from avcap.optim import WarmupCosine
 from avcap.train_config import TrainConfig, build_arg_parser, config_from_args
-from avcap.training import check_dataset_matches, train
+from avcap.train_data import check_dataset_matches
+from avcap.training import train
 from tests.fixtures_train import TrainData, make_train_data
 
 REPO = Path(__file__).resolve().parent.parent

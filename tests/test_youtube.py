@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import flows
+from pipeline import orchestrate as flows
 from pipeline.doctor import ejs_version, js_runtime_info, run_checks
 from pipeline.download import (DownloadConfig, RequestPacer, classify_error, download_clip, download_many,
                                expected_hours)

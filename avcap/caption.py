@@ -26,7 +26,7 @@ from pathlib import Path
 import ffmpeg
 import torch
 
-from avcap.generate import FLAG_FIELDS, GenerationConfig, generate, generation_from_flags
+from avcap.generate import FLAG_FIELDS, GenerationConfig, GenerationFlags, generate, generation_from_flags
 
 CLIP_SECONDS = 10.0
 
@@ -36,16 +36,11 @@ class CaptionError(ValueError):
 
 
 @dataclass
-class CaptionConfig:
+class CaptionConfig(GenerationFlags):
     checkpoint: str
     start: float = 0.0
     all_windows: bool = False
     window_s: float = CLIP_SECONDS
-    beam_size: int = GenerationConfig.beam_size        # generation settings: see avcap.generate
-    per_node_beam: int = GenerationConfig.per_node_beam
-    length_penalty: float = GenerationConfig.length_penalty
-    max_gen_steps: int = GenerationConfig.max_steps
-    gen_precision: str = GenerationConfig.precision
     batch_size: int = 8           # windows encoded together
     device: str = "cpu"
     mode: str = "auto"            # auto: the checkpoint's mode, or the single-stream mode the file allows

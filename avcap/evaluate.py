@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from avcap.generate import GenerationConfig, generation_from_flags
+from avcap.generate import GenerationConfig, GenerationFlags, generation_from_flags
 from avcap.distributed import DistEnv, setup_distributed, teardown_distributed
 from avcap.train_config import build_arg_parser, config_field
 from avcap.train_data import TrainData, check_dataset_matches
@@ -26,7 +26,7 @@ from shards.atomic import atomic_write_text
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(GenerationFlags):
     checkpoint: str = config_field("", "captioner checkpoint: a training run's .pt, or a folder written by avcap.export")
     data: str = config_field("", "dataset directory or URL of its manifest.json")
     shard_base: str = config_field("", "read the manifest's shard paths under this local path or URL instead (any fsspec "
@@ -36,11 +36,6 @@ class EvalConfig:
                       "(default: eval-SPLIT.json beside the checkpoint)")
     batch_size: int = config_field(16, "samples per rank per batch")
     num_workers: int = config_field(2, "loader worker processes per rank")
-    beam_size: int = config_field(GenerationConfig.beam_size, GenerationConfig.help("beam_size"))
-    per_node_beam: int = config_field(GenerationConfig.per_node_beam, GenerationConfig.help("per_node_beam"))
-    length_penalty: float = config_field(GenerationConfig.length_penalty, GenerationConfig.help("length_penalty"))
-    max_gen_steps: int = config_field(GenerationConfig.max_steps, GenerationConfig.help("max_steps"))
-    gen_precision: str = config_field(GenerationConfig.precision, GenerationConfig.help("precision"))
     java: str = config_field("auto", "metrics with Java (PTB tokenizer, METEOR, SPICE): auto (when found) | yes (required) | "
                            "no (the Python PTB tokenizer; METEOR/SPICE unavailable)")
     spice_jars: str = config_field("", "directory with the Stanford CoreNLP 3.6.0 jars for SPICE/SPIDEr (optional)")

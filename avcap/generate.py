@@ -456,6 +456,17 @@ FLAG_FIELDS = {"beam_size": "beam_size", "per_node_beam": "per_node_beam", "leng
                "max_gen_steps": "max_steps", "gen_precision": "precision"}
 
 
+@dataclass(kw_only=True)
+class GenerationFlags:
+    """The generation settings as fields of a command's config (TrainConfig, EvalConfig, CaptionConfig inherit
+    them): names are FLAG_FIELDS', defaults and help GenerationConfig's, so the three commands cannot drift."""
+    beam_size: int = _gen_field(GenerationConfig.beam_size, GenerationConfig.help("beam_size"))
+    per_node_beam: int = _gen_field(GenerationConfig.per_node_beam, GenerationConfig.help("per_node_beam"))
+    length_penalty: float = _gen_field(GenerationConfig.length_penalty, GenerationConfig.help("length_penalty"))
+    max_gen_steps: int = _gen_field(GenerationConfig.max_steps, GenerationConfig.help("max_steps"))
+    gen_precision: str = _gen_field(GenerationConfig.precision, GenerationConfig.help("precision"))
+
+
 def generation_from_flags(cfg: Any) -> GenerationConfig:
     """The GenerationConfig of a command's config (EvalConfig, TrainConfig, CaptionConfig)."""
     return GenerationConfig(**{ours: getattr(cfg, flag) for flag, ours in FLAG_FIELDS.items()})

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from avcap.generate import GenerationConfig, generation_from_flags
+from avcap.generate import GenerationFlags, generation_from_flags
 
 # -----------------------------------------------------------------------------
 # config
@@ -22,7 +22,7 @@ def config_field(default: Any, help: str) -> Any:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(GenerationFlags):
     # data
     data: str = config_field("", "dataset directory or URL of its manifest.json (its shard paths resolve under it)")
     shard_base: str = config_field("", "read the manifest's shard paths under this local path or URL instead (any fsspec "
@@ -77,11 +77,6 @@ class TrainConfig:
     # evaluation
     eval_every: int = config_field(1, "evaluate on --eval-split every N epochs (0: never)")
     eval_batch_size: int = config_field(16, "samples per rank per evaluation batch")
-    beam_size: int = config_field(GenerationConfig.beam_size, GenerationConfig.help("beam_size"))
-    per_node_beam: int = config_field(GenerationConfig.per_node_beam, GenerationConfig.help("per_node_beam"))
-    length_penalty: float = config_field(GenerationConfig.length_penalty, GenerationConfig.help("length_penalty"))
-    max_gen_steps: int = config_field(GenerationConfig.max_steps, GenerationConfig.help("max_steps"))
-    gen_precision: str = config_field(GenerationConfig.precision, GenerationConfig.help("precision"))
     java: str = config_field("auto", "metrics with Java (PTB tokenizer, METEOR, SPICE): auto (when found) | yes (required) | "
                            "no (the Python PTB tokenizer; METEOR/SPICE unavailable)")
     spice_jars: str = config_field("", "directory with the Stanford CoreNLP 3.6.0 jars for SPICE/SPIDEr (optional)")

@@ -27,8 +27,8 @@ from pipeline.extract import ExtractConfig, extract_clip
 from pipeline.ledger import Ledger
 from pipeline.manifest import ManifestError, read_manifest, read_manifests
 from shards.writer import decode_flac, read_staged_sample, staged_path
+from tests.mounts import mounted_tmpfs
 from tests.media import MediaSpec, Route, make_media
-from tests.skip_policy import skip_without
 
 REPO = Path(__file__).resolve().parent.parent
 FRAMES = 4
@@ -236,16 +236,8 @@ def test_decode_errors_keep_a_sample_only_when_complete_and_are_recorded(tmp_pat
 
 @pytest.fixture
 def read_only_fs(tmp_path):
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True,
-                       text=True, timeout=30)
-    if r.returncode != 0:
-        skip_without("mount-tmpfs", f"mount -t tmpfs -o ro failed: {r.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "ro", "ro,size=1m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
 
 
 def test_a_read_only_out_is_named_as_such(read_only_fs, tmp_path, capsys):

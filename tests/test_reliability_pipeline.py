@@ -26,8 +26,8 @@ from pipeline.download import DownloadConfig
 from pipeline.extract import ExtractConfig
 from pipeline.ledger import Ledger, LedgerError
 from shards.manifest import load_dataset_manifest
+from tests.mounts import mounted_tmpfs
 from tests.media import MediaSpec, Route, make_media
-from tests.skip_policy import skip_without
 
 REPO = Path(__file__).resolve().parent.parent
 FRAMES = 4
@@ -185,16 +185,8 @@ def test_sigkill_while_writing_the_manifest_then_rerun_matches(rel_media, rel_re
 @pytest.fixture
 def small_fs(tmp_path):
     """A 2 MiB tmpfs: room for about three 10 s downloads and nothing else."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True,
-                       timeout=30)
-    if r.returncode != 0:
-        skip_without("mount-tmpfs", f"mount -t tmpfs failed: {r.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "fs", "size=2m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
 
 
 def _full_disk_build(rel_media, out) -> Exception | None:

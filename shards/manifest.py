@@ -75,7 +75,7 @@ from typing import Any
 from urllib.parse import unquote, urljoin, urlparse, uses_relative
 
 from shards.atomic import atomic_write_bytes
-from shards.hashing import file_sha256
+from shards.file_entry import FileEntry, ShardEntry
 from shards.writer import ShardBuildResult, num_shards_for, validate_split
 
 FORMAT_VERSION = 2
@@ -88,37 +88,6 @@ _URL_USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userin
 # KEY=VALUE inside a string whose KEY looks secret, e.g. yt-dlp's --extractor-args "youtube:po_token=web.gvs+T".
 _KV_SECRET_RE = re.compile(r"(?P<key>[\w-]*(?:pass(?:word)?|secret|token|api[_-]?key|credential|auth|visitor_data)"
                            r"[\w-]*)=(?P<value>[^;&\s]+)", re.IGNORECASE)
-
-
-@dataclass
-class IndexEntry:
-    """A shard's member index sidecar (shards.index)."""
-    path: str
-    sha256: str
-    bytes: int
-
-
-@dataclass
-class ShardEntry:
-    path: str
-    sha256: str
-    bytes: int
-    num_samples: int
-    index: IndexEntry | None = None   # format_version >= 2
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ShardEntry":
-        d = dict(d)
-        if d.get("index") is not None:
-            d["index"] = IndexEntry(**d["index"])
-        return cls(**d)
-
-
-@dataclass
-class InputFile:
-    path: str
-    sha256: str
-    bytes: int
 
 
 @dataclass
@@ -155,7 +124,7 @@ class SplitManifest:
     fingerprint: str
     fingerprint_parts: dict
     tool_versions: dict
-    inputs: list[InputFile]
+    inputs: list[FileEntry]
     samples_per_shard: int
     num_shards: int
     num_samples: int
@@ -173,8 +142,8 @@ class SplitManifest:
         if missing:
             raise ValueError(f"{where}: split entry lacks fields {sorted(missing)}")
         d = {k: d[k] for k in names}
-        d["inputs"] = [InputFile(**x) for x in d["inputs"]]
-        d["shards"] = [ShardEntry.from_dict(x) for x in d["shards"]]
+        d["inputs"] = [FileEntry.from_dict(x, f"{where} input #{i}") for i, x in enumerate(d["inputs"])]
+        d["shards"] = [ShardEntry.from_dict(x, f"{where} shard #{i}") for i, x in enumerate(d["shards"])]
         d["failures"] = [Failure(**x) for x in d["failures"]]
         d["norm_stats"] = NormStats(**d["norm_stats"]) if d["norm_stats"] is not None else None
         d["changes"] = Changes(**d["changes"])
@@ -267,11 +236,6 @@ def tool_versions(ffmpeg_bin: str = "ffmpeg") -> dict:
             "libsndfile": soundfile.__libsndfile_version__, "ffmpeg-python": _pkg_version("ffmpeg-python")}
 
 
-def input_file(path: Path) -> InputFile:
-    path = Path(path)
-    return InputFile(path=str(path), sha256=file_sha256(path), bytes=path.stat().st_size)
-
-
 def _failure(x: Any) -> Failure:
     get = (lambda k: x.get(k)) if isinstance(x, dict) else (lambda k: getattr(x, k, None))
     return Failure(key=str(get("key")), status=str(get("status")), reason=str(get("reason") or ""),
@@ -295,9 +259,9 @@ def make_split_manifest(*, split: str, config: dict, extract_cfg, fbank_cfg, inp
     norm = NormStats(mean=stats.mean, std=stats.std, count=stats.count) if stats.count else None
     return SplitManifest(
         split=split, config=redact(config), fingerprint=fingerprint(parts), fingerprint_parts=parts,
-        tool_versions=tool_versions(ffmpeg_bin) | dict(extra_tools or {}), inputs=[input_file(p) for p in inputs],
+        tool_versions=tool_versions(ffmpeg_bin) | dict(extra_tools or {}), inputs=[FileEntry.of_file(p) for p in inputs],
         samples_per_shard=samples_per_shard, num_shards=num_shards, num_samples=build.num_samples,
-        shards=[ShardEntry.from_dict(asdict(s)) for s in build.shards],
+        shards=list(build.shards),
         counts={s: int(counts.get(s, 0)) for s in STATUSES} | {k: int(v) for k, v in counts.items()},
         failures=sorted((_failure(f) for f in failures), key=lambda f: f.key), norm_stats=norm, changes=changes,
         updated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))

@@ -45,6 +45,7 @@ from shards.atomic import HashingFile as _HashingFile
 from shards.atomic import atomic_write_bytes, atomic_writer, remove_stale_temps
 from shards.atomic import fsync_dir as _fsync_dir
 from shards.atomic import temp_path as _tmp_path
+from shards.file_entry import FileEntry, ShardEntry
 from shards.hashing import file_sha256
 from shards.index import ShardIndex, index_path, scan_tar
 
@@ -210,25 +211,8 @@ def staged_path(out_dir: Path, split: str, key: str) -> Path:
 # ---------------------------------------------------------------- shards
 
 @dataclass
-class IndexInfo:
-    """The member index sidecar of a shard (shards.index)."""
-    path: str          # relative to the output directory, posix
-    sha256: str
-    bytes: int
-
-
-@dataclass
-class ShardInfo:
-    path: str          # relative to the output directory, posix
-    sha256: str
-    bytes: int
-    num_samples: int
-    index: IndexInfo | None = None
-
-
-@dataclass
 class ShardBuildResult:
-    shards: list[ShardInfo]
+    shards: list[ShardEntry]   # the manifest's records of the shards written or kept
     written: list[str] = field(default_factory=list)    # shard files whose bytes changed (or are new)
     unchanged: list[str] = field(default_factory=list)  # left untouched: same bytes as before
     removed: list[str] = field(default_factory=list)    # shards that became empty
@@ -324,10 +308,10 @@ def build_shards(out_dir: Path, split: str, num_shards: int, keys: list[str] | N
         lazy = _LazySamples([staging / f"{k}.tar" for k in groups[idx]], result.stats)
         sha, size, written, (idx_sha, idx_size) = _write_shard_stream(shards_dir / name, lazy)
         rel = (shards_dir / name).relative_to(out_dir).as_posix()
-        index = IndexInfo(path=index_path(shards_dir / name).relative_to(out_dir).as_posix(), sha256=idx_sha,
+        index = FileEntry(path=index_path(shards_dir / name).relative_to(out_dir).as_posix(), sha256=idx_sha,
                           bytes=idx_size)
-        result.shards.append(ShardInfo(path=rel, sha256=sha, bytes=size, num_samples=len(groups[idx]),
-                                       index=index))
+        result.shards.append(ShardEntry(path=rel, sha256=sha, bytes=size, num_samples=len(groups[idx]),
+                                        index=index))
         (result.written if written else result.unchanged).append(rel)
         result.num_samples += len(groups[idx])
         if written:

@@ -37,7 +37,8 @@ FRAME_SETS = 12       # distinct frame strips, reused round-robin (encoding 19,5
 
 def make_split(root: Path, clips: int, rng: np.random.Generator) -> dict[str, list[str]]:
     """Shards + manifest.json + ledger.sqlite under root; returns {key: captions}."""
-    from pipeline.ledger import FAILED_PERMANENT, OK, Ledger
+    from pipeline.ledger import Ledger
+    from pipeline.status import FAILED_PERMANENT, OK
     from pipeline.manifest import Clip, read_manifest
     from shards.index import index_path
     from shards.hashing import file_sha256

@@ -44,9 +44,10 @@ from pipeline.download import (DownloadConfig, download_many, expected_hours, fi
                                sha256_file)
 from pipeline.extract import ExtractConfig, ExtractError
 from pipeline.features import FbankConfig
-from pipeline.ledger import FAILED_PERMANENT, FAILED_TRANSIENT, OK, PENDING, Ledger, LedgerError
+from pipeline.ledger import Ledger, LedgerError
 from pipeline.manifest import Clip, ManifestError, RowError, read_manifests
 from pipeline.stage import stage_clip
+from pipeline.status import FAILED_PERMANENT, FAILED_TRANSIENT, OK, PENDING, ClipStatus
 from shards import manifest as dataset_manifest
 from shards.atomic import temp_path
 from shards.writer import (Sample, ShardBuildResult, build_shards, encode_json, read_staged_sample, 
@@ -143,7 +144,7 @@ class ProcessJob:
 @dataclass
 class ProcessOutcome:
     key: str
-    status: str
+    status: ClipStatus
     reason: str | None = None
     message: str | None = None
     media_sha256: str | None = None

@@ -39,6 +39,7 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 from pipeline.manifest import Clip, validate_youtube_id
+from pipeline.status import FAILED_PERMANENT, FAILED_TRANSIENT, OK, ClipStatus
 from shards.atomic import finalize, remove_stale_temps, temp_dir
 
 log = logging.getLogger("avcap.download")
@@ -58,9 +59,6 @@ DEFAULT_FORMAT = "bv*[height>=?224]+ba/b[height>=?224]/bv*+ba/b"
 DEFAULT_FORMAT_SORT = ("+res", "+size")
 MEDIA_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".m4a", ".flv", ".avi", ".mp3", ".wav", ".flac", ".ogg", ".opus")
 
-OK = "ok"
-FAILED_PERMANENT = "failed-permanent"
-FAILED_TRANSIENT = "failed-transient"
 
 
 class BotWallError(RuntimeError):
@@ -149,7 +147,7 @@ def default_max_per_hour(url_template: str, cookies) -> float | None:
 
 @dataclass
 class DownloadResult:
-    status: str                  # ok | failed-permanent | failed-transient
+    status: ClipStatus           # ok | failed-permanent | failed-transient
     path: Path | None = None
     reason: str | None = None    # e.g. http-404, private, timeout
     message: str | None = None   # tail of yt-dlp's / ffmpeg's output

@@ -64,6 +64,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from pipeline.params import PROXY_ENV, BuildParams, flow_signature  # noqa: E402
 from pipeline.params import add_arguments as add_build_arguments  # noqa: E402
 from pipeline.params import from_args as build_params_from_args  # noqa: E402
+from pipeline.status import FAILED_PERMANENT, FAILED_TRANSIENT, OK, PENDING  # noqa: E402
 
 EXIT_OK, EXIT_ERROR, EXIT_BOT_WALL, EXIT_FAILURE_RATE, EXIT_PUBLISH, EXIT_RATE_LIMIT = 0, 1, 3, 4, 5, 6
 
@@ -325,8 +326,8 @@ def _cmd_build(a: argparse.Namespace) -> int:
 
 def _print_summary(result) -> None:
     c = result.counts
-    print(f"{result.split}: {c['ok']} ok, {c['failed-permanent']} failed permanently, {c['failed-transient']} "
-          f"failed transiently, {c['pending']} pending of {result.total} clips; {len(result.shards)} shards; "
+    print(f"{result.split}: {c[OK]} ok, {c[FAILED_PERMANENT]} failed permanently, {c[FAILED_TRANSIENT]} "
+          f"failed transiently, {c[PENDING]} pending of {result.total} clips; {len(result.shards)} shards; "
           f"manifest {result.manifest_path}", file=sys.stderr)
     ch = result.changes
     print(f"changes: {len(ch['added'])} samples added, {len(ch['removed'])} removed, {len(ch['updated'])} given "

@@ -74,6 +74,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urljoin, urlparse, uses_relative
 
+from pipeline.status import COUNTED
 from shards.atomic import atomic_write_bytes
 from shards.file_entry import FileEntry, ShardEntry
 from shards.writer import ShardBuildResult, num_shards_for, validate_split
@@ -82,7 +83,6 @@ FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)   # 1: shards without a member index
 SAMPLE_FORMAT_VERSION = 1   # bump when the member layout of a sample changes
 MANIFEST_NAME = "manifest.json"
-STATUSES = ("ok", "failed-permanent", "failed-transient", "pending")
 _SECRET_KEY_RE = re.compile(r"pass(word)?|secret|token|api[_-]?key|credential|auth", re.IGNORECASE)
 _URL_USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^@/\s]+)@")
 # KEY=VALUE inside a string whose KEY looks secret, e.g. yt-dlp's --extractor-args "youtube:po_token=web.gvs+T".
@@ -262,7 +262,7 @@ def make_split_manifest(*, split: str, config: dict, extract_cfg, fbank_cfg, inp
         tool_versions=tool_versions(ffmpeg_bin) | dict(extra_tools or {}), inputs=[FileEntry.of_file(p) for p in inputs],
         samples_per_shard=samples_per_shard, num_shards=num_shards, num_samples=build.num_samples,
         shards=list(build.shards),
-        counts={s: int(counts.get(s, 0)) for s in STATUSES} | {k: int(v) for k, v in counts.items()},
+        counts={s: int(counts.get(s, 0)) for s in COUNTED} | {k: int(v) for k, v in counts.items()},
         failures=sorted((_failure(f) for f in failures), key=lambda f: f.key), norm_stats=norm, changes=changes,
         updated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 

@@ -171,11 +171,7 @@ class DatasetManifest:
     @classmethod
     def from_dict(cls, d: Any, where: str = "manifest") -> "DatasetManifest":
         check_manifest(d, where)
-        version = d.get("format_version")
-        if version not in READABLE_FORMAT_VERSIONS:
-            raise ValueError(f"{where}: format_version {version!r} is not supported (this code reads "
-                             f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}); rebuild the dataset or use a "
-                             f"matching version of this code")
+        version = check_format_version(d, where)
         return cls(version, {name: SplitManifest.from_dict(s, f"{where} split {name!r}")
                              for name, s in d["splits"].items()},
                    frames_per_clip=d.get("frames_per_clip"), fbank=d.get("fbank"))
@@ -352,6 +348,16 @@ def check_manifest(data: Any, location: str) -> dict:
     return data
 
 
+def check_format_version(data: dict, where: str) -> int:
+    """The manifest's format_version, when this code reads it; else a `ManifestError` saying what to do."""
+    version = data.get("format_version")
+    if version not in READABLE_FORMAT_VERSIONS:
+        raise ManifestError(f"{where}: format_version {version!r} is not supported (this code reads "
+                            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}); rebuild the dataset or use a "
+                            f"matching version of this code")
+    return version
+
+
 def parse_manifest(raw: bytes, location: str) -> dict:
     """JSON of a manifest's bytes, checked (`check_manifest`)."""
     try:
@@ -376,6 +382,23 @@ def read_manifest(data: str | Path) -> tuple[str, dict]:
     except FileNotFoundError as e:
         raise FileNotFoundError(f"dataset manifest {location} does not exist") from e
     return location, parse_manifest(raw, location)
+
+
+def read_split(data: str | Path, split: str) -> tuple[str, SplitManifest]:
+    """(location, full-schema entry of `split`) of the manifest of `data` (as `read_manifest`).
+
+    Only that split's entry is parsed, so a damaged entry of another split does not keep this one from being
+    read; anything wrong with it is a `ManifestError` naming the file, the split and the field."""
+    location, raw = read_manifest(data)
+    check_format_version(raw, f"dataset manifest {location}")
+    splits = raw["splits"]
+    if split not in splits:
+        raise ManifestError(f"dataset manifest {location} has no split {split!r} (splits: {sorted(splits)})")
+    try:
+        return location, SplitManifest.from_dict(splits[split], f"dataset manifest {location} split {split!r}")
+    except (TypeError, ValueError) as e:   # TypeError: a record with other fields than its dataclass
+        raise ManifestError(str(e) if isinstance(e, ValueError) else
+                            f"dataset manifest {location} split {split!r}: {e}") from e
 
 
 def resolve_path(location: str, path: str, shard_base: str = "") -> str:

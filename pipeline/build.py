@@ -40,8 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from pipeline.buildlock import LockHeld, build_lock
-from pipeline.download import (DownloadConfig, download_many, expected_hours, find_local_media, local_media_names,
-                               sha256_file)
+from pipeline.download import DownloadConfig, download_many, expected_hours, find_local_media, local_media_names
 from pipeline.extract import ExtractConfig, ExtractError
 from pipeline.features import FbankConfig
 from pipeline.ledger import Ledger, LedgerError
@@ -50,6 +49,7 @@ from pipeline.stage import stage_clip
 from pipeline.status import FAILED_PERMANENT, FAILED_TRANSIENT, OK, PENDING, ClipStatus
 from shards import manifest as dataset_manifest
 from shards.atomic import temp_path
+from shards.hashing import file_sha256 as sha256_file
 from shards.writer import (Sample, ShardBuildResult, build_shards, encode_json, read_staged_sample, 
                            staged_path, validate_split, write_staged_sample)
 

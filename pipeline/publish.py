@@ -15,7 +15,6 @@ Publishing is idempotent: a destination file with the manifest's size and sha256
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,10 +26,7 @@ from shards.atomic import temp_path
 from shards.index import INDEX_SUFFIX
 from shards.file_entry import FileEntry, FileEntryError, ShardEntry
 from shards.manifest import MANIFEST_NAME, DatasetManifest, parse_manifest
-from shards.hashing import file_sha256 as sha256_file
-
-_CHUNK = 1 << 20
-
+from shards.hashing import stream_sha256
 
 class PublishError(RuntimeError):
     """The build cannot be published as it stands (missing or corrupt shard, bad manifest, failed upload)."""
@@ -50,11 +46,8 @@ class PublishReport:
 
 
 def _sha256_remote(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    h = hashlib.sha256()
     with fs.open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return stream_sha256(f)
 
 
 def manifest_shard_entries(manifest: DatasetManifest) -> list[ShardEntry]:

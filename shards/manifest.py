@@ -59,7 +59,6 @@ docs/original.md, for checkpoint compatibility).
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import importlib.metadata
 import json
 import platform
@@ -77,6 +76,7 @@ from urllib.parse import unquote, urljoin, urlparse, uses_relative
 from pipeline.status import COUNTED
 from shards.atomic import atomic_write_bytes
 from shards.file_entry import FileEntry, ShardEntry
+from shards.hashing import bytes_sha256
 from shards.writer import ShardBuildResult, num_shards_for, validate_split
 
 FORMAT_VERSION = 2
@@ -202,7 +202,7 @@ def fingerprint_parts(extract_cfg, fbank_cfg) -> dict:
 
 def fingerprint(parts: dict) -> str:
     canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+    return bytes_sha256(canonical.encode("ascii"))
 
 
 def _pkg_version(name: str) -> str:

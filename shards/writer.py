@@ -90,10 +90,6 @@ def num_shards_for(num_samples: int, samples_per_shard: int = 256) -> int:
     return max(1, math.ceil(num_samples / samples_per_shard))
 
 
-# ---------------------------------------------------------------- temp files: shards.atomic (remove_stale_temps
-# there is the one pid-aware cleaner; re-exported here for callers that import it from the writer)
-
-
 # ---------------------------------------------------------------- sample encoding
 
 def encode_flac(waveform: np.ndarray, sample_rate: int) -> bytes:

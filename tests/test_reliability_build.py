@@ -22,10 +22,11 @@ import pytest
 from pipeline import orchestrate as flows
 from pipeline.audit import AuditConfig, run_audit
 from pipeline.build import BuildConfig, BuildError, run_build
-from pipeline.download import DownloadConfig, sha256_file
+from pipeline.download import DownloadConfig
 from pipeline.extract import ExtractConfig, extract_clip
 from pipeline.ledger import Ledger
 from pipeline.manifest import ManifestError, read_manifest, read_manifests
+from shards.hashing import file_sha256
 from shards.writer import decode_flac, read_staged_sample, staged_path
 from tests.mounts import mounted_tmpfs
 from tests.media import MediaSpec, Route, make_media
@@ -82,8 +83,8 @@ def test_a_linked_whole_video_is_cut_at_its_start_time_and_the_audit_rederives_t
         sample = read_staged_sample(staged_path(out, "test", key))
         wav, _ = decode_flac(sample.members["flac"])
         assert (wav == extract_clip(blob, 5, ExtractConfig(frames=FRAMES)).waveform).all(), f"{key}: wrong window"
-        assert sample.meta["media_offset"] == 5.0 and sample.meta["media_sha256"] == sha256_file(blob)
-        assert _ledger(out)[key].media_sha256 == sha256_file(blob)
+        assert sample.meta["media_offset"] == 5.0 and sample.meta["media_sha256"] == file_sha256(blob)
+        assert _ledger(out)[key].media_sha256 == file_sha256(blob)
     assert run_audit(AuditConfig(out, sample=-1)).ok
 
     # The same bytes under a cut clip's name would be cut at 0: the audit derives that and fails.

@@ -19,7 +19,7 @@ from pipeline.build import BuildConfig, caption_stage  # noqa: E402
 from pipeline.download import DownloadConfig  # noqa: E402
 from pipeline.ledger import Ledger  # noqa: E402
 from pipeline.status import OK  # noqa: E402
-from pipeline.manifest import Clip  # noqa: E402
+from pipeline.clip_list import Clip  # noqa: E402
 from pipeline.stage import stage_clip  # noqa: E402
 from shards.writer import Sample, encode_json, read_staged_sample, staged_path, write_staged_sample  # noqa: E402
 from tests.media import MediaSpec, make_media  # noqa: E402

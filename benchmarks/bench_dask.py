@@ -112,7 +112,7 @@ def ceiling(base: Path, n: int) -> dict:
     from pipeline.dask_runner import DaskClipRunner
     from pipeline.download import DownloadConfig
     from pipeline.ledger import Ledger
-    from pipeline.manifest import Clip
+    from pipeline.clip_list import Clip
     from tests.dask_jobs import noop_clip
 
     out = base / "noop"

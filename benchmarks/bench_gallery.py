@@ -39,7 +39,7 @@ def make_split(root: Path, clips: int, rng: np.random.Generator) -> dict[str, li
     """Shards + manifest.json + ledger.sqlite under root; returns {key: captions}."""
     from pipeline.ledger import Ledger
     from pipeline.status import FAILED_PERMANENT, OK
-    from pipeline.manifest import Clip, read_manifest
+    from pipeline.clip_list import Clip, read_manifest
     from shards.index import index_path
     from shards.hashing import file_sha256
     from shards.writer import Sample, encode_sample, num_shards_for, shard_index, write_shard

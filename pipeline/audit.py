@@ -327,7 +327,7 @@ def locate_media(out: Path, meta: dict, media_dir: Path | None) -> tuple[Path, f
     (pipeline.download.find_local_media): the user's --media-dir (recorded in the manifest config) first, then
     DIR/media/{key}.* that the downloader leaves (the window cut out: starts at 0)."""
     from pipeline.download import find_local_media
-    from pipeline.manifest import Clip
+    from pipeline.clip_list import Clip
     if "youtube_id" in meta and "start_time" in meta:
         clip = Clip(youtube_id=meta["youtube_id"], start_time=int(meta["start_time"]))
         for d in ([media_dir] if media_dir is not None else []) + [out / "media"]:

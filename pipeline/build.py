@@ -44,7 +44,7 @@ from pipeline.download import DownloadConfig, download_many, expected_hours, fin
 from pipeline.extract import ExtractConfig, ExtractError
 from pipeline.features import FbankConfig
 from pipeline.ledger import Ledger, LedgerError
-from pipeline.manifest import Clip, ManifestError, RowError, read_manifests
+from pipeline.clip_list import Clip, ManifestError, RowError, read_manifests
 from pipeline.stage import stage_clip
 from pipeline.status import FAILED_PERMANENT, FAILED_TRANSIENT, OK, PENDING, ClipStatus
 from shards import manifest as dataset_manifest

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
 
-from pipeline.manifest import Clip, validate_youtube_id
+from pipeline.clip_list import Clip, validate_youtube_id
 from pipeline.status import FAILED_PERMANENT, FAILED_TRANSIENT, OK, ClipStatus
 from shards.atomic import finalize, remove_stale_temps, temp_dir
 from shards.hashing import file_sha256

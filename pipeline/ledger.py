@@ -1,7 +1,8 @@
 """Per-clip status in one SQLite file (`DIR/ledger.sqlite`), one row per (split, key).
 
 The ledger is what makes a rerun cheap and honest: finished clips are skipped, transient failures are tried
-again, permanent ones are kept (unless asked to retry them), and new manifest rows show up as `pending`.
+again, permanent ones are kept (unless asked to retry them), and new rows of the clip list (pipeline.clip_list)
+show up as `pending`.
 A `Ledger` is bound to one split; several splits share the file.
 
 Statuses (pipeline.status.ClipStatus): `pending`, `ok`, `failed-transient`, `failed-permanent`, and `removed`:
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from pipeline.manifest import Clip
+from pipeline.clip_list import Clip
 from pipeline.status import FAILED, FAILED_PERMANENT, FAILED_TRANSIENT, OK, PENDING, REMOVED, STATUSES, ClipStatus
 
 # The CHECK list is the values of ClipStatus (tests/test_ledger.py holds them equal), written out because this

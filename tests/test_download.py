@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.download import (BotWallError, DownloadConfig, build_url, classify_error, download_clip,
                                download_many, find_local_media, remove_stale_attempts)
-from pipeline.manifest import Clip
+from pipeline.clip_list import Clip
 from tests.media import MediaSpec, Route, make_media
 
 

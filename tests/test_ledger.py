@@ -3,7 +3,7 @@ import sqlite3
 import pytest
 
 from pipeline.ledger import Ledger
-from pipeline.manifest import Clip
+from pipeline.clip_list import Clip
 
 
 def _clips(*ids):

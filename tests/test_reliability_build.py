@@ -25,7 +25,7 @@ from pipeline.build import BuildConfig, BuildError, run_build
 from pipeline.download import DownloadConfig
 from pipeline.extract import ExtractConfig, extract_clip
 from pipeline.ledger import Ledger
-from pipeline.manifest import ManifestError, read_manifest, read_manifests
+from pipeline.clip_list import ManifestError, read_manifest, read_manifests
 from shards.hashing import file_sha256
 from shards.writer import decode_flac, read_staged_sample, staged_path
 from tests.mounts import mounted_tmpfs

@@ -25,7 +25,7 @@ from pipeline.download import (DownloadConfig, RequestPacer, classify_error, dow
                                expected_hours)
 from pipeline.extract import ExtractConfig, extract_clip
 from pipeline.ledger import Ledger
-from pipeline.manifest import Clip
+from pipeline.clip_list import Clip
 from shards.manifest import load_dataset_manifest, redact
 from tests.media import MediaSpec, Route, make_media
 from tests.ytdlp_messages import LOGIN_HINT, MESSAGES, SOURCE_FRAGMENTS

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from avcap.checkpoint import read_checkpoint_file
 from avcap.generate import GenerationFlags, generation_from_flags
 
 # -----------------------------------------------------------------------------
@@ -149,7 +150,6 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def _saved_train_config(path: Path) -> dict[str, Any]:
-    from avcap.checkpoint import read_checkpoint_file
     state = read_checkpoint_file(path).get("training")
     if not isinstance(state, dict) or not isinstance(state.get("train_config"), dict):
         raise ValueError(f"--resume {path}: a captioner checkpoint without training state "

@@ -27,7 +27,7 @@ from pipeline.extract import ExtractConfig, extract_clip
 from pipeline.ledger import Ledger
 from pipeline.clip_list import ManifestError, read_manifest, read_manifests
 from shards.hashing import file_sha256
-from shards.writer import decode_flac, read_staged_sample, staged_path
+from shards.writer import decode_flac, split_samples
 from tests.mounts import mounted_tmpfs
 from tests.media import MediaSpec, Route, make_media
 
@@ -53,7 +53,7 @@ def _ledger(out: Path) -> dict:
 
 
 def _meta(out: Path, key: str) -> dict:
-    return read_staged_sample(staged_path(out, "test", key)).meta
+    return split_samples(out, "test").meta(key)
 
 
 def _shards(out: Path) -> dict[str, bytes]:
@@ -80,7 +80,7 @@ def test_a_linked_whole_video_is_cut_at_its_start_time_and_the_audit_rederives_t
     assert result.counts["ok"] == 2, result.reasons
     for yid, blob in (("linkedVidAA", blob_a), ("hardlinkVBB", blob_b)):
         key = f"{yid}_5000_15000"
-        sample = read_staged_sample(staged_path(out, "test", key))
+        sample = split_samples(out, "test").sample(key)
         wav, _ = decode_flac(sample.members["flac"])
         assert (wav == extract_clip(blob, 5, ExtractConfig(frames=FRAMES)).waveform).all(), f"{key}: wrong window"
         assert sample.meta["media_offset"] == 5.0 and sample.meta["media_sha256"] == file_sha256(blob)

@@ -40,6 +40,7 @@ from typing import Any, Iterable
 from urllib.parse import quote
 
 from shards.atomic import remove_stale_temps, temp_dir
+from shards.epoch_plan import eval_frame_start
 
 log = logging.getLogger("avcap.gallery")
 
@@ -592,7 +593,7 @@ def write_gallery(data: str | Path, split: str = "test", out: str | Path | None 
         population = sorted(predictions)
         metrics = read_metrics(results)
     chosen = sorted(random.Random(seed).sample(population, min(sample, len(population))))
-    middle = frames_per_clip // 2
+    middle = eval_frame_start(frames_per_clip, 1)
     frame_ids = strip_frames(frames_per_clip)
     want: dict[str, set[str]] = {k: {"json"} for k in (predictions or {})}
     for k in chosen:

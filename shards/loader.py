@@ -31,7 +31,7 @@ from typing import Any, Iterator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.batching import Batcher, sample_members
-from shards.epoch_plan import SlotPart, batches_per_epoch, plan_epoch
+from shards.epoch_plan import SlotPart, batches_per_epoch, eval_frame_start, plan_epoch
 from shards.hashing import stable_hash
 from shards.index import ShardError
 from shards.readers import TarSampleReader, is_remote_indexed, open_shard_reader
@@ -145,7 +145,7 @@ class ShardStream(IterableDataset):
     def _frame0(self, key: str, pass_idx: int) -> int:
         F, nf = self.info.frames_per_clip, self.cfg.num_frames
         if not self.cfg.train:
-            return F // 2 if nf == 1 else (F - nf) // 2
+            return eval_frame_start(F, nf)
         return stable_hash("frame", self.cfg.seed, self.epoch, pass_idx, key) % (F - nf + 1)
 
     def _remote_store(self) -> RemoteStore:

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from avcap.caption import (CaptionConfig, CaptionError, Captioner, MediaInfo, choose_mode, eval_frame_start,
+from avcap.caption import (CaptionConfig, CaptionError, Captioner, MediaInfo, choose_mode,
                            probe_media, window_starts)
 from demo.media import DemoMediaConfig, plan_dataset, render_clip
+from shards.epoch_plan import eval_frame_start
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -20,7 +20,8 @@ from pipeline.download import DownloadConfig  # noqa: E402
 from pipeline.ledger import OK, Ledger  # noqa: E402
 from pipeline.manifest import Clip  # noqa: E402
 from pipeline.stage import stage_clip  # noqa: E402
-from shards.writer import Sample, encode_json, read_staged_sample, staged_path, write_staged_sample  # noqa: E402
+from shards.sample_format import encode_json  # noqa: E402
+from shards.writer import Sample, read_staged_sample, staged_path, write_staged_sample  # noqa: E402
 from tests.media import MediaSpec, make_media  # noqa: E402
 
 

@@ -25,7 +25,6 @@ manifest is written from a partial stage. Freeing space and running again comple
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import multiprocessing
 import shutil
@@ -49,8 +48,9 @@ from pipeline.manifest import Clip, ManifestError, RowError, read_manifests
 from pipeline.stage import stage_clip
 from shards import manifest as dataset_manifest
 from shards.atomic import temp_path
-from shards.writer import (Sample, ShardBuildResult, build_shards, encode_json, read_staged_sample, 
-                           staged_path, validate_split, write_staged_sample)
+from shards.sample_format import JSON_MEMBER, decode_json, encode_json, split_member_name
+from shards.writer import (Sample, ShardBuildResult, build_shards, read_staged_sample, staged_path, validate_split,
+                           write_staged_sample)
 
 log = logging.getLogger("avcap.build")
 
@@ -262,8 +262,8 @@ def read_staged_meta(path: Path) -> dict:
     """The json member of a staged sample, read alone (tarfile seeks over the audio and frames)."""
     with tarfile.open(path, "r:") as tf:
         for ti in tf:
-            if ti.isfile() and ti.name.endswith(".json"):
-                return json.loads(tf.extractfile(ti).read())
+            if ti.isfile() and split_member_name(ti.name)[1] == JSON_MEMBER:
+                return decode_json(tf.extractfile(ti).read(), f"staged sample {path}: {JSON_MEMBER}")
     raise ValueError(f"staged sample {path} has no json member")
 
 
@@ -288,7 +288,7 @@ def caption_stage(cfg: BuildConfig, clips: list[Clip]) -> list[str]:
         if all(meta.get(k) == want[k] for k in CAPTION_FIELDS):
             continue
         sample = read_staged_sample(path)
-        members = dict(sample.members, json=encode_json(dict(sample.meta, **want)))
+        members = {**sample.members, JSON_MEMBER: encode_json(dict(sample.meta, **want))}
         write_staged_sample(path, Sample(sample.key, members))
         updated.append(clip.key)
     if updated:

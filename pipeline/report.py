@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shards.sample_format import FLAC_MEMBER, decode_flac
 from shards.writer import read_staged_sample, staged_path
 
 
@@ -44,7 +45,6 @@ def rms_dbfs(waveform: np.ndarray) -> float:
 def measure_clips(out: Path, split: str, keys: list[str], max_clips: int = 2000,
                   seed: int = 0) -> tuple[list[float], list[float]]:
     """(durations in s, loudness in dBFS) of the staged samples of `keys` (a seeded sample of max_clips)."""
-    from shards.writer import decode_flac
     keys = sorted(keys)
     if len(keys) > max_clips:
         keys = sorted(random.Random(seed).sample(keys, max_clips))
@@ -52,7 +52,7 @@ def measure_clips(out: Path, split: str, keys: list[str], max_clips: int = 2000,
     for key in keys:
         sample = read_staged_sample(staged_path(out, split, key))
         durations.append(float(sample.meta["duration"]))
-        wav, _sr = decode_flac(sample.members["flac"])
+        wav, _sr = decode_flac(sample.members[FLAC_MEMBER], f"staged sample {key}: {FLAC_MEMBER}")
         loudness.append(rms_dbfs(np.asarray(wav)))
     return durations, loudness
 

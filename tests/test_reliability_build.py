@@ -26,7 +26,8 @@ from pipeline.download import DownloadConfig, sha256_file
 from pipeline.extract import ExtractConfig, extract_clip
 from pipeline.ledger import Ledger
 from pipeline.manifest import ManifestError, read_manifest, read_manifests
-from shards.writer import decode_flac, read_staged_sample, staged_path
+from shards.sample_format import decode_flac
+from shards.writer import read_staged_sample, staged_path
 from tests.mounts import mounted_tmpfs
 from tests.media import MediaSpec, Route, make_media
 
@@ -80,7 +81,7 @@ def test_a_linked_whole_video_is_cut_at_its_start_time_and_the_audit_rederives_t
     for yid, blob in (("linkedVidAA", blob_a), ("hardlinkVBB", blob_b)):
         key = f"{yid}_5000_15000"
         sample = read_staged_sample(staged_path(out, "test", key))
-        wav, _ = decode_flac(sample.members["flac"])
+        wav, _ = decode_flac(sample.members["flac"], f"{key}.flac")
         assert (wav == extract_clip(blob, 5, ExtractConfig(frames=FRAMES)).waveform).all(), f"{key}: wrong window"
         assert sample.meta["media_offset"] == 5.0 and sample.meta["media_sha256"] == sha256_file(blob)
         assert _ledger(out)[key].media_sha256 == sha256_file(blob)

@@ -20,7 +20,8 @@ import psutil
 import pytest
 
 from pipeline import orchestrate as flows
-from pipeline.audit import AuditConfig, run_audit
+from pipeline.audit_checks import run_audit
+from pipeline.audit_report import AuditConfig
 from pipeline.build import BuildConfig, BuildError, run_build
 from pipeline.download import DownloadConfig, sha256_file
 from pipeline.extract import ExtractConfig, extract_clip

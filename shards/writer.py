@@ -94,6 +94,7 @@ class Sample:
     def frames(self) -> list[bytes]:
         return [self.members[m] for m in frame_members(self.members)]
 
+
 def _tar_writer(stream) -> wds.TarWriter:
     return wds.TarWriter(stream, user="", group="", mode=TAR_MODE, mtime=TAR_MTIME, encoder=False)
 

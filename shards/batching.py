@@ -85,7 +85,8 @@ class Batcher:
             raise ShardError(str(e)) from e
         if fb.shape != (T, M) or fb.dtype != np.float16:
             raise ShardError(f"{what}: {FBANK_MEMBER} is {fb.dtype}{list(fb.shape)}, expected float16[{T}, {M}]")
-        hwcs = [decode_jpeg(members[m], what).permute(1, 2, 0).numpy() for m in used[2:]]   # the frames follow fbank and json
+        frames = used[2:]   # after fbank and json
+        hwcs = [decode_jpeg(members[m], what).permute(1, 2, 0).numpy() for m in frames]
         if self.frames is None:
             self.frames = self.memory.empty((self.B, self.nf, *hwcs[0].shape), torch.uint8)
         for j, hwc in enumerate(hwcs):

@@ -189,7 +189,7 @@ class ShardStream(IterableDataset):
                     if i % part.stride != part.offset or (limit is not None and len(chosen) + taken >= limit):
                         return None
                     chosen[key] = f0 = self._frame0(key, pass_idx)
-                    return set(sample_members(f0, self.cfg.num_frames))
+                    return set(sample_members(f0, self.cfg.num_frames, self.info.frames_per_clip))
 
                 for key, members in reader.samples(want):
                     if members is not None:

@@ -89,7 +89,8 @@ def test_window_matches_the_dataset_sample(assets, tmp_path):
     from avcap.generate import beam_search
     from avcap.tokenizer import decode_batch
     from shards.augment import AugmentConfig, prepare_batch
-    from shards.decode import decode_jpeg, decode_npy
+    from shards.decode import decode_jpeg
+    from shards.sample_format import decode_npy
     from pipeline.stage import stage_clip
 
     clip = assets["clip"]

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from avcap.tokenizer import encode_captions
 from shards.buffer_pool import BatchBufferPool
 from shards.decode import decode_jpeg
 from shards.index import ShardError
@@ -114,7 +115,6 @@ class Batcher:
                                      captions=self.captions, caption=self.caption,
                                      valid=torch.tensor(self.valid, dtype=torch.bool))
         if self.tok is not None:
-            from avcap.tokenizer import encode_captions
             tokens, need_predict = encode_captions(self.tok, self.caption,
                                                    max_wordpieces=self.max_caption_tokens)
             batch["tokens"], batch["need_predict"] = torch.as_tensor(tokens), torch.as_tensor(need_predict)

@@ -30,6 +30,7 @@ from typing import Any, Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from avcap.tokenizer import load_tokenizer
 from shards.batching import Batcher, sample_members
 from shards.epoch_plan import SlotPart, batches_per_epoch, eval_frame_start, plan_epoch
 from shards.hashing import stable_hash
@@ -94,7 +95,6 @@ class ShardStream(IterableDataset):
         slot = self.rank * self.workers + role
         tok = None
         if self.cfg.tokenizer:
-            from avcap.tokenizer import load_tokenizer
             tok = load_tokenizer(self.cfg.tokenizer)
         batcher = Batcher(self.info, batch_size=self.cfg.batch_size, num_frames=self.cfg.num_frames, tokenizer=tok,
                           max_caption_tokens=self.cfg.max_caption_tokens)

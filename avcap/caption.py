@@ -33,6 +33,7 @@ from pipeline.extract import ExtractConfig, ExtractError, extract_clip
 from pipeline.features import FbankConfig, compute_fbank
 from shards.augment import AugmentConfig, augment_audio, normalize_frames
 from shards.decode import decode_jpeg
+from shards.epoch_plan import eval_frame_start
 
 CLIP_SECONDS = 10.0
 
@@ -143,11 +144,6 @@ def window_starts(info: MediaInfo, start: float, all_windows: bool, window_s: fl
         raise CaptionError(f"{info.path}: --start {start:g} s leaves less than {min_s:g} s of the "
                            f"{info.duration:.2f} s media")
     return [float(start)]
-
-
-def eval_frame_start(frames_per_clip: int, num_frames: int) -> int:
-    """The frames the evaluation loader feeds (shards.loader eval rule): the middle one, or a centred run."""
-    return frames_per_clip // 2 if num_frames == 1 else (frames_per_clip - num_frames) // 2
 
 
 def with_placeholder_stream(info: MediaInfo, tmp_dir: Path) -> Path:

@@ -24,8 +24,9 @@ from pipeline.ledger import Ledger  # noqa: E402
 from pipeline.status import OK  # noqa: E402
 from pipeline.clip_list import Clip  # noqa: E402
 from pipeline.stage import stage_clip  # noqa: E402
-from shards.writer import (Sample, build_shards, discard_staged, encode_json, split_samples,  # noqa: E402
-                           staged_path, write_staged_sample)
+from shards.sample_format import encode_json  # noqa: E402
+from shards.writer import (Sample, build_shards, discard_staged, split_samples, staged_path,  # noqa: E402
+                           write_staged_sample)
 from tests.media import MediaSpec, make_media  # noqa: E402
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import math
 import random
 import re
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.status import FAILED_PERMANENT, FAILED_TRANSIENT, OK, PENDING
+from shards.sample_format import FLAC_MEMBER, JSON_MEMBER, decode_flac, decode_json
 from shards.writer import split_samples
 
 
@@ -47,16 +47,15 @@ def measure_clips(out: Path, split: str, keys: list[str], max_clips: int = 2000,
                   seed: int = 0) -> tuple[list[float], list[float]]:
     """(durations in s, loudness in dBFS) of the samples of `keys` (a seeded sample of max_clips); only their
     json and flac members are read."""
-    from shards.writer import decode_flac
     keys = sorted(keys)
     if len(keys) > max_clips:
         keys = sorted(random.Random(seed).sample(keys, max_clips))
     durations, loudness = [], []
     samples = split_samples(out, split)
     for key in keys:
-        members = samples.members(key, {"json", "flac"})
-        durations.append(float(json.loads(members["json"])["duration"]))
-        wav, _sr = decode_flac(members["flac"])
+        members = samples.members(key, {JSON_MEMBER, FLAC_MEMBER})
+        durations.append(float(decode_json(members[JSON_MEMBER], f"sample {key}: {JSON_MEMBER}")["duration"]))
+        wav, _sr = decode_flac(members[FLAC_MEMBER], f"sample {key}: {FLAC_MEMBER}")
         loudness.append(rms_dbfs(np.asarray(wav)))
     return durations, loudness
 

@@ -1,12 +1,6 @@
 """Stage 6, Shards: one staged sample per new clip, then deterministic, atomic WebDataset shards.
 
-Sample members (webdataset naming, `{key}.{member}` inside the tar):
-  fbank.npy      float16 [1024, 128] unnormalized Kaldi fbank (np.save bytes)
-  flac           the 16 kHz mono int16 waveform the fbank was computed from
-  frame00.jpg .. frame{F-1:02d}.jpg   224x224 JPEG
-  json           captions, audiocap_ids, youtube_id, start_time, split, duration, media_sha256, media_offset,
-                 key, ...; `decode_errors` {count, first_lines} only when ffmpeg reported errors on a clip kept
-                 because its decode was complete
+Sample members and their codecs: shards.sample_format (this module writes the bytes it encodes).
 
 One copy of each sample on disk. A finished sample lives in exactly one of two places (`split_samples` finds it):
 - `DIR/staging/{split}/{key}.tar`: a sample made since the last shard build (written atomically, so a killed
@@ -45,8 +39,6 @@ loader refuses, and a rerun rewrites it. Same shard bytes, same index bytes.
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import math
 import os
 import re
@@ -56,7 +48,6 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-import soundfile as sf
 import webdataset as wds
 
 from pipeline.features import FbankStats
@@ -67,19 +58,13 @@ from shards.atomic import temp_path as _tmp_path
 from shards.file_entry import FileEntry, ShardEntry
 from shards.hashing import file_sha256
 from shards.index import TAR_BLOCK, ShardError, ShardIndex, check_member_header, index_path, scan_tar
+from shards.sample_format import (FBANK_MEMBER, JSON_MEMBER, KEY_RE, REQUIRED_MEMBERS, SampleFormatError, decode_json,
+                                  decode_npy, encode_json, frame_members, split_member_name, validate_key)
 
-KEY_RE = re.compile(r"^[A-Za-z0-9_-]{11}_\d+_\d+$")
 SPLIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-FRAME_MEMBER_RE = re.compile(r"^frame\d{2,}\.jpg$")
 # Tar header normalization: what makes two builds byte-identical.
 TAR_MTIME = 0
 TAR_MODE = 0o644
-
-
-def validate_key(key: str) -> str:
-    if not isinstance(key, str) or not KEY_RE.match(key):
-        raise ValueError(f"bad sample key {key!r}: expected '{{youtube_id}}_{{start_ms}}_{{end_ms}}'")
-    return key
 
 
 def validate_split(split: str) -> str:
@@ -109,71 +94,25 @@ def num_shards_for(num_samples: int, samples_per_shard: int = 256) -> int:
     return max(1, math.ceil(num_samples / samples_per_shard))
 
 
-# ---------------------------------------------------------------- sample encoding
-
-def encode_flac(waveform: np.ndarray, sample_rate: int) -> bytes:
-    """Lossless FLAC of an int16 mono waveform; libsndfile's encoder is deterministic for the same samples."""
-    waveform = np.asarray(waveform)
-    if waveform.dtype != np.int16 or waveform.ndim != 1:
-        raise ValueError(f"encode_flac wants a 1-D int16 waveform, got {waveform.dtype} {waveform.shape}")
-    buf = io.BytesIO()
-    sf.write(buf, waveform, sample_rate, format="FLAC", subtype="PCM_16")
-    return buf.getvalue()
-
-
-def decode_flac(data: bytes) -> tuple[np.ndarray, int]:
-    wav, sr = sf.read(io.BytesIO(data), dtype="int16", always_2d=False)
-    return wav, sr
-
-
-def encode_npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
-def encode_json(obj: dict) -> bytes:
-    # Sorted keys and fixed separators: same content, same bytes.
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-
-
-def encode_sample(*, fbank: np.ndarray, waveform: np.ndarray, sample_rate: int, frames: list[bytes],
-                  meta: dict) -> dict[str, bytes]:
-    """The members of one sample; `meta` becomes the json member.
-
-    `meta` must hold `key`, `duration` (real seconds) and `fbank_frames` (real, unpadded fbank rows: the
-    normalization stats and the loader's masks depend on it); `stage_clip` fills the measured ones.
-    """
-    validate_key(meta.get("key", ""))
-    missing = [k for k in ("duration", "fbank_frames") if k not in meta]
-    if missing:
-        raise ValueError(f"sample {meta['key']}: json lacks {missing}")
-    if not frames:
-        raise ValueError(f"sample {meta['key']}: no frames")
-    members = {"fbank.npy": encode_npy(fbank), "flac": encode_flac(waveform, sample_rate)}
-    width = max(2, len(str(len(frames) - 1)))
-    for i, jpg in enumerate(frames):
-        members[f"frame{i:0{width}d}.jpg"] = bytes(jpg)
-    members["json"] = encode_json(meta)
-    return members
-
+# ---------------------------------------------------------------- staged samples
 
 @dataclass
 class Sample:
+    """One sample as the writer reads and writes it: its key and its members (shards.sample_format)."""
     key: str
     members: dict[str, bytes]
 
     @property
     def meta(self) -> dict:
-        return json.loads(self.members["json"])
+        return decode_json(self.members[JSON_MEMBER], f"sample {self.key}: {JSON_MEMBER}")
 
     @property
     def fbank(self) -> np.ndarray:
-        return np.load(io.BytesIO(self.members["fbank.npy"]), allow_pickle=False)
+        return decode_npy(self.members[FBANK_MEMBER], f"sample {self.key}: {FBANK_MEMBER}")
 
     @property
     def frames(self) -> list[bytes]:
-        return [self.members[k] for k in sorted(self.members) if FRAME_MEMBER_RE.match(k)]
+        return [self.members[m] for m in frame_members(self.members)]
 
 
 def _tar_writer(stream) -> wds.TarWriter:
@@ -207,13 +146,16 @@ def read_staged_sample(path: Path) -> Sample:
             for ti in tf:
                 if not ti.isfile():
                     raise ValueError(f"{path}: unexpected tar entry {ti.name!r}")
-                k, _, member = ti.name.partition(".")
+                try:
+                    k, member = split_member_name(ti.name)
+                except SampleFormatError as e:
+                    raise ValueError(f"{path}: {e}") from e
                 if k != key:
                     raise ValueError(f"{path}: member {ti.name!r} does not belong to sample {key!r}")
                 members[member] = tf.extractfile(ti).read()
     except tarfile.TarError as e:
         raise ValueError(f"staged sample {path} is not a readable tar: {e}") from e
-    for required in ("fbank.npy", "flac", "json"):
+    for required in REQUIRED_MEMBERS:
         if required not in members:
             raise ValueError(f"staged sample {path} lacks member {required!r}")
     return Sample(key, members)
@@ -233,8 +175,8 @@ def read_staged_meta(path: Path) -> dict:
     try:
         with tarfile.open(path, "r:") as tf:
             for ti in tf:
-                if ti.isfile() and ti.name.endswith(".json"):
-                    return json.loads(tf.extractfile(ti).read())
+                if ti.isfile() and split_member_name(ti.name)[1] == JSON_MEMBER:
+                    return decode_json(tf.extractfile(ti).read(), f"staged sample {path}: {JSON_MEMBER}")
     except tarfile.TarError as e:
         raise ValueError(f"staged sample {path} is not a readable tar: {e}") from e
     raise ValueError(f"staged sample {path} has no json member")
@@ -371,8 +313,8 @@ def _shard_keys(path: Path) -> set[str]:
         return set()
     try:
         with tarfile.open(path, "r:") as tf:
-            return {name.split(".", 1)[0] for name in tf.getnames()}
-    except tarfile.TarError:
+            return {split_member_name(ti.name)[0] for ti in tf if ti.isfile()}
+    except (tarfile.TarError, SampleFormatError):
         return set()  # a damaged old shard is simply replaced; its keys cannot be told apart
 
 
@@ -442,8 +384,8 @@ def _read_shard_members(path: Path, index: ShardIndex, i: int, want: set[str] | 
     key = index.keys[i]
     members: dict[str, bytes] = {}
     with open(path, "rb") as f:
-        for suffix, (off, size) in index.sample(i).items():
-            if want is not None and suffix not in want:
+        for suffix, off, size in zip(index.members, index.offsets[i], index.sizes[i]):
+            if off is None or (want is not None and suffix not in want):
                 continue
             f.seek(off - TAR_BLOCK)
             check_member_header(f.read(TAR_BLOCK), f"{key}.{suffix}", size, off, f"shard {path}")
@@ -480,11 +422,11 @@ class SplitSamples:
             raise KeyError(f"split {self.split!r} of {self.out_dir} has no sample {key!r} (not staged, in no "
                            "intact shard)")
         shard, i = self.in_shard[key]
-        update = key in self.updates and (want is None or "json" in want)
+        update = key in self.updates and (want is None or JSON_MEMBER in want)
         members = _read_shard_members(shard, self.indexes[shard], i,
-                                      None if want is None else want - ({"json"} if update else set()))
+                                      None if want is None else want - ({JSON_MEMBER} if update else set()))
         if update:
-            members["json"] = staged_json_path(self.out_dir, self.split, key).read_bytes()
+            members[JSON_MEMBER] = staged_json_path(self.out_dir, self.split, key).read_bytes()
         return members
 
     def sample(self, key: str) -> Sample:
@@ -493,7 +435,7 @@ class SplitSamples:
     def meta(self, key: str) -> dict:
         if key in self.staged:
             return read_staged_meta(staged_path(self.out_dir, self.split, key))
-        return json.loads(self.members(key, {"json"})["json"])
+        return decode_json(self.members(key, {JSON_MEMBER})[JSON_MEMBER], f"sample {key}: {JSON_MEMBER}")
 
     def stream(self, keys: list[str], stats: FbankStats) -> Iterator[Sample]:
         """The samples of `keys` one at a time, adding each one's fbank to `stats`."""
@@ -508,7 +450,7 @@ class SplitSamples:
         if key in self.staged:
             path = staged_path(self.out_dir, self.split, key)
             sample = read_staged_sample(path)
-            write_staged_sample(path, Sample(key, dict(sample.members, json=encode_json(meta))))
+            write_staged_sample(path, Sample(key, {**sample.members, JSON_MEMBER: encode_json(meta)}))
             staged_json_path(self.out_dir, self.split, key).unlink(missing_ok=True)
             self.updates.discard(key)
             return

@@ -20,14 +20,16 @@ import psutil
 import pytest
 
 from pipeline import orchestrate as flows
-from pipeline.audit import AuditConfig, run_audit
+from pipeline.audit_checks import run_audit
+from pipeline.audit_report import AuditConfig
 from pipeline.build import BuildConfig, BuildError, run_build
 from pipeline.download import DownloadConfig
 from pipeline.extract import ExtractConfig, extract_clip
 from pipeline.ledger import Ledger
 from pipeline.clip_list import ManifestError, read_manifest, read_manifests
 from shards.hashing import file_sha256
-from shards.writer import decode_flac, split_samples
+from shards.sample_format import decode_flac
+from shards.writer import split_samples
 from tests.mounts import mounted_tmpfs
 from tests.media import MediaSpec, Route, make_media
 
@@ -81,7 +83,7 @@ def test_a_linked_whole_video_is_cut_at_its_start_time_and_the_audit_rederives_t
     for yid, blob in (("linkedVidAA", blob_a), ("hardlinkVBB", blob_b)):
         key = f"{yid}_5000_15000"
         sample = split_samples(out, "test").sample(key)
-        wav, _ = decode_flac(sample.members["flac"])
+        wav, _ = decode_flac(sample.members["flac"], f"{key}.flac")
         assert (wav == extract_clip(blob, 5, ExtractConfig(frames=FRAMES)).waveform).all(), f"{key}: wrong window"
         assert sample.meta["media_offset"] == 5.0 and sample.meta["media_sha256"] == file_sha256(blob)
         assert _ledger(out)[key].media_sha256 == file_sha256(blob)

@@ -20,9 +20,11 @@ from PIL import Image
 from pipeline.features import compute_fbank, num_fbank_frames
 from pipeline.stage import stage_clip
 from shards.index import ShardIndex, index_path
-from shards.writer import (Sample, build_shards, decode_flac, discard_staged, encode_flac, encode_json,
-                           encode_sample, num_shards_for, read_staged_sample, shard_index, shard_name_re,
-                           split_samples, staged_path, write_shard, write_staged_sample)
+from shards.readers import IndexedShardReader
+from shards.sample_format import decode_flac, encode_flac, encode_json, encode_sample
+from shards.split_info import ShardInfo
+from shards.writer import (Sample, build_shards, discard_staged, num_shards_for, read_staged_sample, shard_index,
+                           shard_name_re, split_samples, staged_path, write_shard, write_staged_sample)
 from tests.media import MediaSpec, make_media
 from tests.test_features import spec_fbank
 
@@ -67,7 +69,7 @@ def test_flac_is_lossless_and_deterministic():
     w = (np.random.default_rng(0).standard_normal(32000) * 5000).astype(np.int16)
     a, b = encode_flac(w, 16000), encode_flac(w.copy(), 16000)
     assert a == b and a[:4] == b"fLaC"
-    back, sr = decode_flac(a)
+    back, sr = decode_flac(a, "flac")
     assert sr == 16000 and back.dtype == np.int16 and np.array_equal(back, w)
 
 
@@ -101,7 +103,7 @@ def test_stage_clip_from_real_media_fbank_equals_its_flac(tmp_path):
     m = back.meta
     assert m["captions"] == meta["captions"] and m["audiocap_ids"] == [1, 2, 3, 4, 5]
     assert m["duration"] == 10.0 and m["fbank_frames"] == 998 and m["frames"] == 20 and m["split"] == "test"
-    wav, sr = decode_flac(back.members["flac"])
+    wav, sr = decode_flac(back.members["flac"], "flac")
     assert sr == 16000 and wav.shape == (160000,)
     # The stored fbank is exactly torchaudio's Kaldi fbank of the stored FLAC (docs/original.md §1).
     ref = spec_fbank(wav)
@@ -248,17 +250,19 @@ def test_member_index_matches_the_tar_members_and_is_deterministic(tmp_path):
         assert (hashlib.sha256(data).hexdigest(), len(data)) == (info.index.sha256, info.index.bytes)
         index = ShardIndex.from_json(data, str(sidecar))
         assert (index.shard, index.shard_bytes, index.shard_sha256) == (shard.name, info.bytes, info.sha256)
-        blob = shard.read_bytes()
         with tarfile.open(shard) as tf:
             members = [(m.name, m.offset_data, m.size) for m in tf]
         assert index.keys == sorted({n.split(".", 1)[0] for n, _, _ in members}) and len(index) == info.num_samples
         listed = {(f"{k}.{suffix}", off, size) for i, k in enumerate(index.keys)
-                  for suffix, (off, size) in index.sample(i).items()}
+                  for suffix, off, size in zip(index.members, index.offsets[i], index.sizes[i]) if off is not None}
         assert listed == set(members)
+        # What the index says, read back through the loader's indexed reader: each sample's exact members.
         by_key = {s.key: s for s in samples}
-        for i, k in enumerate(index.keys):
-            assert {suffix: blob[off:off + size] for suffix, (off, size) in index.sample(i).items()} == \
-                   by_key[k].members
+        reader = IndexedShardReader(ShardInfo(info, str(shard), index_url=str(sidecar)))
+        read = {k: {suffix: bytes(b) for suffix, b in ms.items()}
+                for k, ms in reader.samples(lambda k: set(index.members))}
+        reader.close()
+        assert list(read) == index.keys and read == {k: by_key[k].members for k in index.keys}
     # A shard built before indexes existed (no sidecar) gets its index on the next build, bytes untouched.
     first = a / ra.shards[0].path
     stat = (first.stat().st_ino, first.stat().st_mtime_ns)

@@ -28,7 +28,7 @@ class FileEntryError(ValueError):
 def _field(d: dict, name: str, kind: type, where: str) -> Any:
     value = d[name]
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise FileEntryError(where, "entry", f"{name} {value!r} is not a {kind.__name__}")
+        raise FileEntryError(where, "entry", f"{name} {value!r} is not of type {kind.__name__}")
     return value
 
 

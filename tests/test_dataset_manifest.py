@@ -202,7 +202,7 @@ def test_file_entry_is_the_one_record_and_names_the_file_and_what_differs(tmp_pa
     shard.check(out / shard.path)
     shard.index.check(out / shard.index.path)
 
-    for bad, message in [({**raw["shards"][0], "bytes": "12"}, "bytes '12' is not a int"),
+    for bad, message in [({**raw["shards"][0], "bytes": "12"}, "bytes '12' is not of type int"),
                          ({k: v for k, v in raw["shards"][0].items() if k != "sha256"}, r"lacks fields \['sha256'\]"),
                          ({**raw["shards"][0], "extra": 1}, r"unknown fields \['extra'\]"),
                          ({**raw["shards"][0], "num_samples": -1}, "num_samples -1 is negative"),

@@ -2,8 +2,8 @@ import sqlite3
 
 import pytest
 
-from pipeline.ledger import Ledger
 from pipeline.clip_list import Clip
+from pipeline.ledger import Ledger
 
 
 def _clips(*ids):

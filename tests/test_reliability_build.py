@@ -23,10 +23,10 @@ from pipeline import orchestrate as flows
 from pipeline.audit_checks import run_audit
 from pipeline.audit_report import AuditConfig
 from pipeline.build import BuildConfig, BuildError, run_build
+from pipeline.clip_list import ManifestError, read_manifest, read_manifests
 from pipeline.download import DownloadConfig
 from pipeline.extract import ExtractConfig, extract_clip
 from pipeline.ledger import Ledger
-from pipeline.clip_list import ManifestError, read_manifest, read_manifests
 from shards.hashing import file_sha256
 from shards.sample_format import decode_flac
 from shards.writer import split_samples

@@ -137,7 +137,7 @@ def check_shards(out: Path, split, report: AuditReport) -> dict[str, ShardIndex]
 
 
 def check_index(out: Path, index, report: AuditReport) -> None:
-    """Size and sha256 of one member index sidecar (shards.manifest.IndexEntry) against the manifest."""
+    """Size and sha256 of one member index sidecar (a shards.file_entry.FileEntry) against the manifest."""
     _check_file(report, "index", out, index)
 
 

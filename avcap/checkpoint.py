@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from avcap import foreign
@@ -359,8 +360,6 @@ def save_export(out: str | Path, model: nn.Module, model_config: Any, tokenizer_
 
     Built in a temporary sibling folder and renamed into place, so `out` is either complete or absent; an
     existing non-empty `out` is refused rather than overwritten."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out}: already exists and is not an empty folder; choose another --out")

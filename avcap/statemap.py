@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 
@@ -106,9 +108,6 @@ def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def read_safetensors_file(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     """All tensors of a .safetensors file (a format that holds tensors only), errors naming the file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: safetensors file does not exist")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable, NamedTuple, Sequence
 
 import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import BertTokenizerFast
 
 # Tokens every vocab must hold; the first five lines of a vocab we build, in this order ([PAD] = 0 as in
@@ -190,8 +191,6 @@ def build_wordpiece_vocab(captions: Iterable[str], path: str | Path, vocab_size:
     """Train a small uncased WordPiece vocab on `captions` and write it as a BERT vocab.txt: the special tokens
     first ([PAD]=0, [UNK], [CLS], [SEP], [MASK]), then the learned pieces. For tests and demos; real models use the
     bert-base-uncased vocab their decoder was trained with."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-
     captions = list(captions)
     if not captions:
         raise ValueError("build_wordpiece_vocab: no captions to learn from")

@@ -42,6 +42,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import torch
+
 from pipeline.buildlock import LockHeld, build_lock
 from pipeline.clip_list import Clip, ClipListError, RowError, read_clip_lists
 from pipeline.doctor import download_tool_versions, run_checks
@@ -644,7 +646,6 @@ def _worker_init() -> None:
     # tracebacks and leave their clip half done).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # One clip per core: torch's intra-op threads would only fight the other workers.
-    import torch
     torch.set_num_threads(1)
 
 

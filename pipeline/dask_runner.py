@@ -29,6 +29,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import torch
+
 from pipeline.build import BuildError, ProcessJob, ProcessOutcome, process_clip
 from pipeline.status import FAILED_TRANSIENT
 
@@ -93,7 +95,6 @@ def _one_torch_thread() -> None:
     # local process pool's initializer).
     global _torch_threads_set
     if not _torch_threads_set:
-        import torch
         torch.set_num_threads(1)
         _torch_threads_set = True
 

@@ -39,6 +39,9 @@ from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import quote
 
+import numpy as np
+from PIL import Image
+
 from avcap import metrics as M
 from pipeline.ledger import Ledger, LedgerError
 from pipeline.report import artifact_key, rms_dbfs
@@ -200,8 +203,7 @@ _COLORMAP = None
 def _colormap():
     global _COLORMAP
     if _COLORMAP is None:
-        import matplotlib
-        import numpy as np
+        import matplotlib   # only for the spectrogram colours; a slow import
         _COLORMAP = (matplotlib.colormaps["magma"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
     return _COLORMAP
 
@@ -209,8 +211,6 @@ def _colormap():
 def spectrogram_png(fbank, real_frames: int | None) -> bytes:
     """A small PNG of a [T, M] log-mel fbank: time left to right, low mel bins at the bottom, per-image contrast
     (2nd..99.5th percentile), padding rows left out."""
-    import numpy as np
-    from PIL import Image
     x = np.asarray(fbank, dtype=np.float32)
     if real_frames:
         x = x[: max(1, min(int(real_frames), x.shape[0]))]
@@ -293,8 +293,6 @@ def _make_card(n: int, key: str, members: dict[str, bytes], frame_ids: list[int]
                assets: Path) -> Card:
     """Writes the card's files (frames, flac, spectrogram) into `assets`; a member that cannot be read becomes a
     problem shown on the card rather than the end of the page."""
-    import numpy as np
-
 
     base = key if SAFE_NAME_RE.match(key) else f"clip{n:04d}"   # a file name never comes from a hostile key
     base = f"{n:04d}-{base}"

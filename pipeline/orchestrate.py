@@ -42,6 +42,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 
 def _prefect_defaults() -> None:
     """Settings for Prefect's temporary server, unless the user set them. Read when prefect is imported."""
@@ -242,7 +244,6 @@ def _stoppable():
 def _end_now(signum: int) -> None:
     """The second interrupt: kill every process this one started (downloads in their own sessions, CPU
     workers, Prefect's temporary server) and exit without waiting for anything."""
-    import psutil
     os.write(2, f"build stopped by a second {signal.Signals(signum).name}: clips in flight are lost, finished "
                 "clips are kept; run the same command again to continue\n".encode())
     for child in psutil.Process().children(recursive=True):

@@ -15,6 +15,7 @@ Publishing is idempotent: a destination file with the manifest's size and sha256
 """
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -177,7 +178,6 @@ def _prune(fs: fsspec.AbstractFileSystem, root: str, files: list[FileEntry]) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
     p = argparse.ArgumentParser(description="Publish a finished build (shards, then manifest.json) via fsspec.")
     p.add_argument("--out", required=True, type=Path, help="build directory holding manifest.json")
     p.add_argument("--publish", required=True, metavar="URL", help="destination: a path or fsspec URL")

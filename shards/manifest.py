@@ -73,6 +73,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urljoin, urlparse, uses_relative
 
+import soundfile
+
 from pipeline.status import COUNTED
 from shards.atomic import atomic_write_bytes
 from shards.file_entry import FileEntry, ShardEntry
@@ -223,7 +225,6 @@ def ffmpeg_version(ffmpeg_bin: str = "ffmpeg") -> str:
 
 
 def tool_versions(ffmpeg_bin: str = "ffmpeg") -> dict:
-    import soundfile
     return {"python": platform.python_version(), "platform": platform.platform(),
             "torch": _pkg_version("torch"), "torchaudio": _pkg_version("torchaudio"),
             "ffmpeg": ffmpeg_version(ffmpeg_bin), "yt-dlp": _pkg_version("yt-dlp"),

@@ -112,18 +112,17 @@ def test_an_export_is_built_under_the_projects_temp_name_and_a_killed_ones_folde
     import subprocess
     import sys
 
-    import safetensors.torch
-
+    from avcap import checkpoint
     from avcap.checkpoint import save_export
     from shards.atomic import remove_stale_temps, temp_owner
 
     seen = []
-    real = safetensors.torch.save_file
+    real = checkpoint.save_file
 
     def spy(tensors, filename, metadata=None):
         seen.append(os.path.basename(os.path.dirname(filename)))
         return real(tensors, filename, metadata=metadata)
-    monkeypatch.setattr(safetensors.torch, "save_file", spy)
+    monkeypatch.setattr(checkpoint, "save_file", spy)
     config = AVCapConfig.tiny()
     out = save_export(tmp_path / "exp", AVCap(config), config, bert_layout_vocab, {"mean": -4.0, "std": 4.5}, 20)
     assert len(seen) == 1 and seen[0].startswith(".exp.tmp-") and temp_owner(seen[0]) == os.getpid()

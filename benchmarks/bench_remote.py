@@ -9,12 +9,13 @@ through a process of ours on the server side). One loader worker, train mode, on
 thread, two ways:
 - in process (num_workers=0: the loader runs in this process, as one DataLoader worker would); CPU ms/sample is
   this process's CPU, the HTTP client's threads included;
-- in one DataLoader worker process (num_workers=1, the trainer's setting per worker); its CPU is the worker's
-  (counted when it has exited), the batches arrive through shared memory as in training.
+- in one DataLoader worker process (num_workers=1, as the trainer runs its workers); CPU ms/sample is the worker's
+  (psutil, after each batch), the batches reach this process through shared memory as in training.
 Rows: local (the indexed reader, mmap of the shard files); HTTP, ranged (shards.remote: index, coalesced ranged
-reads of the used members, requests in flight); HTTP, whole-shard streaming (the same shards through a manifest
-without the index: one GET per shard, every byte read and the unused members discarded, the path of `pipe:` URLs
-and unindexed shards).
+reads of the used members, requests in flight) through libcurl (the default) and through fsspec's aiohttp (the
+client before it, `RemoteConfig(http_client="fsspec")`); HTTP, whole-shard streaming (the same shards through a
+manifest without the index: one GET per shard, every byte read and the unused members discarded, the path of
+`pipe:` URLs and unindexed shards). The rows take turns, `--repeats` rounds, best epoch of each kept.
 samples/s is wall time over the whole epoch (latency is wall time); "first batch" is the wait for the first batch
 (a worker's start, the manifest, the first index and window), "after it" the rate from the first batch to the
 last. Bytes per sample come from nginx's access log ($bytes_sent: headers and bodies, manifest and indexes
@@ -24,41 +25,55 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.bench_dask import machine  # noqa: E402
 from benchmarks.bench_loader import make_clips  # noqa: E402
 from shards.loader import LoaderConfig, make_loader  # noqa: E402
+from shards.remote import RemoteConfig  # noqa: E402
 from tests.remote_store import Nginx  # noqa: E402
 
 
-def _cpu_s() -> float:
-    """This process's CPU and that of its exited children (the DataLoader worker, once the epoch has ended)."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def epoch(data: str, batch_size: int, workers: int, seed: int) -> tuple[int, float, float, float]:
-    """(samples, wall s, wall s to the first batch, CPU s) of one train epoch of one loader worker."""
+def epoch(data: str, batch_size: int, workers: int, seed: int, client: str) -> tuple[int, float, float, float]:
+    """(samples, wall s, wall s to the first batch, CPU s of the loader worker) of one train epoch."""
     cfg = LoaderConfig(data=data, split="train", batch_size=batch_size, num_workers=workers, num_frames=1,
-                       shuffle_buffer=64, seed=seed)
-    w0, c0 = time.perf_counter(), _cpu_s()
-    it, _ = make_loader(cfg, 0, 1, epoch=0)
-    n, first = 0, None
+                       shuffle_buffer=64, seed=seed, remote=RemoteConfig(http_client=client))
+    w0, c0 = time.perf_counter(), time.process_time()
+    loader, _ = make_loader(cfg, 0, 1, epoch=0)
+    it = iter(loader)
+    n, first, cpu = 0, None, 0.0
     for b in it:
         n += len(b["keys"])
         if first is None:
             first = time.perf_counter() - w0
-    del it
-    return n, time.perf_counter() - w0, first, _cpu_s() - c0
+        if workers:   # the worker's CPU so far (it exits with the epoch)
+            cpu = sum(sum(psutil.Process(w.pid).cpu_times()[:2]) for w in it._workers)
+    if not workers:
+        cpu = time.process_time() - c0
+    del it, loader
+    return n, time.perf_counter() - w0, first, cpu
+
+
+ROWS = [   # (loader, reader, manifest, latency or None for local files, HTTP client)
+    *[("in process", name, "manifest.json", ms, client) for name, client, lats in (
+        ("local", None, [None]), ("HTTP, ranged (libcurl)", "curl", "L"), ("HTTP, ranged (fsspec/aiohttp)", "fsspec",
+                                                                              "L")) for ms in lats],
+    *[("in process", "HTTP, whole-shard streaming", "manifest-noindex.json", ms, "fsspec") for ms in "L"],
+    ("in process", "local (again)", "manifest.json", None, None),
+    ("1 worker", "local", "manifest.json", None, None),
+    *[("1 worker", "HTTP, ranged (libcurl)", "manifest.json", ms, "curl") for ms in "L"],
+    ("1 worker", "HTTP, ranged (fsspec/aiohttp)", "manifest.json", 20.0, "fsspec"),
+    ("1 worker", "local (again)", "manifest.json", None, None),
+]
 
 
 def main() -> None:
@@ -67,10 +82,13 @@ def main() -> None:
     ap.add_argument("--per-shard", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--latencies-ms", default="0,20,80")
-    ap.add_argument("--repeats", type=int, default=2, help="best of N epochs per row")
+    ap.add_argument("--repeats", type=int, default=3, help="best of N epochs per row (the rows take turns)")
     ap.add_argument("--data-dir", type=Path, help="build the clips here once and reuse them (default: a temp dir)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    lats = [float(x) for x in args.latencies_ms.split(",")]
+    rows = [r for row in ROWS for r in ([row[:3] + (ms,) + row[4:] for ms in lats] if row[3] == "L" else [row])
+            if r[3] is None or r[3] in lats]
     with tempfile.TemporaryDirectory(prefix="bench-remote-") as tmp:
         root = args.data_dir or Path(tmp) / "data"
         if not (root / "manifest.json").exists():
@@ -79,49 +97,38 @@ def main() -> None:
         clips = sum(1 for _ in (root / "wav").glob("*.wav"))
         sample_bytes = sum(p.stat().st_size for p in tars) / clips
         print(f"{clips} clips in {len(tars)} shards, {sample_bytes / 1e3:.0f} kB per sample in the tar, batch "
-              f"{args.batch_size}, 1 frame, load average {os.getloadavg()[0]:.1f} at the start", flush=True)
-        rows = []
-
-        def run(mode: str, name: str, server: Nginx | None, manifest: str, workers: int):
-            best = None
-            for r in range(args.repeats):
-                before = len(server.log()) if server else 0
-                data = f"{server.url}/{manifest}" if server else str(root / manifest)
-                n, wall, first, cpu = epoch(data, args.batch_size, workers, r)
-                sent = sum(line.bytes_sent for line in server.log()[before:]) if server else 0
-                if best is None or wall < best[1]:
-                    best = (n, wall, first, cpu, sent)
-            n, wall, first, cpu, sent = best
-            lat = None if server is None else server.delay_s * 1e3
-            steady = (n - args.batch_size) / (wall - first)
-            rows.append((mode, name, lat, n / wall, first, steady, cpu / n * 1e3, sent / n))
-            print(f"  {mode:<10} {name:<28} {'' if lat is None else f'{lat:.0f} ms':>6} {n / wall:7.0f}/s "
-                  f"first batch {first * 1e3:5.0f} ms, after it {steady:5.0f}/s {cpu / n * 1e3:6.2f} ms CPU "
-                  f"{sent / n / 1e3:5.0f} kB/sample", flush=True)
-
-        lats = [float(x) for x in args.latencies_ms.split(",")]
+              f"{args.batch_size}, 1 frame; {machine()} at the start", flush=True)
         servers = {ms: Nginx(root, Path(tmp) / f"nginx-{ms:g}ms", delay_s=ms / 1e3).start() for ms in lats}
+        best: dict[int, tuple] = {}
         try:
-            for mode, workers in (("in process", 0), ("1 worker", 1)):
-                run(mode, "local", None, "manifest.json", workers)
-                for ms in lats:
-                    run(mode, "HTTP, ranged", servers[ms], "manifest.json", workers)
-                if workers == 0:
-                    for ms in lats:
-                        run(mode, "HTTP, whole-shard streaming", servers[ms], "manifest-noindex.json", workers)
-                run(mode, "local (again)", None, "manifest.json", workers)
+            for r in range(args.repeats):
+                for k, (mode, name, manifest, ms, client) in enumerate(rows):
+                    server = servers[ms] if ms is not None else None
+                    before = len(server.log()) if server else 0
+                    data = f"{server.url}/{manifest}" if server else str(root / manifest)
+                    n, wall, first, cpu = epoch(data, args.batch_size, 1 if mode == "1 worker" else 0, r,
+                                                client or "curl")
+                    sent = sum(line.bytes_sent for line in server.log()[before:]) if server else 0
+                    if k not in best or wall < best[k][1]:
+                        best[k] = (n, wall, first, cpu, sent)
+                    print(f"  {r} {mode:<10} {name:<30} {'' if ms is None else f'{ms:.0f} ms':>6} {n / wall:6.0f}/s "
+                          f"first batch {first * 1e3:5.0f} ms, {cpu / n * 1e3:5.2f} ms CPU {sent / n / 1e3:4.0f} "
+                          f"kB/sample", flush=True)
         finally:
             for s in servers.values():
                 s.stop()
         print(f"\nload average {os.getloadavg()[0]:.1f} at the end\n")
-        print(f"| loader | reader | added latency | samples/s (epoch) | vs local | first batch | samples/s after "
-              f"it | CPU ms/sample | bytes/sample | of the sample's {sample_bytes / 1e3:.0f} kB |")
+        print(f"| loader | reader | added latency | samples/s | vs local | first batch | samples/s after it | "
+              f"CPU ms/sample | bytes/sample | of the sample's {sample_bytes / 1e3:.0f} kB |")
         print("|---|---|---|---|---|---|---|---|---|---|")
-        for mode, name, lat, sps, first, steady, cpu, bps in rows:
-            local = max(r[3] for r in rows if r[0] == mode and r[2] is None)
-            print(f"| {mode} | {name} | {'-' if lat is None else f'{lat:.0f} ms'} | {sps:,.0f} | {sps / local:.0%} "
-                  f"| {first * 1e3:,.0f} ms | {steady:,.0f} | {cpu:.2f} | {bps / 1e3:,.0f} kB | "
-                  f"{bps / sample_bytes:.0%} |")
+        local = {mode: max(best[k][0] / best[k][1] for k, row in enumerate(rows) if row[0] == mode and row[3] is None)
+                 for mode in {row[0] for row in rows}}
+        for k, (mode, name, _, ms, _) in enumerate(rows):
+            n, wall, first, cpu, sent = best[k]
+            steady = (n - args.batch_size) / (wall - first)
+            print(f"| {mode} | {name} | {'-' if ms is None else f'{ms:.0f} ms'} | {n / wall:,.0f} | "
+                  f"{n / wall / local[mode]:.0%} | {first * 1e3:,.0f} ms | {steady:,.0f} | {cpu / n * 1e3:.2f} | "
+                  f"{sent / n / 1e3:,.0f} kB | {sent / n / sample_bytes:.0%} |")
 
 
 if __name__ == "__main__":

@@ -467,12 +467,10 @@ class RemoteShardReader:
             self.cache.indexes[shard.url] = index
         self.index = index
         self.member_pos = {m: j for j, m in enumerate(index.members)}
+        self._started: tuple[Any, ThreadPoolExecutor, deque, list[int]] | None = None   # start(): want, requests
 
     def __len__(self) -> int:
         return len(self.index)
-
-    def close(self) -> None:
-        pass   # nothing held: requests end with their window; members handed out own their bytes
 
     def _plan(self, want, start: int) -> tuple[list[tuple[str, dict[str, tuple[int, int]] | None]], int]:
         """Rows of the next window from sample `start`: (key, {suffix: (offset, size)}) or (key, None)."""
@@ -516,23 +514,41 @@ class RemoteShardReader:
         check_member_header(view[lo - TAR_BLOCK:lo], f"{key}.{suffix}", size, off, f"shard {self.url}")
         return view[lo:lo + size]
 
+    def start(self, want) -> None:
+        """Send the requests of the first `windows_ahead` windows now, for `want` (the same callable samples() is
+        given later): the loader starts the slot's next shard while the current one is still decoded, so that a
+        shard's first window costs no round trip of its own (measured at 20 ms: 8 shards of 128 samples ran at
+        52% of the local rate, one shard of 1024 at 65%)."""
+        if self._started is None:
+            pool = ThreadPoolExecutor(self.store.cfg.windows_ahead)
+            self._started = (want, pool, deque(), [0])
+            self._fill(*self._started)
+
+    def _fill(self, want, pool: ThreadPoolExecutor, pending: deque, nxt: list[int]) -> None:
+        while len(pending) < self.store.cfg.windows_ahead and nxt[0] < len(self.index):
+            rows, nxt[0] = self._plan(want, nxt[0])
+            pending.append((rows, pool.submit(self._fetch, rows)))
+
+    def close(self) -> None:
+        """Stop what start() sent and samples() did not take (no request outlives the reader)."""
+        if self._started is not None:
+            self._started[1].shutdown(wait=True, cancel_futures=True)
+            self._started = None
+
     def samples(self, want) -> Iterator[tuple[str, dict[str, memoryview] | None]]:
         """Yields (key, {suffix: bytes view}) per sample in tar order, or (key, None) for one `want` declined."""
-        pool = ThreadPoolExecutor(self.store.cfg.windows_ahead)
-        pending: deque[tuple[list, Future]] = deque()
-        nxt = 0
+        self.start(want)
+        started, pool, pending, nxt = self._started
+        if started is not want:
+            raise ValueError(f"shard {self.url}: samples() asked with another `want` than start() was given")
         try:
             while True:
-                while len(pending) < self.store.cfg.windows_ahead and nxt < len(self.index):
-                    rows, nxt = self._plan(want, nxt)
-                    pending.append((rows, pool.submit(self._fetch, rows)))
+                self._fill(want, pool, pending, nxt)
                 if not pending:
                     return
                 rows, fut = pending.popleft()
                 blocks = fut.result()
-                if nxt < len(self.index):   # keep `windows_ahead` in flight while this window is decoded
-                    more, nxt = self._plan(want, nxt)
-                    pending.append((more, pool.submit(self._fetch, more)))
+                self._fill(want, pool, pending, nxt)   # keep `windows_ahead` in flight while this one is decoded
                 for key, members in rows:
                     if members is None:
                         yield key, None
@@ -546,4 +562,4 @@ class RemoteShardReader:
                     self.cache.keep(self.url, key, fetched)
                     yield key, out
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)   # after an error or an early stop: no stray request
+            self.close()   # after an error or an early stop: no stray request

@@ -23,6 +23,7 @@ from tests.fixtures_loader import (add_member_indexes, batches_as_data, build_da
 from tests.remote_store import FaultProxy, Nginx
 
 FAST_RETRY = RemoteConfig(backoff_s=0.01)
+SMALL_WINDOWS = RemoteConfig(backoff_s=0.01, window_samples=1, windows_ahead=1)
 CLIENTS = ("curl", "fsspec")
 
 
@@ -85,7 +86,9 @@ def test_http_batches_equal_local_2_ranks_2_workers_resume_and_each_byte_once(se
     reads what its batches use, and a wrap-around pass reuses the bytes it already has."""
     root, nginx = served_shards
     url = f"{nginx.url}/manifest.json"
-    cfg = _cfg(url, num_workers=2, batch_size=2)   # 16 clips: 4 batches a rank, 2 per worker (4 rows a slot)
+    # 16 clips: 4 batches a rank, 2 per worker (4 rows a slot); windows of 1 sample, 1 in flight, so that the next
+    # shard is started ahead in the middle of the current one (as with real shard and window sizes)
+    cfg = _cfg(url, num_workers=2, batch_size=2, remote=SMALL_WINDOWS)
     info = load_split(str(root), "train")
     slots = plan_epoch(info, 4, cfg.seed, 0, True)
     have = [sum(p.count(info.shards[p.shard].num_samples) for p in parts) for parts in slots]
@@ -110,7 +113,13 @@ def test_http_batches_equal_local_2_ranks_2_workers_resume_and_each_byte_once(se
 def test_default_shuffle_buffer_no_longer_rereads_shards(served_shards, client):
     root, nginx = served_shards
     before = len(nginx.log())
-    _epoch_fetching_each_byte_once(_cfg(f"{nginx.url}/manifest.json", client, shuffle_buffer=200), root, nginx, 1)
+    cfg = _cfg(f"{nginx.url}/manifest.json", client, shuffle_buffer=200)
+    _epoch_fetching_each_byte_once(cfg, root, nginx, 1)
+    # one slot reads whole shards (5, 2, 9 samples): with 1-sample windows the next one starts mid-shard
+    small = RemoteConfig(**{**SMALL_WINDOWS.__dict__, "http_client": client})
+    same_batches(batches_as_data(run_epoch(LoaderConfig(**{**cfg.__dict__, "data": str(root)}), 1)),
+                 batches_as_data(_epoch_fetching_each_byte_once(LoaderConfig(**{**cfg.__dict__, "remote": small}),
+                                                                root, nginx, 1)))
     assert _client_of(nginx.log()[before:]) == {client}
 
 

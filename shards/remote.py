@@ -8,20 +8,24 @@ a shard replaced by another of the same name fails on its first sample, naming t
 
 Requests: ranges closer than `max_gap` are coalesced into one (fsspec.utils.merge_offset_ranges: the json of one
 sample and the fbank.npy of the next are adjacent in the tar), a window of `window_samples` samples is one
-`cat_ranges` call (its requests run concurrently on fsspec's event loop) and `windows_ahead` windows are in flight
-while the loader decodes the current one, so a request's latency is hidden behind the decoding of earlier samples.
+`cat_ranges` call (its requests run concurrently) and `windows_ahead` windows are in flight while the loader
+decodes the current one, so a request's latency is hidden behind the decoding of earlier samples. The loader
+starts the slot's next shard (`RemoteShardReader.start`: its index was fetched ahead, its first windows are
+requested) while the current shard's last windows are decoded, so a new shard costs no round trip either.
 `RemoteStore` retries what failed (5xx, 408/429, resets, timeouts) with exponential backoff and turns permanent
 failures (403, 404, a range the server does not honour) into a ShardError naming the URL.
 
 Clients: http(s):// goes through libcurl (pycurl) by default, `RemoteConfig.http_client="fsspec"` selects fsspec's
 aiohttp filesystem instead; s3:// (s3fs, the `[s3]` extra; credentials and endpoints from the environment as s3fs
-reads them: AWS_*, FSSPEC_S3_*), gs:// and any other protocol go through fsspec. Why libcurl for HTTP: the loader's
-worker spends its CPU on decoding and on the HTTP client, and aiohttp under fsspec costs about 0.27 ms of CPU per
-sample (its ~280 kB in two ranges, from nginx on loopback, fsspec.cat_ranges 32 at a time) where libcurl costs
-0.08-0.11 ms (urllib3: 0.39, http.client: 0.20), and libcurl moves the bytes with the GIL released, beside the
-decoding (benchmarks/bench_remote.py; BENCHMARKS.md "remote"). Both clients keep the same semantics: requests of
-a window run concurrently, connections are reused, a connect or a stalled read times out after `timeout_s`,
-redirects are followed, and errors are classified and named alike.
+reads them: AWS_*, FSSPEC_S3_*), gs:// and any other protocol go through fsspec. Why libcurl for HTTP: a loader
+worker's CPU goes to decoding and to the HTTP client. Fetching a sample's two ranges (~280 kB) from nginx on
+loopback, alone, cost 0.27 ms of CPU through fsspec/aiohttp (cat_ranges, 32 at a time), 0.08-0.11 ms through
+libcurl, 0.20 through http.client and 0.39 through urllib3 (readinto into a preallocated buffer); in the loader a
+sample cost 0.91 ms of CPU through aiohttp, 0.62 through libcurl, 0.37 read locally (BENCHMARKS.md "remote").
+libcurl also moves the bytes with the GIL released, beside the decoding. Both clients keep the same semantics:
+requests of a window run concurrently, connections are reused, a connect or a stalled read times out after
+`timeout_s`, redirects are followed, errors are classified and named alike (tests/test_remote.py runs the fault
+tests through both).
 
 Each byte at most once per epoch and slot: the loader hands every reader of a slot one `SlotCache`, which keeps
 the parsed indexes and the member bytes of the samples a wrap-around pass will read again (see ShardStream).

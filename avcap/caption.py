@@ -26,7 +26,14 @@ from pathlib import Path
 import ffmpeg
 import torch
 
+from avcap.checkpoint import load_checkpoint
 from avcap.generate import FLAG_FIELDS, GenerationConfig, GenerationFlags, generate, generation_from_flags
+from avcap.tokenizer import decode_batch
+from pipeline.extract import ExtractConfig, ExtractError, extract_clip
+from pipeline.features import FbankConfig, compute_fbank
+from shards.augment import AugmentConfig, augment_audio, normalize_frames
+from shards.decode import decode_jpeg
+from shards.epoch_plan import eval_frame_start
 
 CLIP_SECONDS = 10.0
 
@@ -139,11 +146,6 @@ def window_starts(info: MediaInfo, start: float, all_windows: bool, window_s: fl
     return [float(start)]
 
 
-def eval_frame_start(frames_per_clip: int, num_frames: int) -> int:
-    """The frames the evaluation loader feeds (shards.loader eval rule): the middle one, or a centred run."""
-    return frames_per_clip // 2 if num_frames == 1 else (frames_per_clip - num_frames) // 2
-
-
 def with_placeholder_stream(info: MediaInfo, tmp_dir: Path) -> Path:
     """A copy of a single-stream file with a placeholder for the missing stream.
 
@@ -172,11 +174,6 @@ class Captioner:
     """A loaded checkpoint plus the preprocessing settings it was trained with."""
 
     def __init__(self, cfg: CaptionConfig):
-        from avcap.checkpoint import load_checkpoint
-        from pipeline.extract import ExtractConfig
-        from pipeline.features import FbankConfig
-        from shards.augment import AugmentConfig
-
         self.cfg = cfg
         self.generation = generation_from_flags(cfg)
         self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
@@ -192,10 +189,6 @@ class Captioner:
                                      target_length=self.model_cfg.audio_length)
 
     def _window(self, media: Path, start: float, mode: str, label: Path) -> _Window:
-        from pipeline.extract import ExtractError, extract_clip
-        from pipeline.features import compute_fbank
-        from shards.decode import decode_jpeg
-
         try:
             ex = extract_clip(media, start, self.extract_cfg, duration=self.cfg.window_s)
         except ExtractError as e:
@@ -216,9 +209,6 @@ class Captioner:
 
     @torch.no_grad()
     def _caption_batch(self, windows: list[_Window], mode: str) -> list[str]:
-        from avcap.tokenizer import decode_batch
-        from shards.augment import augment_audio, normalize_frames
-
         audio = visual = None
         if windows[0].fbank is not None:
             audio = augment_audio(torch.stack([w.fbank for w in windows]).to(self.device), self.augment_cfg,

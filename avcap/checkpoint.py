@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from avcap import foreign
+from avcap.model import AVCap, AVCapConfig
 from avcap.statemap import (CheckpointError, KeyNote, Layout, LoadReport, abbreviate, apply, is_state_dict,
                             map_onto, read_safetensors_file, read_torch_file, tie_groups, unwrap)
 from avcap.tokenizer import (validate_vocab, parse_vocab_text, read_vocab_file, special_ids, tokenizer_from_vocab,
@@ -194,9 +195,11 @@ def _bare(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def _config_class():
-    from avcap.model import AVCapConfig  # late: model.py imports nothing from here, keep it that way
-    return AVCapConfig
+def _model_config_dict(model_config: Any) -> dict[str, Any]:
+    """What a checkpoint stores: AVCapConfig.to_dict() (a mapping is taken as that dict)."""
+    if isinstance(model_config, AVCapConfig):
+        model_config = model_config.to_dict()
+    return _plain_dict(model_config, "model_config")
 
 
 def _check_config_consistency(config: dict[str, Any], vocab: list[str], where: str) -> None:
@@ -232,7 +235,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, model_config: Any, token
     """
     path = Path(path)
     model = _bare(model)
-    cfg = _plain_dict(model_config, "model_config")
+    cfg = _model_config_dict(model_config)
     vocab = _vocab_list(tokenizer_vocab)
     _check_config_consistency(cfg, vocab, str(path))
     extra = dict(extra or {})
@@ -252,9 +255,12 @@ def save_checkpoint(path: str | Path, model: nn.Module, model_config: Any, token
 
     state = model.state_dict()
     # The config must rebuild exactly this model, or the checkpoint would not load on its own.
-    AVCapConfig = _config_class()
+    try:
+        rebuilt = AVCapConfig.from_dict(cfg)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: model_config: {e}") from e
     with torch.device("meta"):  # shapes only: no memory, no init cost
-        reference = type(model)(AVCapConfig(**_config_kwargs(cfg, AVCapConfig, str(path)))).state_dict()
+        reference = type(model)(rebuilt).state_dict()
     diff = sorted(set(state) ^ set(reference)) + sorted(
         k for k in set(state) & set(reference) if state[k].shape != reference[k].shape)
     if diff:
@@ -283,28 +289,14 @@ def save_checkpoint(path: str | Path, model: nn.Module, model_config: Any, token
     return path
 
 
-def _config_kwargs(cfg: Mapping[str, Any], config_class: type, where: str) -> dict[str, Any]:
-    names = {f.name: f for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(cfg) - set(names))
-    if unknown:
-        raise CheckpointError(f"{where}: model config has fields {unknown} that {config_class.__name__} lacks "
-                              "(written by a newer version?)")
-    # JSON-like storage turns tuples into lists; give tuple-typed fields their tuples back.
-    return {k: tuple(v) if isinstance(v, list) and "tuple" in str(names[k].type).lower() else v
-            for k, v in cfg.items()}
-
-
 def _rebuild(path: str, config: Mapping[str, Any], vocab: Any, state: Mapping[str, torch.Tensor],
              map_location: str | torch.device, extra: dict[str, Any]) -> LoadedCheckpoint:
     """A captioner from a stored config, vocab and state (either container)."""
-    from avcap.model import AVCap
-
     absent = [k for k in ("model", "tokenizer", "norm_stats", "frames_per_clip") if k not in config]
     if absent:
         raise CheckpointError(f"{path}: config lacks {absent}")
-    AVCapConfig = _config_class()
     try:
-        model_config = AVCapConfig(**_config_kwargs(config["model"], AVCapConfig, path))
+        model_config = AVCapConfig.from_dict(config["model"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: stored model config is unusable: {e}") from e
     try:
@@ -381,7 +373,7 @@ def save_export(out: str | Path, model: nn.Module, model_config: Any, tokenizer_
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out}: already exists and is not an empty folder; choose another --out")
     model = _bare(model)
-    cfg = _plain_dict(model_config, "model_config")
+    cfg = _model_config_dict(model_config)
     vocab = _vocab_list(tokenizer_vocab)
     _check_config_consistency(cfg, vocab, str(out))
     state = model.state_dict()

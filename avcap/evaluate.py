@@ -1,6 +1,6 @@
 """Caption a split with beam search and score it: `python -m avcap.evaluate --checkpoint CKPT --data DIR --split test`.
 
-Also the evaluation step of training (`avcap.training` calls `caption_split` + `score_and_write` after each epoch).
+`Evaluator` is the one evaluation: this command runs it once, training runs it after each evaluated epoch.
 Every rank captions the clips its loader hands it (the eval loader reads each clip exactly once across ranks);
 rank 0 gathers the predictions, drops duplicate keys, writes the COCO-format results file and scores it with
 avcap.metrics (pycocoevalcap: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D; SPICE/SPIDEr when CoreNLP jars are given).
@@ -13,16 +13,22 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
 
-from avcap.generate import GenerationConfig, GenerationFlags, generation_from_flags
+from avcap import metrics
+from avcap.checkpoint import load_checkpoint
 from avcap.distributed import DistEnv, setup_distributed, teardown_distributed
+from avcap.generate import GenerationConfig, GenerationFlags, generate, generation_from_flags
+from avcap.tokenizer import decode_batch
 from avcap.train_config import build_arg_parser, config_field
-from avcap.train_data import TrainData, check_dataset_matches
+from avcap.train_data import EvalBatch, EvalData, check_dataset_matches
+from pipeline.gallery import write_gallery
 from shards.atomic import atomic_write_text
+from shards.augment import AugmentConfig
+from shards.split_info import load_split
 
 
 @dataclass
@@ -48,19 +54,15 @@ class EvalConfig(GenerationFlags):
 
 
 @torch.no_grad()
-def caption_split(model: torch.nn.Module, batches: Iterable[Any], prepare: Callable[[Any], tuple],
-                  tokenizer: Any, gen: GenerationConfig) -> tuple[dict[str, str], dict[str, list[str]]]:
+def caption_split(model: torch.nn.Module, batches: Iterable[EvalBatch], tokenizer: Any,
+                  gen: GenerationConfig) -> tuple[dict[str, str], dict[str, list[str]]]:
     """Beam-search captions for every batch this rank reads -> ({key: caption}, {key: reference captions})."""
-    from avcap.generate import generate
-    from avcap.tokenizer import decode_batch
-
     was_training = model.training
     model.eval()
     predictions: dict[str, str] = {}
     references: dict[str, list[str]] = {}
     try:
-        for batch in batches:
-            audio, visual, keys, refs = prepare(batch)
+        for audio, visual, keys, refs in batches:
             if not keys:  # a batch of padding only
                 continue
             tokens, _ = generate(model, audio, visual, gen)
@@ -101,16 +103,14 @@ def score_and_write(predictions: dict[str, str], references: dict[str, list[str]
     Metrics that cannot be computed here (METEOR/SPICE without Java, SPICE without the CoreNLP jars) are None,
     with the reason under "unavailable". The generation settings (precision included) go under "generation".
     """
-    from avcap import metrics as M
-
     if java not in JAVA_CHOICES:
         raise ValueError(f"java must be one of {sorted(JAVA_CHOICES)}, got {java!r}")
     if not predictions:
         raise ValueError(f"no predictions to score for {results_path}: the split yielded no clips")
     results_path = Path(results_path)
-    M.write_coco_results(results_path, predictions)
+    metrics.write_coco_results(results_path, predictions)
     unavailable: dict[str, str] = {}
-    scores: dict[str, Any] = dict(M.score_captions(predictions, references, use_java=JAVA_CHOICES[java],
+    scores: dict[str, Any] = dict(metrics.score_captions(predictions, references, use_java=JAVA_CHOICES[java],
                                                    spice_jars=spice_jars or None, unavailable=unavailable))
     scores["num_clips"] = len(predictions)
     scores["unavailable"] = unavailable
@@ -129,41 +129,49 @@ def selection_metric(scores: dict[str, Any]) -> tuple[str, float]:
     raise KeyError(f"the scores have neither SPIDEr nor CIDEr: {sorted(scores)}")
 
 
+@dataclass
+class Evaluator:
+    """One evaluation of a model on a split: every rank captions its share of `data` with beam search, rank 0
+    gathers the captions, writes the COCO results file and scores it. Training runs it after each evaluated
+    epoch, `evaluate_checkpoint` once."""
+    env: DistEnv
+    data: EvalData
+    tokenizer: Any
+    generation: GenerationConfig
+    java: str = "auto"
+    spice_jars: str = ""
+
+    def run(self, model: torch.nn.Module, results: Path, epoch: int = 0) -> dict[str, Any] | None:
+        """The metrics on rank 0 (None on other ranks); a collective: every rank calls it."""
+        preds, refs = caption_split(model, self.data.open(self.env, epoch), self.tokenizer, self.generation)
+        merged = gather_predictions(preds, refs, self.env)
+        if merged is None:
+            return None
+        return score_and_write(*merged, results, self.java, self.spice_jars, self.generation)
+
+
 def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any] | None:
     """Caption cfg.split with the checkpoint's model; returns the metrics on rank 0 (None on other ranks)."""
-    from avcap.checkpoint import load_checkpoint
-    from shards.split_info import load_split
-    from avcap.train_config import TrainConfig
-
     if not cfg.checkpoint or not cfg.data:
         raise ValueError("--checkpoint and --data are required")
     env = setup_distributed(cfg.device, cfg.dist_timeout_s)
     clean = False
     try:
         loaded = load_checkpoint(cfg.checkpoint)
-        tokenizer = loaded.tokenizer
         model = loaded.model.to(env.device)
         split = load_split(cfg.data, cfg.split, cfg.shard_base)
-        norm = loaded.norm_stats or {}
-        # The loader settings that matter for evaluation; the rest of TrainConfig is irrelevant here.
-        tcfg = TrainConfig(data=cfg.data, shard_base=cfg.shard_base, eval_split=cfg.split,
-                           eval_batch_size=cfg.batch_size,
-                           num_workers=cfg.num_workers, skip_bad_shards=cfg.skip_bad_shards,
-                           num_frames=int(loaded.config.num_frames), mode=str(loaded.config.mode),
-                           norm_mean=float(norm.get("mean", TrainConfig.norm_mean)),
-                           norm_std=float(norm.get("std", TrainConfig.norm_std)), device=cfg.device)
         check_dataset_matches(split, loaded.config, cfg.data, loaded.frames_per_clip)
-        loader = TrainData(tcfg, split, env)
-        gen = generation_from_flags(cfg)
-        preds, refs = caption_split(model, loader.open(0, train=False), loader.prepare_eval, tokenizer, gen)
-        merged = gather_predictions(preds, refs, env)
-        scores = None
-        if merged is not None:
-            out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).with_name(f"eval-{cfg.split}.json")
-            scores = score_and_write(*merged, out, cfg.java, cfg.spice_jars, gen)
+        norm = loaded.norm_stats or {}
+        data = EvalData(data=cfg.data, split=cfg.split, num_frames=int(loaded.config.num_frames),
+                        batch_size=cfg.batch_size, norm_mean=float(norm.get("mean", AugmentConfig.norm_mean)),
+                        norm_std=float(norm.get("std", AugmentConfig.norm_std)), shard_base=cfg.shard_base,
+                        num_workers=cfg.num_workers, skip_bad_shards=cfg.skip_bad_shards)
+        out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).with_name(f"eval-{cfg.split}.json")
+        evaluator = Evaluator(env, data, loaded.tokenizer, generation_from_flags(cfg), cfg.java, cfg.spice_jars)
+        scores = evaluator.run(model, out)
+        if scores is not None:
             report = {"split": cfg.split, "results": str(out), **scores}
             if cfg.gallery:
-                from pipeline.gallery import write_gallery
                 report["gallery"] = str(write_gallery(cfg.data, cfg.split, out=out.parent, results=out).html)
             print(json.dumps(report, indent=2))
         clean = True

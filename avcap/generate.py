@@ -328,15 +328,6 @@ def greedy_search(model: AVCap, audio: torch.Tensor | None, visual: torch.Tensor
     return greedy_search_features(model, features, max_steps, use_cache)
 
 
-def caption_token_ids(row: torch.Tensor | list[int], cls_id: int, sep_id: int) -> list[int]:
-    """Token ids strictly between the first [CLS] and the first [SEP] after it (docs/original.md §4); decode them with
-    the tokenizer."""
-    ids = row.tolist() if isinstance(row, torch.Tensor) else list(row)
-    start = ids.index(cls_id) + 1 if cls_id in ids else 0
-    rest = ids[start:]
-    return rest[:rest.index(sep_id)] if sep_id in rest else rest
-
-
 # ----------------------------------------------------------------------------------------------------------
 # One set of generation settings for evaluation, training's evaluation and avcap.caption
 

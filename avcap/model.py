@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -111,14 +112,16 @@ class AVCapConfig:
         return cls(**base)
 
     def to_dict(self) -> dict:
+        """Plain types only: what a checkpoint stores (avcap.checkpoint)."""
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AVCapConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> "AVCapConfig":
+        """The inverse of to_dict; a key this class lacks is an error, not silently dropped."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"AVCapConfig.from_dict: unknown keys {unknown}")
+            raise ValueError(f"AVCapConfig.from_dict: unknown keys {unknown} (written by a newer version?)")
         return cls(**d)
 
 
@@ -529,19 +532,6 @@ class AVCap(nn.Module):
         """Freeze the text decoder except `textual.av_projection`."""
         self._decoder_frozen = frozen
         self._update_trainable()
-
-    def set_mode(self, mode: str) -> None:
-        """Switch the training mode; parameters the new mode leaves unused become not trainable."""
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r}: must be one of {MODES}")
-        self.cfg.mode = mode
-        self._update_trainable()
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     # --- input checks ---
     def _check_audio(self, audio: torch.Tensor | None) -> torch.Tensor:

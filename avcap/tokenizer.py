@@ -164,13 +164,18 @@ def decode_tokens(tok: BertTokenizerFast, ids: Sequence[int] | torch.Tensor) -> 
             raise ValueError(f"decode_tokens takes one row of ids, got shape {tuple(ids.shape)}; "
                              "use decode_batch for [B, T]")
         ids = ids.tolist()
-    ids = [int(i) for i in ids]
     special = special_ids(tok)
-    start = ids.index(special.cls) + 1 if special.cls in ids else 0
-    body = ids[start:]
-    if special.sep in body:
-        body = body[:body.index(special.sep)]
+    body = caption_token_ids(ids, special.cls, special.sep)
     return tok.decode(body, skip_special_tokens=True, clean_up_tokenization_spaces=True).strip()
+
+
+def caption_token_ids(row: torch.Tensor | Sequence[int], cls_id: int, sep_id: int) -> list[int]:
+    """Token ids strictly between the first [CLS] and the first [SEP] after it (the whole row after [CLS] if it has
+    no [SEP]; docs/original.md §4)."""
+    ids = [int(i) for i in (row.tolist() if isinstance(row, torch.Tensor) else row)]
+    start = ids.index(cls_id) + 1 if cls_id in ids else 0
+    rest = ids[start:]
+    return rest[:rest.index(sep_id)] if sep_id in rest else rest
 
 
 def decode_batch(tok: BertTokenizerFast, ids: torch.Tensor) -> list[str]:

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from avcap.checkpoint import read_checkpoint_file
 from avcap.generate import GenerationFlags, generation_from_flags
+from shards.augment import AugmentConfig
 
 # -----------------------------------------------------------------------------
 # config
@@ -34,11 +36,11 @@ class TrainConfig(GenerationFlags):
     shuffle_buffer: int = config_field(1000, "sample shuffle buffer per worker")
     skip_bad_shards: bool = config_field(False, "skip a damaged shard, or a sample that does not decode, with a warning "
                                       "instead of failing")
-    noise: bool = config_field(False, "noise + time-roll audio augmentation (the original README turns it on)")
-    freqm: int = config_field(48, "SpecAugment: widest frequency mask in mel bins (0: off; the original: 48)")
-    timem: int = config_field(192, "SpecAugment: widest time mask in frames (0: off; the original: 192)")
-    norm_mean: float = config_field(-4.346, "fbank normalization mean (AudioCaps default; the manifest also has the train split's)")
-    norm_std: float = config_field(4.332, "fbank normalization std")
+    noise: bool = config_field(AugmentConfig.noise, "noise + time-roll audio augmentation (the original README turns it on)")
+    freqm: int = config_field(AugmentConfig.freqm, "SpecAugment: widest frequency mask in mel bins (0: off; the original: 48)")
+    timem: int = config_field(AugmentConfig.timem, "SpecAugment: widest time mask in frames (0: off; the original: 192)")
+    norm_mean: float = config_field(AugmentConfig.norm_mean, "fbank normalization mean (AudioCaps default; the manifest also has the train split's)")
+    norm_std: float = config_field(AugmentConfig.norm_std, "fbank normalization std")
     # model
     model: str = config_field("full", "model size preset: full | tiny")
     num_frames: int = config_field(1, "video frames per sample fed to the encoder (1, or an even number for Conv3d)")
@@ -149,7 +151,6 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def _saved_train_config(path: Path) -> dict[str, Any]:
-    from avcap.checkpoint import read_checkpoint_file
     state = read_checkpoint_file(path).get("training")
     if not isinstance(state, dict) or not isinstance(state.get("train_config"), dict):
         raise ValueError(f"--resume {path}: a captioner checkpoint without training state "

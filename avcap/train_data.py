@@ -1,14 +1,19 @@
-"""The seam between the training loop and the data: shards.loader for batches, shards.augment for the batched
-augmentation on the training device."""
+"""The seam between the model side and the data: shards.loader for batches, shards.augment for the batched
+augmentation and normalization on the training device. `TrainData` is training's side; `EvalData` is
+evaluation's (a split read once across ranks), shared by training's per-epoch evaluation and avcap.evaluate."""
 from __future__ import annotations
 
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator, NamedTuple
 
 import torch
 
 from avcap.distributed import DistEnv
 from avcap.train_config import TrainConfig
 from avcap.train_state import derive_seed
+from shards.augment import AugmentConfig, prepare_batch
+from shards.epoch_plan import batches_per_epoch
+from shards.loader import LoaderConfig, make_loader
 
 
 def check_dataset_matches(split: Any, model_config: Any, data: str, frames_per_clip: int | None = None) -> None:
@@ -36,57 +41,91 @@ def check_dataset_matches(split: Any, model_config: Any, data: str, frames_per_c
         raise ValueError("dataset does not fit the model: " + "; ".join(problems))
 
 
+def _seed_loader_workers(seed: int, epoch: int, rank: int, train: bool) -> None:
+    # Worker seeds derive from the global RNG when the loader starts: pin it to (seed, epoch, rank).
+    torch.manual_seed(derive_seed(seed, "loader", epoch, rank, int(train)))
+
 
 class TrainData:
-    """The seam between the training loop and shards.loader / shards.augment."""
+    """Training's batches: the train split's loader per epoch and its augmented model inputs."""
 
-    def __init__(self, cfg: TrainConfig, split: Any, env: DistEnv, vocab_file: str | None = None):
+    def __init__(self, cfg: TrainConfig, split: Any, env: DistEnv, vocab_file: str):
         self.cfg, self.split, self.env, self.vocab_file = cfg, split, env, vocab_file
-
-    def _loader_config(self, train: bool) -> Any:
-        from shards.loader import LoaderConfig
-        cfg = self.cfg
-        return LoaderConfig(data=cfg.data, shard_base=cfg.shard_base,
-                            split=cfg.train_split if train else cfg.eval_split, train=train,
-                            batch_size=cfg.batch_size if train else cfg.eval_batch_size,
-                            num_frames=cfg.num_frames, num_workers=cfg.num_workers,
-                            shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, skip_bad_shards=cfg.skip_bad_shards,
-                            tokenizer=self.vocab_file if train else None,
-                            max_caption_tokens=cfg.max_caption_tokens,
-                            pin_memory=self.env.device.type == "cuda")
+        self.augment = AugmentConfig(freqm=cfg.freqm, timem=cfg.timem, noise=cfg.noise, norm_mean=cfg.norm_mean,
+                                     norm_std=cfg.norm_std)
 
     def batches_per_epoch(self) -> int:
-        from shards.epoch_plan import batches_per_epoch
         return int(batches_per_epoch(self.split, self.env.world_size, self.cfg.num_workers, self.cfg.batch_size,
                                      train=True))
 
-    def open(self, epoch: int, train: bool, start_batch: int = 0) -> Iterator[Any]:
-        from shards.loader import make_loader
-        # Worker seeds derive from the global RNG when the loader starts: pin it to (seed, epoch, rank).
-        torch.manual_seed(derive_seed(self.cfg.seed, "loader", epoch, self.env.rank, int(train)))
-        batches, _ = make_loader(self._loader_config(train), self.env.rank, self.env.world_size, epoch,
-                                 start_batch=start_batch)
+    def open(self, epoch: int, start_batch: int = 0) -> Iterator[Any]:
+        cfg = self.cfg
+        loader_cfg = LoaderConfig(data=cfg.data, shard_base=cfg.shard_base, split=cfg.train_split, train=True,
+                                  batch_size=cfg.batch_size, num_frames=cfg.num_frames, num_workers=cfg.num_workers,
+                                  shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
+                                  skip_bad_shards=cfg.skip_bad_shards, tokenizer=self.vocab_file,
+                                  max_caption_tokens=cfg.max_caption_tokens,
+                                  pin_memory=self.env.device.type == "cuda")
+        _seed_loader_workers(cfg.seed, epoch, self.env.rank, train=True)
+        batches, _ = make_loader(loader_cfg, self.env.rank, self.env.world_size, epoch, start_batch=start_batch)
         return iter(batches)
 
-    def _augment_config(self) -> Any:
-        from shards.augment import AugmentConfig
-        return AugmentConfig(freqm=self.cfg.freqm, timem=self.cfg.timem, noise=self.cfg.noise,
-                             norm_mean=self.cfg.norm_mean, norm_std=self.cfg.norm_std)
-
-    def prepare(self, batch: Any, train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def prepare(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Augmentation draws from the global RNG, which the loop reseeds per micro-batch."""
-        from shards.augment import prepare_batch
-        b = prepare_batch(batch, self._augment_config(), train=train, device=self.env.device)
+        b = prepare_batch(batch, self.augment, train=True, device=self.env.device)
         if "tokens" not in b:
             raise RuntimeError("the train loader produced no tokens (LoaderConfig.tokenizer unset)")
         return b["audio"], b["visual"], b["tokens"], b["need_predict"]
 
-    def prepare_eval(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, list[str], list[list[str]]]:
-        """Eval batches carry padding rows (valid=False) so every worker yields as many batches: drop them."""
-        from shards.augment import prepare_batch
-        b = prepare_batch(batch, self._augment_config(), train=False, device=self.env.device)
-        valid = batch["valid"].tolist()
-        keep = torch.tensor(valid, dtype=torch.bool, device=b["audio"].device)
-        keys = [k for k, v in zip(batch["keys"], valid) if v]
-        refs = [c for c, v in zip(batch["captions"], valid) if v]
-        return b["audio"][keep], b["visual"][keep], keys, refs
+
+class EvalBatch(NamedTuple):
+    """One evaluation batch, padding rows dropped: model inputs on the device, clip keys, reference captions."""
+    audio: torch.Tensor
+    visual: torch.Tensor
+    keys: list[str]
+    references: list[list[str]]
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """What an evaluation reads: `split` of `data`, every clip exactly once across ranks, its middle `num_frames`
+    frames, the fbank normalized with (norm_mean, norm_std) and not augmented. Training's per-epoch evaluation
+    (`eval_data_of`) and avcap.evaluate open their batches here."""
+    data: str
+    split: str
+    num_frames: int
+    batch_size: int
+    norm_mean: float
+    norm_std: float
+    shard_base: str = ""
+    num_workers: int = 2
+    skip_bad_shards: bool = False
+    seed: int = 0   # nothing read depends on it; it pins the loader workers' seeds, as training's loader does
+
+    def open(self, env: DistEnv, epoch: int = 0) -> Iterator[EvalBatch]:
+        """This rank's share of the split."""
+        loader_cfg = LoaderConfig(data=self.data, shard_base=self.shard_base, split=self.split, train=False,
+                                  batch_size=self.batch_size, num_frames=self.num_frames,
+                                  num_workers=self.num_workers, skip_bad_shards=self.skip_bad_shards,
+                                  pin_memory=env.device.type == "cuda")
+        augment = AugmentConfig(norm_mean=self.norm_mean, norm_std=self.norm_std)
+        _seed_loader_workers(self.seed, epoch, env.rank, train=False)
+        batches, _ = make_loader(loader_cfg, env.rank, env.world_size, epoch)
+        return (_eval_batch(batch, augment, env.device) for batch in batches)
+
+
+def eval_data_of(cfg: TrainConfig) -> EvalData:
+    """The eval split of a training run, read with the run's frames, normalization and loader settings."""
+    return EvalData(data=cfg.data, split=cfg.eval_split, num_frames=cfg.num_frames, batch_size=cfg.eval_batch_size,
+                    norm_mean=cfg.norm_mean, norm_std=cfg.norm_std, shard_base=cfg.shard_base,
+                    num_workers=cfg.num_workers, skip_bad_shards=cfg.skip_bad_shards, seed=cfg.seed)
+
+
+def _eval_batch(batch: Any, augment: AugmentConfig, device: torch.device) -> EvalBatch:
+    # Eval batches carry padding rows (valid=False) so every worker yields as many batches: drop them.
+    b = prepare_batch(batch, augment, train=False, device=device)
+    valid = batch["valid"].tolist()
+    keep = torch.tensor(valid, dtype=torch.bool, device=b["audio"].device)
+    keys = [k for k, v in zip(batch["keys"], valid) if v]
+    refs = [c for c, v in zip(batch["captions"], valid) if v]
+    return EvalBatch(b["audio"][keep], b["visual"][keep], keys, refs)

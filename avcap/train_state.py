@@ -15,6 +15,8 @@ import torch
 from avcap.distributed import DistEnv, gather_objects
 from avcap.optim import build_schedule
 from avcap.train_config import TrainConfig
+from shards.split_info import load_split
+
 
 def derive_seed(*parts: int | str) -> int:
     """A 63-bit seed from any tuple: stable across processes and Python runs (unlike hash())."""
@@ -84,6 +86,22 @@ def training_state(cfg: TrainConfig, env: DistEnv, pos: Position, optimizer: tor
     }
 
 
+def restore_training_state(state: dict[str, Any], cfg: TrainConfig, env: DistEnv, optimizer: torch.optim.Optimizer,
+                           scheduler: torch.optim.lr_scheduler.LambdaLR, scaler: torch.amp.GradScaler,
+                           steps_per_epoch: int) -> Position:
+    """The inverse of training_state: optimizer, schedule, scaler and this rank's RNG back as saved (this run's
+    settings applied, see apply_resumed_settings); returns where the run stood. RNG states are restored only
+    at the world size that saved them (a resume refuses another one; see check_resume_config)."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    apply_resumed_settings(cfg, optimizer, scheduler, steps_per_epoch)
+    rng = state["rng"]
+    if len(rng) == env.world_size:
+        restore_rng_state(rng[env.rank], env.device)
+    return Position(state["step"], state["epoch"], state["batch_in_epoch"])
+
+
 # The settings a resumed run may change: how long it runs, the learning-rate schedule and optimizer settings
 # from the resumed step on, fault handling, where the shards are read from, evaluation effort, logging, the
 # device. Every other TrainConfig field shapes the model or the data it sees (model preset and overrides, vocab,
@@ -148,10 +166,7 @@ def check_eval_split(cfg: TrainConfig) -> None:
     the first epoch."""
     if not cfg.eval_every:
         return
-    from shards.split_info import load_split
     try:
         load_split(cfg.data, cfg.eval_split, cfg.shard_base)
     except ValueError as e:
         raise ValueError(f"--eval-split {cfg.eval_split!r} cannot be evaluated: {e}") from e
-
-

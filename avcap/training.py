@@ -2,9 +2,11 @@
 
 The loop's collaborators each live in a module of their own: avcap.train_config (TrainConfig, the flags),
 avcap.distributed (process group and collectives), avcap.optim (precision, AdamW, warmup-cosine; docs/original.md
-§6), avcap.train_state (seeds, RNG and the checkpoint's training state; what a resume may change) and
-avcap.train_data (batches and on-device augmentation). Here: `train_step`, the one step train.py and
-benchmarks/bench_gpu.py run, and `train(cfg)`.
+§6), avcap.train_state (seeds, RNG and the checkpoint's training state; what a resume may change),
+avcap.train_data (batches and on-device augmentation), avcap.checkpointer (when and where checkpoints are saved,
+the best one kept), avcap.evaluate (`Evaluator`: caption and score the eval split) and avcap.train_log
+(metrics.jsonl, TensorBoard, progress). Here: `train_step`, the one step train.py and benchmarks/bench_gpu.py
+run, the model a run starts from, and `train(cfg)`: the loop.
 
 Exact resume. All randomness that matters is a function of (seed, epoch, step, rank): the loader's shard and
 sample shuffles are seeded by (seed, epoch), and the global torch RNG is reseeded before every micro-batch
@@ -22,10 +24,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
-import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +33,22 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from avcap.distributed import DistEnv, all_reduce_sum, gather_objects, setup_distributed, teardown_distributed
+from avcap.checkpoint import load_checkpoint, load_pretrained
+from avcap.checkpointer import Checkpointer
+from avcap.distributed import DistEnv, all_reduce_sum, setup_distributed, teardown_distributed
+from avcap.evaluate import Evaluator
+from avcap.foreign import tokenizer_source
 from avcap.generate import generation_from_flags
+from avcap.model import AVCap, AVCapConfig
 from avcap.optim import Precision, build_optimizer, build_scheduler, resolve_precision
+from avcap.tokenizer import load_tokenizer, special_ids, tokenizer_vocab
 from avcap.train_config import TrainConfig, resolve_resume_path
-from avcap.train_data import TrainData, check_dataset_matches
-from avcap.train_state import (Position, ResumeCheck, apply_resumed_settings, check_eval_split, check_resume_config,
-                               derive_seed, refuse_resume_changes, restore_rng_state, seed_everything, training_state)
-from shards.atomic import atomic_copy, atomic_write_text
+from avcap.train_data import TrainData, check_dataset_matches, eval_data_of
+from avcap.train_log import RunLogger, StepStats
+from avcap.train_state import (Position, check_eval_split, check_resume_config, derive_seed, refuse_resume_changes,
+                               restore_training_state, seed_everything)
+from shards.atomic import atomic_write_text
+from shards.split_info import load_split
 
 
 # -----------------------------------------------------------------------------
@@ -83,67 +91,18 @@ def train_step(model: torch.nn.Module, batch: Batch, optimizer: torch.optim.Opti
 
 
 # -----------------------------------------------------------------------------
-# logging
-
-class RunLogger:
-    """Rank 0 only: metrics.jsonl (one JSON object per line, appended across resumes), TensorBoard, tqdm."""
-
-    def __init__(self, cfg: TrainConfig, env: DistEnv, total_steps: int, start_step: int):
-        self.active = env.is_main
-        self.out = Path(cfg.out)
-        self.tb = None
-        self.bar = None
-        if not self.active:
-            return
-        self.jsonl = open(self.out / "metrics.jsonl", "a", buffering=1)
-        if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # slow import: only when asked for
-            self.tb = SummaryWriter(str(self.out / "tb"), purge_step=start_step or None)
-        if cfg.progress:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
-
-    def log(self, record: dict[str, Any], step: int) -> None:
-        if not self.active:
-            return
-        self.jsonl.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            prefix = record.get("kind", "train")
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch"):
-                    self.tb.add_scalar(f"{prefix}/{k}", v, step)
-
-    def progress(self, n: int, **postfix: Any) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-            self.bar.set_postfix(**postfix, refresh=False)
-
-    def close(self) -> None:
-        if not self.active:
-            return
-        if self.bar is not None:
-            self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-        self.jsonl.close()
-
-
-# -----------------------------------------------------------------------------
-# model and data wiring
+# the model a run starts from
 
 def vocab_source(cfg: TrainConfig) -> str:
     """--vocab; else the tokenizer of --pretrained-text's Hugging Face folder or hub entry (they carry BERT's
     WordPiece vocab.txt, the one the decoder was trained with); else bert-base-uncased."""
     if cfg.vocab:
         return cfg.vocab
-    from avcap.foreign import tokenizer_source
     return (tokenizer_source(cfg.pretrained_text) if cfg.pretrained_text else None) or "bert-base-uncased"
 
 
-def build_model_config(cfg: TrainConfig, tokenizer: Any) -> Any:
+def build_model_config(cfg: TrainConfig, tokenizer: Any) -> AVCapConfig:
     """The preset, sized to the tokenizer (vocab size and special ids come from it, docs/original.md §1 "Text")."""
-    from avcap.model import AVCapConfig
-    from avcap.tokenizer import special_ids
     ids = special_ids(tokenizer)
     fields = dict(cls_id=ids.cls, sep_id=ids.sep, pad_id=ids.pad, vocab_size=len(tokenizer),
                   num_frames=cfg.num_frames, mode=cfg.mode)
@@ -160,6 +119,47 @@ def build_model_config(cfg: TrainConfig, tokenizer: Any) -> Any:
             raise ValueError(f"--model-overrides: {unknown} are not AVCapConfig fields")
         fields.update(overrides)
     return AVCapConfig.tiny(**fields) if cfg.model == "tiny" else AVCapConfig.full(**fields)
+
+
+@dataclass
+class ModelStart:
+    """The model a run starts from: a fresh one (with --init-from / --pretrained-* weights) or --resume's."""
+    model: AVCap
+    config: AVCapConfig
+    tokenizer: Any
+    resume_state: dict[str, Any] | None = None      # the checkpoint's training state (--resume)
+    resume_changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # settings the resume changed
+    frames_per_clip: int | None = None               # what the resumed checkpoint's model was trained on
+
+
+def start_model(cfg: TrainConfig, env: DistEnv) -> ModelStart:
+    if cfg.resume:
+        resume_path = resolve_resume_path(cfg.resume, cfg.out)
+        loaded = load_checkpoint(resume_path)
+        resume_state = (loaded.extra or {}).get("training")
+        if resume_state is None:
+            raise ValueError(f"--resume {resume_path}: a captioner checkpoint without training state "
+                             "(use --init-from to fine-tune from it)")
+        check = check_resume_config(resume_state["train_config"], cfg, resume_state["world_size"], env)
+        refuse_resume_changes(check, resume_path)
+        if check.changed and env.is_main:
+            print("[train] resuming with changed settings (the run from here on is not the uninterrupted one): " +
+                  "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in check.changed.items()),
+                  flush=True)
+        return ModelStart(loaded.model, loaded.config, loaded.tokenizer, resume_state, check.changed,
+                          loaded.frames_per_clip)
+    tokenizer = load_tokenizer(vocab_source(cfg))
+    model_config = build_model_config(cfg, tokenizer)
+    seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+    model = AVCap(model_config)
+    if cfg.init_from:
+        model.load_state_dict(load_checkpoint(cfg.init_from).model.state_dict())
+    for path in (cfg.pretrained_encoder, cfg.pretrained_text):
+        if path:
+            report = load_pretrained(model, path)
+            if env.is_main:
+                print(f"[train] pretrained weights from {path}: {report}", flush=True)
+    return ModelStart(model, model_config, tokenizer)
 
 
 # -----------------------------------------------------------------------------
@@ -187,64 +187,79 @@ def train(cfg: TrainConfig) -> TrainResult:
         teardown_distributed(clean)
 
 
-class _DataMismatch(RuntimeError):
-    pass
-
-
-
 def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
-    from avcap import checkpoint as ckpt_mod
-    from avcap.model import AVCap
-    from avcap.tokenizer import load_tokenizer, tokenizer_vocab
-    from shards.split_info import load_split
+    checkpoints = Checkpointer(cfg, env)  # first: it removes the temp file of a save a killed run left
+    run = _build(cfg, env)
+    checkpoints.track(run.model, run.model_config, run.tokenizer, run.data.split.frames_per_clip, run.optimizer,
+                      run.scheduler, run.scaler)
+    evaluator = Evaluator(env, eval_data_of(cfg), run.tokenizer, generation_from_flags(cfg), cfg.java,
+                          cfg.spice_jars)
+    total_steps = run.steps_per_epoch * cfg.epochs
+    logger = RunLogger(cfg, env, min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps, run.pos.step)
+    pos, bpe, last_loss, stop = run.pos, run.batches_per_epoch, None, False
+    try:
+        for epoch in range(pos.epoch, cfg.epochs):
+            pos = Position(pos.step, epoch, pos.batch_in_epoch if epoch == pos.epoch else 0)
+            # The loader skips the batches a resumed epoch already consumed (same order, same draws).
+            batches = _EpochBatches(run.data, env, epoch, pos.batch_in_epoch, bpe)
+            run.ddp_model.train()
+            logger.start_epoch()
+            while pos.batch_in_epoch < bpe:
+                stats, missing_total = _optimizer_step(cfg, env, run, batches, pos)
+                last_loss = stats.loss
+                logger.log_step(stats, pos, bpe)
+                batches.check(missing_total)
+                stop = bool(cfg.max_steps) and pos.step >= cfg.max_steps
+                checkpoints.save_if_due(pos, bpe, stop)
+                if stop:
+                    break
+            del batches  # ends the epoch's worker processes
+            if stop and pos.batch_in_epoch < bpe:
+                break
+            checkpoints.save_epoch_end(pos.step, epoch)
+            if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+                results = Path(cfg.out) / "eval" / f"{cfg.eval_split}-epoch{epoch:03d}.json"
+                scores = evaluator.run(run.model, results, epoch)
+                logger.log_eval(scores, epoch, pos.step)
+                checkpoints.keep_best(scores, results, epoch, pos.step)
+            pos = Position(pos.step, epoch + 1, 0)
+            if stop:
+                break
+    finally:
+        logger.close()
+    return TrainResult(step=pos.step, epoch=pos.epoch, last_loss=last_loss, best=checkpoints.best,
+                       checkpoint=str(checkpoints.latest) if checkpoints.latest else None, is_main=env.is_main)
 
+
+# -----------------------------------------------------------------------------
+# what the loop drives
+
+@dataclass
+class _Run:
+    model: torch.nn.Module        # the bare model: saved and evaluated
+    ddp_model: torch.nn.Module    # the one stepped (DDP-wrapped when distributed)
+    model_config: AVCapConfig
+    tokenizer: Any
+    data: TrainData
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    precision: Precision
+    batches_per_epoch: int
+    steps_per_epoch: int
+    pos: Position                 # where the run starts (a resume's position)
+
+
+def _build(cfg: TrainConfig, env: DistEnv) -> _Run:
+    """Everything the loop drives, checked before the first step; OUT/vocab.txt and OUT/config.json written."""
     out = Path(cfg.out)
-    ckpt_dir = out / "checkpoints"
-    if env.is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        # A save killed mid-write left its temp file beside the intact previous checkpoint: drop it.
-        for stale in ckpt_mod.remove_stale_temps(ckpt_dir):
-            warnings.warn(f"removed {stale}, the partial checkpoint of a killed run")
-
     split = load_split(cfg.data, cfg.train_split, cfg.shard_base)
     check_eval_split(cfg)
     device = env.device
     precision = resolve_precision(cfg.precision, device)
-
-    # Model: a fresh one from the config, or the one stored in the checkpoint we resume.
-    resume_state: dict[str, Any] | None = None
-    resume_check = ResumeCheck([], {})
-    trained_frames: int | None = None
-    if cfg.resume:
-        resume_path = resolve_resume_path(cfg.resume, cfg.out)
-        loaded = ckpt_mod.load_checkpoint(resume_path)
-        model, model_config = loaded.model, loaded.config
-        tokenizer = loaded.tokenizer
-        resume_state = (loaded.extra or {}).get("training")
-        trained_frames = loaded.frames_per_clip
-        if resume_state is None:
-            raise ValueError(f"--resume {resume_path}: a captioner checkpoint without training state "
-                             "(use --init-from to fine-tune from it)")
-        resume_check = check_resume_config(resume_state["train_config"], cfg, resume_state["world_size"], env)
-        refuse_resume_changes(resume_check, resume_path)
-        if resume_check.changed and env.is_main:
-            print("[train] resuming with changed settings (the run from here on is not the uninterrupted one): " +
-                  "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in resume_check.changed.items()),
-                  flush=True)
-    else:
-        tokenizer = load_tokenizer(vocab_source(cfg))
-        model_config = build_model_config(cfg, tokenizer)
-        seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-        model = AVCap(model_config)
-        if cfg.init_from:
-            loaded = ckpt_mod.load_checkpoint(cfg.init_from)
-            model.load_state_dict(loaded.model.state_dict())
-        for path in (cfg.pretrained_encoder, cfg.pretrained_text):
-            if path:
-                report = ckpt_mod.load_pretrained(model, path)
-                if env.is_main:
-                    print(f"[train] pretrained weights from {path}: {report}", flush=True)
-    check_dataset_matches(split, model_config, cfg.data, trained_frames)
+    start = start_model(cfg, env)
+    check_dataset_matches(split, start.config, cfg.data, start.frames_per_clip)
+    model = start.model
     _apply_freeze(model, cfg)
     model.to(device)
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if env.enabled else model
@@ -252,132 +267,30 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     # Loader workers tokenize from a vocab file: the run's own copy, so a resume needs no --vocab.
     vocab_file = out / "vocab.txt"
     if env.is_main:
-        atomic_write_text(vocab_file, "".join(t + "\n" for t in tokenizer_vocab(tokenizer)))
+        atomic_write_text(vocab_file, "".join(t + "\n" for t in tokenizer_vocab(start.tokenizer)))
     if env.enabled:
         dist.barrier()
-    loader = TrainData(cfg, split, env, vocab_file=str(vocab_file))
-    bpe = loader.batches_per_epoch()
+    data = TrainData(cfg, split, env, vocab_file=str(vocab_file))
+    bpe = data.batches_per_epoch()
     steps_per_epoch = math.ceil(bpe / cfg.grad_accum)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.name == "fp16")
-
     pos = Position()
-    if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        scaler.load_state_dict(resume_state["scaler"])
-        apply_resumed_settings(cfg, optimizer, scheduler, steps_per_epoch)
-        pos = Position(resume_state["step"], resume_state["epoch"], resume_state["batch_in_epoch"])
-        rng = resume_state["rng"]
-        if len(rng) == env.world_size:
-            restore_rng_state(rng[env.rank], device)
+    if start.resume_state is not None:
+        pos = restore_training_state(start.resume_state, cfg, env, optimizer, scheduler, scaler, steps_per_epoch)
 
-    best = _read_best(ckpt_dir)
     if env.is_main:
-        run_info = {"train_config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model_config),
+        run_info = {"train_config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(start.config),
                     "world_size": env.world_size, "precision": precision.name, "batches_per_epoch": bpe,
                     "steps_per_epoch": steps_per_epoch, "train_samples": split.num_samples,
                     "frames_per_clip": split.frames_per_clip, "manifest": split.manifest_url,
                     "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                    "resumed_at_step": pos.step if resume_state else None,
-                    "resumed_changes": {k: list(v) for k, v in resume_check.changed.items()}}
+                    "resumed_at_step": pos.step if start.resume_state else None,
+                    "resumed_changes": {k: list(v) for k, v in start.resume_changes.items()}}
         atomic_write_text(out / "config.json", json.dumps(run_info, indent=2, default=str))
-
-    total_steps = steps_per_epoch * cfg.epochs
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    logger = RunLogger(cfg, env, total_steps, pos.step)
-
-    def save(name: str, p: Position) -> Path:
-        state = training_state(cfg, env, p, optimizer, scheduler, scaler)  # collective
-        path = ckpt_dir / name
-        if env.is_main:
-            ckpt_mod.save_checkpoint(path, model, model_config, tokenizer_vocab(tokenizer),
-                                     norm_stats={"mean": cfg.norm_mean, "std": cfg.norm_std},
-                                     frames_per_clip=split.frames_per_clip, extra={"training": state})
-        return path
-
-    last_loss: float | None = None
-    last_ckpt: Path | None = None
-    stop = False
-    try:
-        for epoch in range(pos.epoch, cfg.epochs):
-            pos = Position(pos.step, epoch, pos.batch_in_epoch if epoch == pos.epoch else 0)
-            # The loader skips the batches a resumed epoch already consumed (same order, same draws).
-            batches = loader.open(epoch, train=True, start_batch=pos.batch_in_epoch)
-            pending = next(batches, None) if pos.batch_in_epoch < bpe else None
-            _check_data(env, all_reduce_sum(env, [int(pos.batch_in_epoch < bpe and pending is None)])[0],
-                        epoch, pos.batch_in_epoch, bpe)
-
-            ddp_model.train()
-            t_last, samples_since = time.perf_counter(), 0
-            while pos.batch_in_epoch < bpe:
-                micro = min(cfg.grad_accum, bpe - pos.batch_in_epoch)
-                loss_sum = torch.zeros((), device=device)
-                n_samples = 0
-                lr = optimizer.param_groups[0]["lr"]
-                for m in range(micro):
-                    # Dropout and augmentation draw from the global RNG: make them a function of the position.
-                    torch.manual_seed(derive_seed(cfg.seed, "micro", epoch, pos.step, m, env.rank))
-                    out = train_step(ddp_model, loader.prepare(pending, train=True), optimizer, scaler, precision,
-                                     micro=m, num_micro=micro, clip_grad=cfg.clip_grad)
-                    loss_sum += out.loss
-                    n_samples += out.samples
-                    pos.batch_in_epoch += 1
-                    pending = next(batches, None) if pos.batch_in_epoch < bpe else None
-                grad_norm = out.grad_norm
-                scheduler.step()
-                pos.step += 1
-
-                # One collective per step: the mean loss for the log and whether any rank ran out of data.
-                missing = int(pos.batch_in_epoch < bpe and pending is None)
-                loss_total, samples_total, missing_total = all_reduce_sum(env, [float(loss_sum), n_samples, missing])
-                last_loss = loss_total / env.world_size
-                samples_since += int(samples_total)
-                if pos.step % cfg.log_every == 0 or pos.batch_in_epoch >= bpe:
-                    now = time.perf_counter()
-                    rate = samples_since / max(now - t_last, 1e-9)
-                    t_last, samples_since = now, 0
-                    record = {"kind": "train", "step": pos.step, "epoch": epoch, "batch_in_epoch": pos.batch_in_epoch,
-                              "loss": last_loss, "lr": lr, "samples_per_s": rate}
-                    if grad_norm is not None:
-                        record["grad_norm"] = grad_norm
-                    if precision.name == "fp16":
-                        record["loss_scale"] = float(scaler.get_scale())
-                    logger.log(record, pos.step)
-                logger.progress(1, loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", epoch=epoch)
-                _check_data(env, missing_total, epoch, pos.batch_in_epoch, bpe)
-
-                stop = bool(cfg.max_steps) and pos.step >= cfg.max_steps
-                if pos.batch_in_epoch < bpe and (stop or (cfg.ckpt_every and pos.step % cfg.ckpt_every == 0)):
-                    last_ckpt = save("latest.pt", Position(pos.step, epoch, pos.batch_in_epoch))
-                if stop:
-                    break
-            del batches  # ends the epoch's worker processes
-            if stop and pos.batch_in_epoch < bpe:
-                break
-
-            # Epoch end: checkpoint first (so a crash in evaluation does not cost the epoch), then evaluate.
-            last_ckpt = save("latest.pt", Position(pos.step, epoch + 1, 0))
-            if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-                best = _evaluate_epoch(cfg, env, model, tokenizer, loader, precision, epoch, pos.step, best,
-                                       last_ckpt, logger)
-            pos = Position(pos.step, epoch + 1, 0)
-            if stop:
-                break
-    finally:
-        logger.close()
-    return TrainResult(step=pos.step, epoch=pos.epoch, last_loss=last_loss, best=best,
-                       checkpoint=str(last_ckpt) if last_ckpt else None, is_main=env.is_main)
-
-
-def _check_data(env: DistEnv, missing_total: float, epoch: int, batch: int, bpe: int) -> None:
-    if missing_total:
-        # Every rank sees the same sum, so every rank raises here: no rank is left waiting in a collective.
-        raise _DataMismatch(f"{int(missing_total)} of {env.world_size} rank(s) ran out of batches in epoch {epoch} "
-                            f"after {batch} of the {bpe} batches per epoch that the manifest's counts promise: the "
-                            "shards disagree with manifest.json, or the loader does not honour batches_per_epoch")
+    return _Run(model, ddp_model, start.config, start.tokenizer, data, optimizer, scheduler, scaler, precision, bpe,
+                steps_per_epoch, pos)
 
 
 def _apply_freeze(model: torch.nn.Module, cfg: TrainConfig) -> None:
@@ -387,35 +300,58 @@ def _apply_freeze(model: torch.nn.Module, cfg: TrainConfig) -> None:
     model.freeze_decoder(cfg.freeze_text)
 
 
-def _read_best(ckpt_dir: Path) -> dict[str, Any] | None:
-    path = ckpt_dir / "best.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+class _DataMismatch(RuntimeError):
+    pass
 
 
-def _evaluate_epoch(cfg: TrainConfig, env: DistEnv, model: torch.nn.Module, tokenizer: Any, loader: "TrainData",
-                    precision: Precision, epoch: int, step: int, best: dict[str, Any] | None, latest: Path,
-                    logger: RunLogger) -> dict[str, Any] | None:
-    """Caption the eval split, score on rank 0, keep the best checkpoint by CIDEr-D (SPIDEr when available)."""
-    from avcap.evaluate import caption_split, gather_predictions, score_and_write, selection_metric
+class _EpochBatches:
+    """One epoch's batches from `start` on, read one ahead so that a rank knows it ran out before the step's
+    collective; opening it is a collective too (a rank with no batch at all)."""
 
-    # Generation has its own precision (--gen-precision), not the training one: see avcap.generate.
-    gen = generation_from_flags(cfg)
-    preds, refs = caption_split(model, loader.open(epoch, train=False), loader.prepare_eval, tokenizer, gen)
-    merged = gather_predictions(preds, refs, env)
-    if env.is_main:
-        assert merged is not None
-        results = Path(cfg.out) / "eval" / f"{cfg.eval_split}-epoch{epoch:03d}.json"
-        scores = score_and_write(*merged, results, cfg.java, cfg.spice_jars, gen)
-        name, value = selection_metric(scores)
-        logger.log({"kind": "eval", "step": step, "epoch": epoch, "split": cfg.eval_split, "selection": name,
-                    **{k: v for k, v in scores.items() if k != "unavailable"}}, step)
-        if env.is_main and cfg.progress:
-            from avcap.metrics import format_scores
-            print(f"[eval] epoch {epoch} {cfg.eval_split}: {format_scores(scores)}", flush=True)
-        if best is None or best.get("metric") != name or value > best["value"]:
-            # A metric switch (jars added mid-run) restarts the comparison: values of different metrics don't compare.
-            best = {"metric": name, "value": value, "epoch": epoch, "step": step, "results": str(results)}
-            atomic_copy(latest, latest.with_name("best.pt"))
-            atomic_write_text(latest.with_name("best.json"), json.dumps(best, indent=2))
-    # Every rank keeps the same notion of "best" (only rank 0 uses it, but keep state uniform).
-    return gather_objects(best, env)[0] if env.enabled else best
+    def __init__(self, data: TrainData, env: DistEnv, epoch: int, start: int, total: int):
+        self.env, self.epoch, self.consumed, self.total = env, epoch, start, total
+        self._batches = data.open(epoch, start_batch=start)
+        self._next = next(self._batches, None) if start < total else None
+        self.check(all_reduce_sum(env, [self.missing()])[0])
+
+    def missing(self) -> int:
+        """1 when this rank has no batch left that the epoch still needs."""
+        return int(self.consumed < self.total and self._next is None)
+
+    def take(self) -> Any:
+        batch = self._next
+        self.consumed += 1
+        self._next = next(self._batches, None) if self.consumed < self.total else None
+        return batch
+
+    def check(self, missing_total: float) -> None:
+        if missing_total:
+            # Every rank sees the same sum, so every rank raises here: no rank is left waiting in a collective.
+            raise _DataMismatch(f"{int(missing_total)} of {self.env.world_size} rank(s) ran out of batches in epoch "
+                                f"{self.epoch} after {self.consumed} of the {self.total} batches per epoch that the "
+                                "manifest's counts promise: the shards disagree with manifest.json, or the loader "
+                                "does not honour batches_per_epoch")
+
+
+def _optimizer_step(cfg: TrainConfig, env: DistEnv, run: _Run, batches: _EpochBatches,
+                    pos: Position) -> tuple[StepStats, float]:
+    """One optimizer step over up to --grad-accum micro-batches (fewer at the epoch's end); `pos` moves on.
+    Returns the step's stats and how many ranks ran out of batches (the same on every rank)."""
+    micro = min(cfg.grad_accum, run.batches_per_epoch - pos.batch_in_epoch)
+    loss_sum = torch.zeros((), device=env.device)
+    n_samples = 0
+    lr = run.optimizer.param_groups[0]["lr"]
+    for m in range(micro):
+        # Dropout and augmentation draw from the global RNG: make them a function of the position.
+        torch.manual_seed(derive_seed(cfg.seed, "micro", pos.epoch, pos.step, m, env.rank))
+        out = train_step(run.ddp_model, run.data.prepare(batches.take()), run.optimizer, run.scaler, run.precision,
+                         micro=m, num_micro=micro, clip_grad=cfg.clip_grad)
+        loss_sum += out.loss
+        n_samples += out.samples
+        pos.batch_in_epoch += 1
+    run.scheduler.step()
+    pos.step += 1
+    # One collective per step: the mean loss for the log and whether any rank ran out of data.
+    loss_total, samples_total, missing_total = all_reduce_sum(env, [float(loss_sum), n_samples, batches.missing()])
+    loss_scale = float(run.scaler.get_scale()) if run.precision.name == "fp16" else None
+    return StepStats(loss_total / env.world_size, lr, int(samples_total), out.grad_norm, loss_scale), missing_total

@@ -41,7 +41,8 @@ def make_split(root: Path, clips: int, rng: np.random.Generator) -> dict[str, li
     from pipeline.manifest import Clip, read_manifest
     from shards.index import index_path
     from shards.hashing import file_sha256
-    from shards.writer import Sample, encode_sample, num_shards_for, shard_index, write_shard
+    from shards.sample_format import encode_sample
+    from shards.writer import Sample, num_shards_for, shard_index, write_shard
 
     rows = read_manifest(REPO / "data" / "audiocaps" / "test.csv", "test").clips[:clips]
     strips = []

@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.audit import AuditConfig, AuditReport, _read_samples, check_fbank, check_reextract, check_shards, run_audit  # noqa: E402
-from pipeline.audit import _SplitPlan  # noqa: E402
+from pipeline.audit_checks import SplitPlan, check_fbank, check_reextract, check_shards, read_samples, run_audit  # noqa: E402
+from pipeline.audit_report import AuditConfig, AuditReport  # noqa: E402
 from pipeline.extract import ExtractConfig  # noqa: E402
 from pipeline.features import FbankConfig  # noqa: E402
 from pipeline.publish import publish  # noqa: E402
@@ -60,10 +60,10 @@ def main() -> None:
 
         t_shards = best(lambda: check_shards(out, split, AuditReport(str(out), "")), args.repeats)
 
-        plan = _SplitPlan("test", ExtractConfig(), FbankConfig(), bitwise=True)
+        plan = SplitPlan("test", ExtractConfig(), FbankConfig(), bitwise=True)
         samples = {}
-        for s in split.shards:
-            samples.update(_read_samples(out / s.path, set(build.keys)))
+        for path, headers in check_shards(out, split, AuditReport(str(out), "")).items():
+            samples.update(read_samples(out / path, headers, set(build.keys)))
         t_fbank = best(lambda: [check_fbank(k, samples[k], plan, 0.0, AuditReport("", "")) for k in build.keys],
                        args.repeats) / len(build.keys)
         t_extract = best(lambda: [check_reextract(out, k, samples[k], plan, AuditReport("", ""))

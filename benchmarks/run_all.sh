@@ -23,6 +23,7 @@ benchmarks=(
   "checkpoint|$PY benchmarks/bench_checkpoint.py --num-frames 1 --dir ${TMPDIR:-/tmp}/avcap-bench-ckpt"
   "ops|$PY benchmarks/bench_ops.py --clips 4 --repeats 1"
   "caption-stage|$PY benchmarks/bench_caption_stage.py --clips 100"
+  "disk|$PY benchmarks/bench_disk.py --clips 4 --samples-per-shard 2"
   "demo-step|$PY benchmarks/bench_demo_step.py --steps 3"
   "demo-media|$PY benchmarks/bench_demo_media.py --clips 12 --workers 2"
   "gallery|$PY benchmarks/bench_gallery.py --clips 120 --sample 40 --repeats 1"

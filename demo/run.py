@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import signal
@@ -29,8 +30,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from avcap.metrics import ptb_tokenize
+from avcap.tokenizer import build_wordpiece_vocab
 from demo.media import AUDIO_CLASSES, SPLITS, VISUAL_CLASSES, DemoClip, DemoDataset, DemoMediaConfig, generate_dataset
 from demo.server import MediaServer
+from pipeline import orchestrate as flows
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -127,14 +131,8 @@ def build_splits(ds: DemoDataset, data_dir: Path, cfg: DemoConfig) -> None:
     """The real build command (`flows.py build`) once per split, downloading from the loopback server.
 
     It runs in this process, so the three splits share one temporary Prefect server instead of starting three."""
-    import logging
-
-    from pipeline import orchestrate as flows
-
     # Prefect's client logs every API call at INFO through httpx: noise between the build's own progress lines.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    # On a loaded two-core machine Prefect's temporary server can take longer than its default 20 s to start.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     with MediaServer(ds.media_dir) as server:
         print(f"[demo] serving {len(ds.clips)} clips at {server.url_template}", flush=True)
         for split in SPLITS:
@@ -210,8 +208,6 @@ def best_constant_caption(candidates: list[str], references: dict[str, list[str]
     the document frequencies come from the references alone, so every candidate is scored on equal terms."""
     from pycocoevalcap.cider.cider import Cider
 
-    from avcap.metrics import ptb_tokenize
-
     if not candidates or not references:
         raise ValueError("best_constant_caption: need candidates and references")
     keys = sorted(references)
@@ -269,8 +265,6 @@ def read_references(ds: DemoDataset, split: str) -> dict[str, list[str]]:
 # the run
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
-    from avcap.tokenizer import build_wordpiece_vocab
-
     out = Path(cfg.out).absolute()
     log_dir = out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)

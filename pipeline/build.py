@@ -7,16 +7,21 @@ Stages and where their state lives (all under `cfg.out`, nothing is written else
   load_clips      the CSV/JSON rows -> validated clips (bad rows reported with file and line)
   prepare_ledger  ledger.sqlite: new clips become pending, clips whose row is gone `removed`; the clips this
                   run must do
-  caption_stage   finished clips whose captions/audiocap_ids changed in the CSV: the staged sample gets the new
-                  json (audio and frames are kept, nothing is decoded again), so only its shard changes
+  caption_stage   finished clips whose captions/audiocap_ids changed in the CSV get the new json (a staged
+                  sample is rewritten; a sample in a shard gets staging/{split}/{key}.json, the json alone);
+                  audio and frames are kept, nothing is decoded again, so only its shard changes
   download_stage  media/{key}.mp4 (or the user's --media-dir); download failures recorded as they land; the
                   preflight (pipeline.doctor) first, and a bot wall or rate limit stops the stage
   process_stage   staging/{split}/{key}.tar via pipeline.stage.stage_clip (extract + fbank + encode), one
                   clip per CPU worker (a local process pool, or a `clip_runner` such as pipeline.dask_runner);
                   outcomes recorded as they land
-  shard_stage     shards/{split}/*.tar from the ok clips (deterministic, only changed shards rewritten)
-  manifest_stage  manifest.json entry of the split
+  shard_stage     shards/{split}/*.tar from the ok clips, each sample read from its staged tar or from the old
+                  shard that holds it (deterministic, only changed shards rewritten)
+  manifest_stage  manifest.json entry of the split; once it is durable, the staged copies of the samples now in
+                  a shard are deleted (shards.writer.discard_staged): one copy of each sample stays on disk
 Every finished clip is recorded before the next one starts, so a killed build loses at most the clips in flight.
+An ok clip whose sample has no copy left (no staged tar, and its shard missing or failing its sha256 check) is
+made pending again by prepare_ledger, with a warning naming the shard, and made again from its media.
 
 A full disk stops the build with a BuildError ("no space left on device"): clips finished before it are kept
 (media, staged samples, ledger rows), clips that hit it are `failed-transient disk-full`, and no shard or
@@ -25,13 +30,11 @@ manifest is written from a partial stage. Freeing space and running again comple
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import multiprocessing
 import shutil
 import signal
 import time
-import tarfile
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -48,9 +51,8 @@ from pipeline.ledger import FAILED_PERMANENT, FAILED_TRANSIENT, OK, PENDING, Led
 from pipeline.manifest import Clip, ManifestError, RowError, read_manifests
 from pipeline.stage import stage_clip
 from shards import manifest as dataset_manifest
-from shards.atomic import temp_path
-from shards.writer import (Sample, ShardBuildResult, build_shards, encode_json, read_staged_sample, 
-                           staged_path, validate_split, write_staged_sample)
+from shards.atomic import crash_point, temp_path
+from shards.writer import ShardBuildResult, build_shards, discard_staged, split_samples, staged_path, validate_split
 
 log = logging.getLogger("avcap.build")
 
@@ -243,10 +245,14 @@ def prepare_ledger(cfg: BuildConfig, clips: list[Clip], listed: list[str] | None
         ledger.upsert_pending(clips)
         gone = sorted(k for k, status in before.items() if k not in in_csv)
         ledger.mark_removed(gone)
-        # An ok clip without its staged sample (deleted by hand, or an older layout) has to be made again.
-        lost = [e.key for e in ledger.entries(OK) if not staged_path(cfg.out, cfg.split, e.key).is_file()]
+        # An ok clip whose sample has no copy left (staged tar deleted by hand, its shard gone or damaged) has
+        # to be made again; the shards that failed their check are named, since their clips are what is lost.
+        samples = split_samples(cfg.out, cfg.split)
+        lost = [e.key for e in ledger.entries(OK) if e.key not in samples]
         if lost:
-            log.warning("%d ok clips have no staged sample; they are built again", len(lost))
+            damaged = "".join(f"; {p.name} is not used: {why}" for p, why in sorted(samples.damaged.items()))
+            log.warning("%d ok clips have no staged sample and are in no intact shard (e.g. %s); they are built "
+                        "again from their media%s", len(lost), ", ".join(sorted(lost)[:3]), damaged)
             ledger.set_pending(lost)
         todo = set(ledger.keys_to_process(cfg.retry_permanent, cfg.retry_reasons))
     chosen = [c for c in clips if c.key in todo]
@@ -258,38 +264,28 @@ def prepare_ledger(cfg: BuildConfig, clips: list[Clip], listed: list[str] | None
     return plan
 
 
-def read_staged_meta(path: Path) -> dict:
-    """The json member of a staged sample, read alone (tarfile seeks over the audio and frames)."""
-    with tarfile.open(path, "r:") as tf:
-        for ti in tf:
-            if ti.isfile() and ti.name.endswith(".json"):
-                return json.loads(tf.extractfile(ti).read())
-    raise ValueError(f"staged sample {path} has no json member")
-
-
 # The json fields that come from the CSV row and may change while the media stays the same.
 CAPTION_FIELDS = ("captions", "audiocap_ids")
 
 
 def caption_stage(cfg: BuildConfig, clips: list[Clip]) -> list[str]:
-    """Finished clips whose captions or audiocap_ids changed in the CSV get a staged sample with the new json.
+    """Finished clips whose captions or audiocap_ids changed in the CSV get a sample with the new json.
 
-    Only the json member is rewritten (the audio, fbank and frames depend on the media alone): the sample's
-    shard then changes at the shard stage, the others keep their bytes. Returns the updated keys."""
+    Only the json member changes (the audio, fbank and frames depend on the media alone): a staged sample is
+    rewritten, a sample already in a shard gets a staged json update (shards.writer.SplitSamples.update_json);
+    the sample's shard then changes at the shard stage, the others keep their bytes. Returns the updated keys."""
     with Ledger(cfg.out / LEDGER_NAME, cfg.split) as ledger:
         ok = {e.key for e in ledger.entries(OK)}
+    samples = split_samples(cfg.out, cfg.split)
     updated = []
     for clip in clips:
-        path = staged_path(cfg.out, cfg.split, clip.key)
-        if clip.key not in ok or not path.is_file():
+        if clip.key not in ok or clip.key not in samples:
             continue
-        meta = read_staged_meta(path)
+        meta = samples.meta(clip.key)
         want = {"captions": list(clip.captions), "audiocap_ids": list(clip.audiocap_ids)}
         if all(meta.get(k) == want[k] for k in CAPTION_FIELDS):
             continue
-        sample = read_staged_sample(path)
-        members = dict(sample.members, json=encode_json(dict(sample.meta, **want)))
-        write_staged_sample(path, Sample(sample.key, members))
+        samples.update_json(clip.key, dict(meta, **want))
         updated.append(clip.key)
     if updated:
         log.info("captions: %d finished clips have new captions or audiocap_ids; their samples are updated",
@@ -441,8 +437,9 @@ def shard_stage(cfg: BuildConfig, clips: list[Clip]) -> tuple[ShardBuildResult, 
     plan = dataset_manifest.shard_plan(cfg.out, cfg.split, len(clips), cfg.samples_per_shard)
     wanted = {c.key for c in clips}
     with Ledger(cfg.out / LEDGER_NAME, cfg.split) as ledger:
-        keys = sorted(e.key for e in ledger.entries(OK) if e.key in wanted)
-    result = build_shards(cfg.out, cfg.split, plan.num_shards, keys)
+        ok = {e.key for e in ledger.entries(OK)}
+    # keep: ok clips this run leaves out (--limit) keep their sample for a later run without the limit.
+    result = build_shards(cfg.out, cfg.split, plan.num_shards, sorted(ok & wanted), keep=ok - wanted)
     log.info("shards: %d samples in %d shards (%d written, %d unchanged, %d removed)", result.num_samples,
              len(result.shards), len(result.written), len(result.unchanged), len(result.removed))
     return result, plan.num_shards
@@ -450,9 +447,10 @@ def shard_stage(cfg: BuildConfig, clips: list[Clip]) -> tuple[ShardBuildResult, 
 
 def manifest_stage(cfg: BuildConfig, clips: list[Clip], shards: ShardBuildResult, num_shards: int,
                    retried: int = 0, updated: int = 0) -> Path:
-    """The split's manifest entry. `changes`: samples added to/removed from the shards (read from the shards
-    themselves), `retried`, the clips this run tried again after an earlier failure, and `updated`, the
-    samples whose captions changed."""
+    """The split's manifest entry, then, once it is durable, the deletion of the staged copies of the samples
+    now in a shard. `changes`: samples added to/removed from the shards (read from the shards themselves),
+    `retried`, the clips this run tried again after an earlier failure, and `updated`, the samples whose
+    captions changed."""
     counts, failures = _split_status(cfg, clips)
     plan = dataset_manifest.shard_plan(cfg.out, cfg.split, len(clips), cfg.samples_per_shard)
     changes = dataset_manifest.Changes(added=len(shards.added_keys), removed=len(shards.removed_keys),
@@ -463,6 +461,10 @@ def manifest_stage(cfg: BuildConfig, clips: list[Clip], shards: ShardBuildResult
         failures=failures, changes=changes,
         extra_tools=download_tool_versions(cfg.download) if cfg.media_dir is None else None)
     dataset_manifest.write_dataset_manifest(cfg.out, entry)
+    crash_point("manifest-written")
+    discarded = discard_staged(cfg.out, cfg.split, shards.keys)
+    if discarded:
+        log.info("staging: %d staged files deleted, their samples are in the shards now", discarded)
     return cfg.out / dataset_manifest.MANIFEST_NAME
 
 

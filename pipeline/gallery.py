@@ -40,6 +40,9 @@ from typing import Any, Iterable
 from urllib.parse import quote
 
 from shards.atomic import remove_stale_temps, temp_dir
+from shards.epoch_plan import eval_frame_start
+from shards.sample_format import (FBANK_MEMBER, FLAC_MEMBER, JSON_MEMBER, SampleFormatError, decode_flac, decode_json,
+                                  decode_npy, frame_member)
 
 log = logging.getLogger("avcap.gallery")
 
@@ -242,7 +245,7 @@ def _score(predictions: dict[str, str], jsons: dict[str, bytes], metrics: dict |
     references = {}
     for k in predictions:
         try:
-            caps = json.loads(jsons[k])["captions"]
+            caps = decode_json(jsons[k], JSON_MEMBER)["captions"]
             if not isinstance(caps, list):
                 raise TypeError("captions is not a list")
         except (KeyError, ValueError, TypeError) as err:
@@ -285,15 +288,13 @@ def _list_keys(info) -> list[str]:
     return keys
 
 
-def _make_card(n: int, key: str, members: dict[str, bytes], frame_ids: list[int], assets: Path) -> Card:
+def _make_card(n: int, key: str, members: dict[str, bytes], frame_ids: list[int], frames_per_clip: int,
+               assets: Path) -> Card:
     """Writes the card's files (frames, flac, spectrogram) into `assets`; a member that cannot be read becomes a
     problem shown on the card rather than the end of the page."""
     import numpy as np
 
     from pipeline.report import rms_dbfs
-    from shards.decode import decode_npy
-    from shards.index import ShardError
-    from shards.writer import decode_flac
 
     base = key if SAFE_NAME_RE.match(key) else f"clip{n:04d}"   # a file name never comes from a hostile key
     base = f"{n:04d}-{base}"
@@ -301,16 +302,14 @@ def _make_card(n: int, key: str, members: dict[str, bytes], frame_ids: list[int]
     meta: dict[str, Any] = {}
     captions: list[str] = []
     try:
-        meta = json.loads(members["json"])
-        if not isinstance(meta, dict):
-            raise ValueError("not an object")
+        meta = decode_json(members[JSON_MEMBER], JSON_MEMBER)
         captions = [str(c) for c in meta.get("captions") or []]
-    except (KeyError, ValueError) as err:
+    except (KeyError, SampleFormatError) as err:
         problems.append(f"json member unreadable ({err})")
         meta = {}
     frames = []
     for i in frame_ids:
-        data = members.get(f"frame{i:02d}.jpg")
+        data = members.get(frame_member(i, frames_per_clip))
         if data is None:
             problems.append(f"frame {i} missing")
             continue
@@ -318,29 +317,29 @@ def _make_card(n: int, key: str, members: dict[str, bytes], frame_ids: list[int]
         (assets / name).write_bytes(data)                # the shard's JPEG as is: nothing decoded or re-encoded
         frames.append((i, name))
     audio = duration = samples = loudness = None
-    if "flac" in members:
+    if FLAC_MEMBER in members:
         try:
-            wav, sr = decode_flac(members["flac"])
+            wav, sr = decode_flac(members[FLAC_MEMBER], FLAC_MEMBER)
             samples, duration = int(len(wav)), len(wav) / float(sr)
             loudness = rms_dbfs(np.asarray(wav))
             audio = f"{base}.flac"
-            (assets / audio).write_bytes(members["flac"])
-        except Exception as err:  # noqa: BLE001 - libsndfile raises its own types; the card says what failed
-            problems.append(f"flac member undecodable ({type(err).__name__}: {err})")
+            (assets / audio).write_bytes(members[FLAC_MEMBER])
+        except SampleFormatError as err:
+            problems.append(f"flac member undecodable ({err})")
     else:
         problems.append("flac member missing")
     spectrogram = None
-    if "fbank.npy" in members:
+    if FBANK_MEMBER in members:
         try:
-            fb = decode_npy(members["fbank.npy"], f"sample {key}")
+            fb = decode_npy(members[FBANK_MEMBER], f"sample {key}: {FBANK_MEMBER}")
             if fb.ndim != 2:
-                raise ShardError(f"fbank.npy has shape {list(fb.shape)}, expected [T, M]")
+                raise SampleFormatError(f"{FBANK_MEMBER} has shape {list(fb.shape)}, expected [T, M]")
             spectrogram = f"{base}-fbank.png"
             (assets / spectrogram).write_bytes(spectrogram_png(fb, meta.get("fbank_frames")))
-        except ShardError as err:
+        except SampleFormatError as err:
             problems.append(str(err))
     else:
-        problems.append("fbank.npy member missing")
+        problems.append(f"{FBANK_MEMBER} member missing")
     return Card(key, meta, captions, frames, audio, spectrogram, duration, samples, loudness, problems)
 
 
@@ -592,11 +591,11 @@ def write_gallery(data: str | Path, split: str = "test", out: str | Path | None 
         population = sorted(predictions)
         metrics = read_metrics(results)
     chosen = sorted(random.Random(seed).sample(population, min(sample, len(population))))
-    middle = frames_per_clip // 2
+    middle = eval_frame_start(frames_per_clip, 1)
     frame_ids = strip_frames(frames_per_clip)
-    want: dict[str, set[str]] = {k: {"json"} for k in (predictions or {})}
+    want: dict[str, set[str]] = {k: {JSON_MEMBER} for k in (predictions or {})}
     for k in chosen:
-        want[k] = {"json", "flac", "fbank.npy"} | {f"frame{i:02d}.jpg" for i in frame_ids}
+        want[k] = {JSON_MEMBER, FLAC_MEMBER, FBANK_MEMBER} | {frame_member(i, frames_per_clip) for i in frame_ids}
 
     reports = out / "reports"
     reports.mkdir(parents=True, exist_ok=True)
@@ -612,9 +611,9 @@ def write_gallery(data: str | Path, split: str = "test", out: str | Path | None 
         def take(key: str, members: dict[str, bytes]) -> None:
             # Cards are made as their samples are read: only one sample's members are held at a time.
             if key in number:
-                made[key] = _make_card(number[key], key, members, frame_ids, tmp_assets)
-            if predictions is not None and key in predictions and "json" in members:
-                jsons[key] = members["json"]
+                made[key] = _make_card(number[key], key, members, frame_ids, frames_per_clip, tmp_assets)
+            if predictions is not None and key in predictions and JSON_MEMBER in members:
+                jsons[key] = members[JSON_MEMBER]
 
         if info is not None:
             _read_samples(info, want, take)

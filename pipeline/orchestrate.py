@@ -61,9 +61,17 @@ _prefect_defaults()   # before the import below: Prefect reads its settings at i
 from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
+from pipeline.audit import add_audit_arguments, audit_flow, audit_main  # noqa: E402
+from pipeline.build import BuildError, check_out_writable, holding_build_lock, run_build  # noqa: E402
+from pipeline.doctor import run_checks  # noqa: E402
+from pipeline.gallery import add_gallery_arguments, build_gallery_artifact, gallery_main  # noqa: E402
 from pipeline.params import PROXY_ENV, BuildParams, flow_signature  # noqa: E402
 from pipeline.params import add_arguments as add_build_arguments  # noqa: E402
 from pipeline.params import from_args as build_params_from_args  # noqa: E402
+from pipeline.publish import PublishError, publish  # noqa: E402
+from pipeline.publish import main as publish_main  # noqa: E402
+from pipeline.report import build_report  # noqa: E402
+from pipeline.schedule import add_serve_arguments, make_deployments, serve_config_from_args, serve_deployments  # noqa: E402
 
 EXIT_OK, EXIT_ERROR, EXIT_BOT_WALL, EXIT_FAILURE_RATE, EXIT_PUBLISH, EXIT_RATE_LIMIT = 0, 1, 3, 4, 5, 6
 
@@ -132,8 +140,6 @@ def build_flow(**parameters):
     publish to publish_url. Parameters: the fields of pipeline.params.BuildParams. Returns
     pipeline.build.BuildResult. Raises BuildFailed (the run fails) on a bot wall or too many failures, after the
     report, and without publishing."""
-    from pipeline.build import check_out_writable, holding_build_lock, run_build
-
     p = BuildParams(**parameters)
     cfg = p.to_build_config(proxy=_proxy(p.proxy_secret))
     check_out_writable(cfg.out)
@@ -141,14 +147,11 @@ def build_flow(**parameters):
     with holding_build_lock(cfg):
         result = run_build(cfg, stage_runner=_stage_task, clip_runner=p.clip_runner())
         if p.report:
-            from pipeline.report import build_report
             _stage_task("report", build_report, result, True)
-            from pipeline.gallery import build_gallery_artifact
             _stage_task("gallery", build_gallery_artifact, p.out_dir, p.split)
         if not result.ok:
             raise BuildFailed(failure_message(result), result)
         if p.publish_url:
-            from pipeline.publish import publish
             result.publish = _stage_task("publish", publish, p.out_dir, p.publish_url, prune=p.prune)
     return result
 
@@ -187,16 +190,11 @@ def _env(name: str, value: str | None):
 
 def _run_direct(p: BuildParams, proxy: str | None):
     """--no-prefect: the same build, stages called directly; report files and publishing as in the flow."""
-    from pipeline.build import check_out_writable, holding_build_lock, run_build
-    from pipeline.publish import publish
-    from pipeline.report import build_report
-
     cfg = p.to_build_config(proxy=proxy)
     check_out_writable(cfg.out)
     with holding_build_lock(cfg):
         result = run_build(cfg, clip_runner=p.clip_runner())
         if p.report:
-            from pipeline.gallery import build_gallery_artifact
             build_report(result, artifacts=False)
             build_gallery_artifact(p.out_dir, p.split, artifacts=False)
         if not result.ok:
@@ -280,8 +278,6 @@ def cmd_build(a: argparse.Namespace) -> int:
 def _cmd_build(a: argparse.Namespace) -> int:
     from prefect.exceptions import TerminationSignal
 
-    from pipeline.build import BuildError, check_out_writable
-    from pipeline.publish import PublishError
 
     proxy = a.proxy or os.environ.get(PROXY_ENV)
     try:
@@ -337,13 +333,10 @@ def _print_summary(result) -> None:
 
 
 def cmd_publish(a: argparse.Namespace) -> int:
-    from pipeline.publish import main as publish_main
     return publish_main(["--out", str(a.out), "--publish", a.publish] + (["--prune"] if a.prune else []))
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from pipeline.audit import audit_flow
-    from pipeline.schedule import make_deployments, serve_config_from_args, serve_deployments
     serve_deployments(make_deployments(build_flow, audit_flow, serve_config_from_args(a)), limit=a.concurrent_runs)
     return EXIT_OK
 
@@ -367,7 +360,6 @@ def doctor_main(a: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"doctor: {e}", file=sys.stderr)
         return 1
-    from pipeline.doctor import run_checks
     report = run_checks(cfg, Path(a.out_dir) if a.out_dir else None)
     print(report.text())
     if report.failed:
@@ -379,10 +371,6 @@ def doctor_main(a: argparse.Namespace) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from pipeline.audit import add_audit_arguments, audit_main
-    from pipeline.gallery import add_gallery_arguments, gallery_main
-    from pipeline.schedule import add_serve_arguments
-
     parser = argparse.ArgumentParser(prog="flows.py", description="\n\n".join(__doc__.split("\n\n")[:2]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -21,6 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.build import BuildConfig
+from pipeline.dask_runner import DaskClipRunner, validate_address
+from pipeline.download import DEFAULT_URL_TEMPLATE, DownloadConfig, default_max_per_hour
+from pipeline.extract import ExtractConfig
+
 # The AudioCaps CSVs ship with the project (data/audiocaps/{train,val,test}.csv): `--split S` alone builds them.
 BUNDLED_CSV_DIR = Path(__file__).resolve().parent.parent / "data" / "audiocaps"
 PROXY_ENV = "AVCAP_PROXY"
@@ -114,7 +119,6 @@ class BuildParams:
         if self.dask_chunk < 1:
             raise ValueError(f"--dask-chunk must be >= 1, got {self.dask_chunk}")
         if self.dask_address:
-            from pipeline.dask_runner import validate_address
             validate_address(self.dask_address)
 
     # ------------------------------------------------------------------ derived values
@@ -132,9 +136,6 @@ class BuildParams:
 
     def to_build_config(self, proxy: str | None = None):
         """pipeline.build.BuildConfig of these parameters (and the proxy, which is never a parameter)."""
-        from pipeline.build import BuildConfig
-        from pipeline.extract import ExtractConfig
-
         return BuildConfig(csv=self.csv_paths(), split=self.split, out=Path(self.out_dir),
                            media_dir=Path(self.media_dir) if self.media_dir else None, limit=self.limit,
                            cpu_workers=self.cpu_workers or max(1, os.cpu_count() or 1),
@@ -145,8 +146,6 @@ class BuildParams:
 
     def download_config(self, proxy: str | None = None):
         """pipeline.download.DownloadConfig of these parameters (the build's, and what `flows.py doctor` checks)."""
-        from pipeline.download import DEFAULT_URL_TEMPLATE, DownloadConfig, default_max_per_hour
-
         template = self.url_template or DEFAULT_URL_TEMPLATE
         return DownloadConfig(url_template=template, cookies=Path(self.cookies) if self.cookies else None,
                               proxy=proxy, sleep_s=self.sleep_s, workers=self.download_workers,
@@ -168,7 +167,6 @@ class BuildParams:
         """Where the process stage runs its clips: the Dask cluster at dask_address, else None (local pool)."""
         if not self.dask_address:
             return None
-        from pipeline.dask_runner import DaskClipRunner
         return DaskClipRunner(self.dask_address, self.out_dir, chunk_size=self.dask_chunk)
 
     def as_dict(self) -> dict[str, Any]:

@@ -7,8 +7,8 @@
 - a markdown artifact `avcap-build-<split>-report`: the same report with the plots embedded (PNG data URIs,
   so the UI shows them without access to DIR).
 
-Durations and loudness (RMS of the stored 16 kHz waveform, in dBFS) come from the staged samples of the split's
-ok clips; on large splits a seeded sample of `max_clips` of them is plotted, and the report says so.
+Durations and loudness (RMS of the stored 16 kHz waveform, in dBFS) come from the samples of the split's ok
+clips, wherever they are now (shards.writer.split_samples: the shards, or staging for samples not yet in one); on large splits a seeded sample of `max_clips` of them is plotted, and the report says so.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.writer import read_staged_sample, staged_path
+from shards.sample_format import FLAC_MEMBER, JSON_MEMBER, decode_flac, decode_json
+from shards.writer import split_samples
 
 
 @dataclass
@@ -43,16 +44,17 @@ def rms_dbfs(waveform: np.ndarray) -> float:
 
 def measure_clips(out: Path, split: str, keys: list[str], max_clips: int = 2000,
                   seed: int = 0) -> tuple[list[float], list[float]]:
-    """(durations in s, loudness in dBFS) of the staged samples of `keys` (a seeded sample of max_clips)."""
-    from shards.writer import decode_flac
+    """(durations in s, loudness in dBFS) of the samples of `keys` (a seeded sample of max_clips); only their
+    json and flac members are read."""
     keys = sorted(keys)
     if len(keys) > max_clips:
         keys = sorted(random.Random(seed).sample(keys, max_clips))
     durations, loudness = [], []
+    samples = split_samples(out, split)
     for key in keys:
-        sample = read_staged_sample(staged_path(out, split, key))
-        durations.append(float(sample.meta["duration"]))
-        wav, _sr = decode_flac(sample.members["flac"])
+        members = samples.members(key, {JSON_MEMBER, FLAC_MEMBER})
+        durations.append(float(decode_json(members[JSON_MEMBER], f"sample {key}: {JSON_MEMBER}")["duration"]))
+        wav, _sr = decode_flac(members[FLAC_MEMBER], f"sample {key}: {FLAC_MEMBER}")
         loudness.append(rms_dbfs(np.asarray(wav)))
     return durations, loudness
 

@@ -17,6 +17,8 @@ from prefect import Flow, serve
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 
+from pipeline.params import add_arguments, deployment_parameters, from_args
+
 REBUILD_DEPLOYMENT = "rebuild"
 AUDIT_DEPLOYMENT = "audit"
 
@@ -82,7 +84,6 @@ def serve_deployments(deployments: list[RunnerDeployment], limit: int | None = N
 
 def add_serve_arguments(parser) -> None:
     """Arguments of `flows.py serve`: the schedules, plus every build parameter for the rebuilds."""
-    from pipeline.params import add_arguments
     add_arguments(parser)
     parser.add_argument("--cron", default="0 3 * * *", help="rebuild schedule (cron); 'none': only on demand")
     parser.add_argument("--audit-cron", default="0 5 * * 0", help="audit schedule (cron); 'none': only on demand")
@@ -92,8 +93,6 @@ def add_serve_arguments(parser) -> None:
 
 
 def serve_config_from_args(a) -> ScheduleConfig:
-    from pipeline.params import deployment_parameters, from_args
-
     def cron(v: str | None) -> str | None:
         return None if v is None or v.lower() == "none" else v
     params = deployment_parameters(from_args(a))

@@ -1,12 +1,13 @@
 """Stage 5, Stage: one clip's media -> extract (one ffmpeg decode) -> fbank -> the finished sample, written as a
-small staged tar (shards.writer's sample encoding) that the shard writer later gathers."""
+small staged tar (shards.sample_format's encoding, shards.writer's staging) that the shard writer later gathers."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from pipeline.extract import ExtractConfig, extract_clip
 from pipeline.features import FbankConfig, compute_fbank, num_fbank_frames
-from shards.writer import Sample, encode_sample, write_staged_sample
+from shards.sample_format import encode_sample
+from shards.writer import Sample, write_staged_sample
 
 
 def stage_clip(media_path: Path, start_time: int, meta: dict, out_path: Path, extract_cfg=None, fbank_cfg=None,

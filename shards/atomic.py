@@ -9,6 +9,9 @@ The same scheme names every temporary file or directory of the project (shard an
 saves, download attempts, local publishing): `.{name}.tmp-{pid}-{random}`. `remove_stale_temps` is the one
 cleaner: it removes only the temps whose pid is no longer running, so a build never deletes the live work of
 another process (another build, a publish, a trainer) in the same directory.
+
+`crash_point(name)` marks the moments between two durable writes that a rerun must recover from; the
+crash-safety tests set AVCAP_CRASH_AT=name to have the process SIGKILL itself exactly there.
 """
 from __future__ import annotations
 
@@ -17,10 +20,25 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
+
+
+CRASH_ENV = "AVCAP_CRASH_AT"
+
+
+def crash_point(name: str) -> None:
+    """Test hook: SIGKILL this process here when the environment variable AVCAP_CRASH_AT equals `name`.
+
+    A real kill (no cleanup, no finally blocks) at a named point is the only honest test of what a rerun
+    recovers; a timing-based kill from outside cannot aim between two writes that are milliseconds apart.
+    Points: `shard-renamed` (shards.writer: a shard renamed into place, the manifest not yet written) and
+    `manifest-written` (pipeline.build: the manifest written, staged samples not yet deleted)."""
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class HashingFile:

@@ -18,26 +18,22 @@ dropped it, and in a DataLoader worker it is shared memory.
 """
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 import torch
 
+from avcap.tokenizer import encode_captions
 from shards.buffer_pool import BatchBufferPool
-from shards.decode import decode_jpeg, decode_npy
+from shards.decode import decode_jpeg
 from shards.index import ShardError
+from shards.sample_format import FBANK_MEMBER, JSON_MEMBER, SampleFormatError, decode_json, decode_npy, frame_member
 from shards.split_info import SplitInfo
 
 
-def frame_member(i: int) -> str:
-    """The member name of a sample's frame i."""
-    return f"frame{i:02d}.jpg"
-
-
-def sample_members(frame0: int, num_frames: int) -> list[str]:
+def sample_members(frame0: int, num_frames: int, frames_per_clip: int) -> list[str]:
     """The members of a sample a batch row uses: fbank, json and `num_frames` frames from `frame0`."""
-    return ["fbank.npy", "json"] + [frame_member(frame0 + j) for j in range(num_frames)]
+    return [FBANK_MEMBER, JSON_MEMBER] + [frame_member(frame0 + j, frames_per_clip) for j in range(num_frames)]
 
 
 class Batcher:
@@ -72,21 +68,26 @@ class Batcher:
         """Decode one sample into row len(self); ShardError (naming shard and key) leaves the batch as it was."""
         T, M, i = self.info.target_length, self.info.num_mel_bins, self.n
         what = f"shard {url} sample {key}"
-        missing = [m for m in sample_members(frame0, self.nf) if m not in members]
+        used = sample_members(frame0, self.nf, self.info.frames_per_clip)
+        missing = [m for m in used if m not in members]
         if missing:
             raise ShardError(f"{what}: missing member(s) {missing}")
         try:
-            meta = json.loads(bytes(members["json"]))
-            caps = list(meta["captions"])
-        except (ValueError, KeyError, TypeError) as e:
+            caps = list(decode_json(members[JSON_MEMBER], f"{what}: {JSON_MEMBER}")["captions"])
+        except SampleFormatError as e:
+            raise ShardError(str(e)) from e
+        except (KeyError, TypeError) as e:
             raise ShardError(f"{what}: json member lacks a 'captions' list ({e})") from e
         if not caps or not all(isinstance(c, str) for c in caps):
             raise ShardError(f"{what}: json 'captions' must be a non-empty list of strings, got {caps!r}")
-        fb = decode_npy(members["fbank.npy"], what, self.npy_headers)
+        try:
+            fb = decode_npy(members[FBANK_MEMBER], f"{what}: {FBANK_MEMBER}", self.npy_headers)
+        except SampleFormatError as e:
+            raise ShardError(str(e)) from e
         if fb.shape != (T, M) or fb.dtype != np.float16:
-            raise ShardError(f"{what}: fbank.npy is {fb.dtype}{list(fb.shape)}, expected float16[{T}, {M}]")
-        hwcs = [decode_jpeg(members[frame_member(frame0 + j)], what).permute(1, 2, 0).numpy()
-                for j in range(self.nf)]
+            raise ShardError(f"{what}: {FBANK_MEMBER} is {fb.dtype}{list(fb.shape)}, expected float16[{T}, {M}]")
+        frames = used[2:]   # after fbank and json
+        hwcs = [decode_jpeg(members[m], what).permute(1, 2, 0).numpy() for m in frames]
         if self.frames is None:
             self.frames = self.memory.empty((self.B, self.nf, *hwcs[0].shape), torch.uint8)
         for j, hwc in enumerate(hwcs):
@@ -114,7 +115,6 @@ class Batcher:
                                      captions=self.captions, caption=self.caption,
                                      valid=torch.tensor(self.valid, dtype=torch.bool))
         if self.tok is not None:
-            from avcap.tokenizer import encode_captions
             tokens, need_predict = encode_captions(self.tok, self.caption,
                                                    max_wordpieces=self.max_caption_tokens)
             batch["tokens"], batch["need_predict"] = torch.as_tensor(tokens), torch.as_tensor(need_predict)

@@ -17,6 +17,12 @@ from shards.hashing import stable_hash
 from shards.split_info import SplitInfo
 
 
+def eval_frame_start(frames_per_clip: int, num_frames: int) -> int:
+    """First frame evaluation feeds (the loader's eval mode, single-clip captioning, the gallery's large frame):
+    the middle one, or a run of `num_frames` centred on the clip. Training draws its start per sample instead."""
+    return frames_per_clip // 2 if num_frames == 1 else (frames_per_clip - num_frames) // 2
+
+
 @dataclass
 class SlotPart:
     """Samples of one shard read by one slot: those with index % stride == offset."""

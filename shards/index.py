@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shards.hashing import bytes_sha256, file_sha256
+from shards.sample_format import split_member_name
 
 INDEX_FORMAT_VERSION = 1
 INDEX_SUFFIX = ".idx.json"
@@ -64,10 +65,6 @@ class ShardIndex:
 
     def __len__(self) -> int:
         return len(self.keys)
-
-    def sample(self, i: int) -> dict[str, tuple[int, int]]:
-        """{suffix: (data offset, size)} of sample i."""
-        return {m: (o, s) for m, o, s in zip(self.members, self.offsets[i], self.sizes[i]) if o is not None}
 
     def to_json(self) -> bytes:
         obj = {"format_version": INDEX_FORMAT_VERSION, "shard": self.shard, "shard_bytes": self.shard_bytes,
@@ -133,15 +130,6 @@ class ShardIndex:
             raise ValueError(f"{where}: stale or mismatched index: {'; '.join(problems)}")
 
 
-def _sample_key(name: str) -> tuple[str, str]:
-    """webdataset's grouping: the key is the name up to the first dot of its basename, the rest the suffix."""
-    base = name.rsplit("/", 1)[-1]
-    if "." not in base:
-        raise ValueError(f"member {name!r} has no suffix (not a webdataset layout)")
-    stem, suffix = base.split(".", 1)
-    return name[: len(name) - len(base)] + stem, suffix
-
-
 def scan_tar(path: Path, sha256: str | None = None) -> ShardIndex:
     """The index of a finished tar, read from its headers (tarfile seeks over the data).
 
@@ -155,7 +143,7 @@ def scan_tar(path: Path, sha256: str | None = None) -> ShardIndex:
             for ti in tf:
                 if not ti.isfile():
                     continue
-                key, suffix = _sample_key(ti.name)
+                key, suffix = split_member_name(ti.name)
                 if not rows or rows[-1][0] != key:
                     rows.append((key, {}))
                 if suffix in rows[-1][1]:

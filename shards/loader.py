@@ -30,8 +30,9 @@ from typing import Any, Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from avcap.tokenizer import load_tokenizer
 from shards.batching import Batcher, sample_members
-from shards.epoch_plan import SlotPart, batches_per_epoch, plan_epoch
+from shards.epoch_plan import SlotPart, batches_per_epoch, eval_frame_start, plan_epoch
 from shards.hashing import stable_hash
 from shards.index import ShardError
 from shards.readers import TarSampleReader, is_remote_indexed, open_shard_reader
@@ -94,7 +95,6 @@ class ShardStream(IterableDataset):
         slot = self.rank * self.workers + role
         tok = None
         if self.cfg.tokenizer:
-            from avcap.tokenizer import load_tokenizer
             tok = load_tokenizer(self.cfg.tokenizer)
         batcher = Batcher(self.info, batch_size=self.cfg.batch_size, num_frames=self.cfg.num_frames, tokenizer=tok,
                           max_caption_tokens=self.cfg.max_caption_tokens)
@@ -145,7 +145,7 @@ class ShardStream(IterableDataset):
     def _frame0(self, key: str, pass_idx: int) -> int:
         F, nf = self.info.frames_per_clip, self.cfg.num_frames
         if not self.cfg.train:
-            return F // 2 if nf == 1 else (F - nf) // 2
+            return eval_frame_start(F, nf)
         return stable_hash("frame", self.cfg.seed, self.epoch, pass_idx, key) % (F - nf + 1)
 
     def _remote_store(self) -> RemoteStore:
@@ -340,7 +340,7 @@ class _Want:
             return None
         self.planned += 1
         self.chosen[key] = f0 = self.stream._frame0(key, self.pass_idx)
-        return set(sample_members(f0, self.stream.cfg.num_frames))
+        return set(sample_members(f0, self.stream.cfg.num_frames, self.stream.info.frames_per_clip))
 
 
 def _worker_context():

@@ -31,6 +31,7 @@ from urllib.parse import urlparse
 
 from shards.index import TAR_BLOCK, ShardError, ShardIndex, ShardIndexError, check_member_header
 from shards.remote import RemoteConfig, RemoteShardReader, RemoteStore, SlotCache, is_remote, storage_options
+from shards.sample_format import SampleFormatError, split_member_name
 from shards.split_info import ShardInfo
 
 
@@ -62,7 +63,7 @@ def open_url(url: str, remote: RemoteConfig | None = None) -> IO[bytes]:
 class TarSampleReader:
     """Iterates the samples of one webdataset tar, reading only the members a caller asks for.
 
-    Members are grouped by key (the name up to the first dot of its basename), as webdataset does. For each
+    Members are grouped by key (shards.sample_format.split_member_name), as webdataset does. For each
     sample the caller's `want(key)` returns the set of member suffixes to read (empty: skip the sample); the
     other members' data is seeked past. Truncation, a bad header checksum or a missing end-of-archive marker is
     a ShardError naming the shard URL.
@@ -164,11 +165,10 @@ class TarSampleReader:
                 name = hdr[:100].split(b"\0", 1)[0].decode()
                 if hdr[257:262] == b"ustar" and hdr[345] != 0:
                     name = hdr[345:500].split(b"\0", 1)[0].decode() + "/" + name
-            base = name.rsplit("/", 1)[-1]
-            if "." not in base:
-                raise ShardError(f"shard {self.url}: member {name!r} has no suffix (not a webdataset layout)")
-            stem, suffix = base.split(".", 1)
-            key = name[: len(name) - len(base)] + stem
+            try:
+                key, suffix = split_member_name(name)
+            except SampleFormatError as e:
+                raise ShardError(f"shard {self.url}: {e}") from e
             return key, suffix, size
 
     def samples(self, want) -> Iterator[tuple[str, dict[str, bytes] | None]]:

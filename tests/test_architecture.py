@@ -46,3 +46,27 @@ def test_no_module_imports_the_entry_points():
                      else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
             offenders += [f"{rel}:{node.lineno} imports {n}" for n in names if n in ("flows", "train")]
     assert not offenders, offenders
+
+
+def test_project_modules_are_imported_at_module_level():
+    """An import inside a function hides an edge from import-linter's reading of the module, and an import cycle
+    with it. Only a heavy optional dependency may be imported there, and project modules never are, unless the
+    line says why (`# lazy: ...` on it or just above it)."""
+    offenders = []
+    for pkg in PACKAGES:
+        for path in sorted((REPO / pkg).glob("*.py")):
+            text = path.read_text(encoding="utf-8")
+            lines = text.splitlines()
+            tree = ast.parse(text)
+            for fn in ast.walk(tree):
+                if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                for node in ast.walk(fn):
+                    names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                             else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                    if isinstance(node, ast.ImportFrom) and node.level:
+                        names = ["(relative)"]
+                    ours = [n for n in names if n == "(relative)" or n.split(".")[0] in PACKAGES]
+                    if ours and "# lazy:" not in " ".join(lines[max(0, node.lineno - 2):node.lineno]):
+                        offenders.append(f"{path.relative_to(REPO)}:{node.lineno} imports {', '.join(ours)}")
+    assert not offenders, sorted(set(offenders))

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.audit import (AuditConfig, AuditError, add_audit_arguments, audit_main, run_audit,
-                            sample_clips)
+from pipeline.audit import add_audit_arguments, audit_main
+from pipeline.audit_checks import platform_parts, run_audit, sample_clips
+from pipeline.audit_report import AuditConfig, AuditError
 from shards.manifest import fingerprint
 from shards.hashing import file_sha256
 from shards.writer import Sample, write_shard
@@ -219,7 +220,6 @@ def test_media_from_users_media_dir_is_found(ops_build, tmp_path):
 def test_other_kernel_is_info_but_other_arch_is_a_mismatch(ops_build, tmp_path):
     """An audit on another host of the same OS and architecture passes (bitwise still applies): the kernel
     release and tools that do not decide sample content are named as information only."""
-    from pipeline.audit import platform_parts
     assert platform_parts("Linux-6.1.0-18-amd64-x86_64-with-glibc2.36") == {"os": "Linux", "arch": "x86_64"}
     assert platform_parts("macOS-14.5-arm64-arm-64bit") == {"os": "macOS", "arch": "arm64"}
     b = copy_build(ops_build, tmp_path / "out")

@@ -3,8 +3,10 @@
 One reference build (plain Python, module scope) is checked in depth; a second build through the CLI and its
 Prefect flow must give byte-identical shards, and so must a CLI build killed with SIGKILL and run again.
 """
+import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -25,6 +27,8 @@ from pipeline.build import BuildConfig, run_build
 from pipeline.download import DownloadConfig
 from pipeline.features import FbankConfig, compute_fbank
 from pipeline.ledger import Ledger
+from shards.manifest import load_dataset_manifest
+from shards.writer import shard_index
 from tests.fixtures_ops import OPS_CLIPS, clip_key, copy_build
 from tests.media import Route
 
@@ -309,4 +313,92 @@ def test_removed_row_is_removed_not_failed_and_comes_back(ops_build, tmp_path):
     assert gone in back.changes["added"] and back.counts["ok"] == len(OPS_CLIPS)
     with Ledger(b.out_dir / "ledger.sqlite", "test") as ledger:
         assert ledger.get(gone).status == "ok" and ledger.counts()["removed"] == 0
+    assert _shard_files(b.out_dir) == original
+
+
+# ------------------------------------------------------------------ one copy of each sample on disk
+
+def _disk_bytes(root: Path, skip=("media", ".cache")) -> int:
+    """What `du` counts (allocated blocks) under root, without the media cache."""
+    total = 0
+    for p in root.rglob("*"):
+        if any(part in skip for part in p.relative_to(root).parts):
+            continue
+        if p.is_file() and not p.is_symlink():
+            total += p.stat().st_blocks * 512
+    return total
+
+
+def test_a_finished_build_keeps_one_copy_of_each_sample(reference):
+    out, result = reference
+    # The samples are in the shards only: no staged tar or json update is left behind.
+    assert not [p for p in (out / "staging" / "test").iterdir() if not p.name.startswith(".")]
+    shard_bytes = sum(s["bytes"] for s in result.shards)
+    assert shard_bytes > 0 and _disk_bytes(out) <= 1.05 * shard_bytes, (_disk_bytes(out), shard_bytes)
+
+
+_CRASH_CHILD = """
+import sys
+from pathlib import Path
+from pipeline.build import BuildConfig, run_build
+from pipeline.download import DownloadConfig
+run_build(BuildConfig(csv=[Path(sys.argv[1])], split="test", out=Path(sys.argv[2]), samples_per_shard=2,
+                      download=DownloadConfig(url_template="http://127.0.0.1:9/{youtube_id}.mp4", max_retries=0,
+                                              workers=1)))
+"""
+
+
+@pytest.mark.parametrize("point", ["shard-renamed", "manifest-written"])
+def test_a_build_killed_between_shards_manifest_and_cleanup_loses_no_clip(ops_build, tmp_path, point):
+    """SIGKILL (the build kills itself at shards.atomic.crash_point) after the first shard of an incremental
+    build is renamed into place but before the manifest names it, or after the manifest but before the staged
+    copies go: the rerun finds every sample (nothing is made again) and writes a fresh build's bytes."""
+    b = copy_build(ops_build, tmp_path / "out")
+    old_manifest = (b.out_dir / "manifest.json").read_bytes()
+    yid, start, _ = OPS_CLIPS[2]
+    key = clip_key(yid, start)
+    # A caption change and a removal in the same shard, samples read from the old shard (no staged copy).
+    v2 = _ops_csv(tmp_path / "v2.csv", [c for c in OPS_CLIPS if c != OPS_CLIPS[0]], {key: "a tone then a bird"})
+    env = dict(os.environ, AVCAP_CRASH_AT=point, PYTHONPATH=str(REPO))
+    child = subprocess.run([sys.executable, "-c", _CRASH_CHILD, str(v2), str(b.out_dir)], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+    staging = b.out_dir / "staging" / "test"
+    assert [p.name for p in staging.iterdir() if not p.name.startswith(".")] == [f"{key}.json"]
+    entry = json.loads(old_manifest)["splits"]["test"]
+    on_disk = {s["path"]: s["sha256"] for s in entry["shards"]}
+    manifest_now = (b.out_dir / "manifest.json").read_bytes()
+    if point == "shard-renamed":
+        assert manifest_now == old_manifest      # the manifest still names the old shard, the disk holds the new
+        assert any(hashlib.sha256((b.out_dir / p).read_bytes()).hexdigest() != sha for p, sha in on_disk.items())
+    else:
+        assert manifest_now != old_manifest
+
+    rerun = run_build(_ops_config(v2, b.out_dir))
+    assert rerun.ok and rerun.counts["ok"] == len(OPS_CLIPS) - 1 and rerun.stages["process"].clips == 0
+    assert not [p for p in staging.iterdir() if not p.name.startswith(".")]
+    fresh = tmp_path / "fresh"
+    shutil.copytree(ops_build.out_dir / "media", fresh / "media")
+    run_build(_ops_config(v2, fresh))
+    assert _shard_files(b.out_dir) == _shard_files(fresh)
+    got = {s.path: s.sha256 for s in load_dataset_manifest(b.out_dir).splits["test"].shards}
+    assert got == {s.path: s.sha256 for s in load_dataset_manifest(fresh).splits["test"].shards}
+
+
+def test_a_damaged_shard_is_not_trusted_its_clips_are_made_again(ops_build, tmp_path, caplog):
+    b = copy_build(ops_build, tmp_path / "out")
+    original = _shard_files(b.out_dir)
+    victim = b.out_dir / "shards" / "test" / "test-00001.tar"
+    blob = bytearray(victim.read_bytes())
+    blob[len(blob) // 3] ^= 0x01
+    victim.write_bytes(bytes(blob))
+    in_victim = [k for k in b.keys if shard_index(k, 2) == 1]
+    with caplog.at_level(logging.WARNING, logger="avcap.build"):
+        result = run_build(_ops_config(_ops_csv(tmp_path / "v1.csv", OPS_CLIPS), b.out_dir))
+    assert result.ok and result.counts["ok"] == len(OPS_CLIPS)
+    # Said clearly, and made again from the media: the clips of the damaged shard, and only they.
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert f"{len(in_victim)} ok clips have no staged sample and are in no intact shard" in warning
+    assert "test-00001.tar is not used" in warning and "damaged" in warning
+    assert result.stages["process"].clips == len(in_victim)
     assert _shard_files(b.out_dir) == original

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from avcap.caption import (CaptionConfig, CaptionError, Captioner, MediaInfo, choose_mode, eval_frame_start,
+from avcap.caption import (CaptionConfig, CaptionError, Captioner, MediaInfo, choose_mode,
                            probe_media, window_starts)
 from demo.media import DemoMediaConfig, plan_dataset, render_clip
+from shards.epoch_plan import eval_frame_start
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,7 +89,8 @@ def test_window_matches_the_dataset_sample(assets, tmp_path):
     from avcap.generate import beam_search
     from avcap.tokenizer import decode_batch
     from shards.augment import AugmentConfig, prepare_batch
-    from shards.decode import decode_jpeg, decode_npy
+    from shards.decode import decode_jpeg
+    from shards.sample_format import decode_npy
     from pipeline.stage import stage_clip
 
     clip = assets["clip"]

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from avcap.generate import (CachedStepper, Hypotheses, RecomputeStepper, beam_search, beam_search_features,
-                            caption_token_ids, greedy_search, greedy_search_features)
+                            greedy_search, greedy_search_features)
 from avcap.model import AVCap, AVCapConfig
+from avcap.tokenizer import caption_token_ids
 from tests.fixtures_model import spread_decoder_weights
 
 CLS, SEP, PAD = 101, 102, 0

@@ -13,6 +13,7 @@ from avcap.evaluate import caption_split
 from avcap.generate import GenerationConfig, precision_parity
 from avcap.model import AVCap, AVCapConfig
 from avcap.tokenizer import decode_batch, encode_captions, tokenizer_from_vocab
+from avcap.train_data import EvalBatch
 from tests.fixtures_train import TINY_MODEL_OVERRIDES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -43,7 +44,7 @@ def test_evaluate_and_caption_give_the_same_tokens(reference_checkpoint, referen
     audio, visual = reference_inputs["audio"], reference_inputs["visual"]
     tokens = captioner.generate(audio, visual, "av")
     keys = ["clip0", "clip1"]
-    predictions, _ = caption_split(captioner.model, [None], lambda _: (audio, visual, keys, [["r"], ["r"]]),
+    predictions, _ = caption_split(captioner.model, [EvalBatch(audio, visual, keys, [["r"], ["r"]])],
                                    captioner.tokenizer, gen)
     assert [predictions[k] for k in keys] == decode_batch(captioner.tokenizer, tokens)
     if precision == GenerationConfig.precision:  # the default reproduces the original's tokens

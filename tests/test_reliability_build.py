@@ -20,13 +20,15 @@ import psutil
 import pytest
 
 from pipeline import orchestrate as flows
-from pipeline.audit import AuditConfig, run_audit
+from pipeline.audit_checks import run_audit
+from pipeline.audit_report import AuditConfig
 from pipeline.build import BuildConfig, BuildError, run_build
 from pipeline.download import DownloadConfig, sha256_file
 from pipeline.extract import ExtractConfig, extract_clip
 from pipeline.ledger import Ledger
 from pipeline.manifest import ManifestError, read_manifest, read_manifests
-from shards.writer import decode_flac, read_staged_sample, staged_path
+from shards.sample_format import decode_flac
+from shards.writer import split_samples
 from tests.mounts import mounted_tmpfs
 from tests.media import MediaSpec, Route, make_media
 
@@ -52,7 +54,7 @@ def _ledger(out: Path) -> dict:
 
 
 def _meta(out: Path, key: str) -> dict:
-    return read_staged_sample(staged_path(out, "test", key)).meta
+    return split_samples(out, "test").meta(key)
 
 
 def _shards(out: Path) -> dict[str, bytes]:
@@ -79,8 +81,8 @@ def test_a_linked_whole_video_is_cut_at_its_start_time_and_the_audit_rederives_t
     assert result.counts["ok"] == 2, result.reasons
     for yid, blob in (("linkedVidAA", blob_a), ("hardlinkVBB", blob_b)):
         key = f"{yid}_5000_15000"
-        sample = read_staged_sample(staged_path(out, "test", key))
-        wav, _ = decode_flac(sample.members["flac"])
+        sample = split_samples(out, "test").sample(key)
+        wav, _ = decode_flac(sample.members["flac"], f"{key}.flac")
         assert (wav == extract_clip(blob, 5, ExtractConfig(frames=FRAMES)).waveform).all(), f"{key}: wrong window"
         assert sample.meta["media_offset"] == 5.0 and sample.meta["media_sha256"] == sha256_file(blob)
         assert _ledger(out)[key].media_sha256 == sha256_file(blob)

@@ -68,7 +68,8 @@ HOSTILE_PATHS = [
 
 def test_a_manifest_entry_that_is_a_command_or_leaves_the_dataset_is_refused_by_name(small_shards, tmp_path,
                                                                                      ops_build):
-    from pipeline.audit import AuditConfig, AuditError, run_audit
+    from pipeline.audit_checks import run_audit
+    from pipeline.audit_report import AuditConfig, AuditError
     from pipeline.publish import PublishError, publish
     from tests.fixtures_ops import copy_build
 
@@ -140,7 +141,8 @@ def test_a_manifest_entry_that_is_a_command_or_leaves_the_dataset_is_refused_by_
 # ------------------------------------------------------------------ 8: each shard once, counts add up
 
 def test_a_shard_listed_twice_or_counts_that_do_not_add_up_are_refused(small_shards, tmp_path, ops_build):
-    from pipeline.audit import AuditConfig, AuditError, run_audit
+    from pipeline.audit_checks import run_audit
+    from pipeline.audit_report import AuditConfig, AuditError
     from tests.fixtures_ops import copy_build
 
     root = tmp_path / "ds"

@@ -20,9 +20,11 @@ from PIL import Image
 from pipeline.features import compute_fbank, num_fbank_frames
 from pipeline.stage import stage_clip
 from shards.index import ShardIndex, index_path
-from shards.writer import (Sample, build_shards, decode_flac, encode_flac, encode_sample, num_shards_for,
-                           read_staged_sample, shard_index, shard_name_re, staged_path, write_shard,
-                           write_staged_sample)
+from shards.readers import IndexedShardReader
+from shards.sample_format import decode_flac, encode_flac, encode_json, encode_sample
+from shards.split_info import ShardInfo
+from shards.writer import (Sample, build_shards, discard_staged, num_shards_for, read_staged_sample, shard_index,
+                           shard_name_re, split_samples, staged_path, write_shard, write_staged_sample)
 from tests.media import MediaSpec, make_media
 from tests.test_features import spec_fbank
 
@@ -67,7 +69,7 @@ def test_flac_is_lossless_and_deterministic():
     w = (np.random.default_rng(0).standard_normal(32000) * 5000).astype(np.int16)
     a, b = encode_flac(w, 16000), encode_flac(w.copy(), 16000)
     assert a == b and a[:4] == b"fLaC"
-    back, sr = decode_flac(a)
+    back, sr = decode_flac(a, "flac")
     assert sr == 16000 and back.dtype == np.int16 and np.array_equal(back, w)
 
 
@@ -101,7 +103,7 @@ def test_stage_clip_from_real_media_fbank_equals_its_flac(tmp_path):
     m = back.meta
     assert m["captions"] == meta["captions"] and m["audiocap_ids"] == [1, 2, 3, 4, 5]
     assert m["duration"] == 10.0 and m["fbank_frames"] == 998 and m["frames"] == 20 and m["split"] == "test"
-    wav, sr = decode_flac(back.members["flac"])
+    wav, sr = decode_flac(back.members["flac"], "flac")
     assert sr == 16000 and wav.shape == (160000,)
     # The stored fbank is exactly torchaudio's Kaldi fbank of the stored FLAC (docs/original.md §1).
     ref = spec_fbank(wav)
@@ -248,17 +250,20 @@ def test_member_index_matches_the_tar_members_and_is_deterministic(tmp_path):
         assert (hashlib.sha256(data).hexdigest(), len(data)) == (info.index.sha256, info.index.bytes)
         index = ShardIndex.from_json(data, str(sidecar))
         assert (index.shard, index.shard_bytes, index.shard_sha256) == (shard.name, info.bytes, info.sha256)
-        blob = shard.read_bytes()
         with tarfile.open(shard) as tf:
             members = [(m.name, m.offset_data, m.size) for m in tf]
         assert index.keys == sorted({n.split(".", 1)[0] for n, _, _ in members}) and len(index) == info.num_samples
         listed = {(f"{k}.{suffix}", off, size) for i, k in enumerate(index.keys)
-                  for suffix, (off, size) in index.sample(i).items()}
+                  for suffix, off, size in zip(index.members, index.offsets[i], index.sizes[i]) if off is not None}
         assert listed == set(members)
+        # What the index says, read back through the loader's indexed reader: each sample's exact members.
         by_key = {s.key: s for s in samples}
-        for i, k in enumerate(index.keys):
-            assert {suffix: blob[off:off + size] for suffix, (off, size) in index.sample(i).items()} == \
-                   by_key[k].members
+        reader = IndexedShardReader(ShardInfo(str(shard), info.num_samples, bytes=info.bytes, sha256=info.sha256,
+                                              index_url=str(sidecar), index_sha256=info.index.sha256))
+        read = {k: {suffix: bytes(b) for suffix, b in ms.items()}
+                for k, ms in reader.samples(lambda k: set(index.members))}
+        reader.close()
+        assert list(read) == index.keys and read == {k: by_key[k].members for k in index.keys}
     # A shard built before indexes existed (no sidecar) gets its index on the next build, bytes untouched.
     first = a / ra.shards[0].path
     stat = (first.stat().st_ino, first.stat().st_mtime_ns)
@@ -270,3 +275,97 @@ def test_member_index_matches_the_tar_members_and_is_deterministic(tmp_path):
     index_path(first).write_bytes((a / ra.shards[1].index.path).read_bytes())
     assert build_shards(a, "train", 2).shards == ra.shards
     assert index_path(first).read_bytes() == (b / ra.shards[0].index.path).read_bytes()
+
+
+# ---------------------------------------------------------------- one copy on disk: shards as the sample source
+
+def _staging_files(out: Path, split: str = "train") -> list[str]:
+    d = out / "staging" / split
+    return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+
+def _with_captions(s: Sample, caption: str) -> Sample:
+    return Sample(s.key, dict(s.members, json=encode_json(dict(s.meta, captions=[caption] * 5))))
+
+
+def test_incremental_build_from_old_shards_equals_a_fresh_build_byte_for_byte(tmp_path):
+    samples = [synthetic_sample(i) for i in range(14)]
+    inc = tmp_path / "inc"
+    stage(inc, samples[:10])
+    first = build_shards(inc, "train", 3)
+    assert discard_staged(inc, "train", first.keys) == 10 and _staging_files(inc) == []
+    # The shards are the only copy now, and every sample reads back from them exactly.
+    found = split_samples(inc, "train")
+    assert found.keys() == sorted(s.key for s in samples[:10]) and not found.staged and not found.damaged
+    assert all(found.sample(s.key).members == s.members for s in samples[:10])
+
+    # New clips staged, two removed, one caption changed (a json-only update: nothing else is staged).
+    stage(inc, samples[10:])
+    changed = samples[3]
+    found = split_samples(inc, "train")
+    found.update_json(changed.key, dict(changed.meta, captions=["a new caption"] * 5))
+    assert _staging_files(inc) == sorted([f"{changed.key}.json"] + [f"{s.key}.tar" for s in samples[10:]])
+    assert split_samples(inc, "train").meta(changed.key)["captions"] == ["a new caption"] * 5
+    gone = {samples[0].key, samples[7].key}
+    keys = sorted(s.key for s in samples if s.key not in gone)
+    second = build_shards(inc, "train", 3, keys)
+    assert second.keys == keys and second.removed_keys == sorted(gone)
+    assert second.added_keys == sorted(s.key for s in samples[10:])
+    discard_staged(inc, "train", second.keys)
+    assert _staging_files(inc) == []
+
+    fresh = tmp_path / "fresh"
+    stage(fresh, [_with_captions(s, "a new caption") if s.key == changed.key else s
+                  for s in samples if s.key not in gone])
+    expected = build_shards(fresh, "train", 3)
+    assert _shard_files(inc) == _shard_files(fresh)
+    assert {p.name: p.read_bytes() for p in (inc / "shards/train").glob("*.idx.json")} == \
+           {p.name: p.read_bytes() for p in (fresh / "shards/train").glob("*.idx.json")}
+    assert second.shards == expected.shards and second.stats == expected.stats
+    # Nothing changed: nothing rewritten, every sample still read from the shards.
+    again = build_shards(inc, "train", 3, keys)
+    assert again.written == [] and again.shards == expected.shards
+
+
+def test_a_damaged_old_shard_is_never_read_and_its_samples_are_named_missing(tmp_path):
+    samples = [synthetic_sample(i) for i in range(8)]
+    stage(tmp_path, samples)
+    built = build_shards(tmp_path, "train", 2)
+    discard_staged(tmp_path, "train", built.keys)
+    victim = tmp_path / built.shards[0].path
+    blob = bytearray(victim.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF           # one flipped bit in a member's data: headers and size still fine
+    victim.write_bytes(bytes(blob))
+    found = split_samples(tmp_path, "train")
+    assert list(found.damaged) == [victim] and "differs from" in found.damaged[victim]
+    lost = sorted(k for k in (s.key for s in samples) if shard_index(k, 2) == 0)
+    assert lost and all(k not in found for k in lost) and all(k in found for k in built.keys if k not in lost)
+    with pytest.raises(FileNotFoundError, match=rf"in no intact shard.*{victim.name} is not used: .*damaged"):
+        build_shards(tmp_path, "train", 2, built.keys)
+    assert victim.read_bytes() == bytes(blob)     # refused before anything was written
+    # The lost samples staged again (the build makes them from their media): same shards as before the damage.
+    stage(tmp_path, [s for s in samples if s.key in lost])
+    build_shards(tmp_path, "train", 2, built.keys)
+    clean = tmp_path / "clean"
+    stage(clean, samples)
+    build_shards(clean, "train", 2)
+    assert _shard_files(tmp_path) == _shard_files(clean)
+
+
+def test_kept_and_moving_samples_are_staged_again_before_their_shard_goes(tmp_path):
+    samples = [synthetic_sample(i) for i in range(9)]
+    out = tmp_path / "out"
+    stage(out, samples)
+    discard_staged(out, "train", build_shards(out, "train", 2).keys)
+    # A --limit run: only three samples in the shards, the others kept (staged again from their old shards).
+    some = sorted(s.key for s in samples[:3])
+    rest = {s.key for s in samples[3:]}
+    limited = build_shards(out, "train", 2, some, keep=rest)
+    assert limited.keys == some and _staging_files(out) == sorted(f"{k}.tar" for k in rest)
+    assert all(split_samples(out, "train").sample(s.key).members == s.members for s in samples)
+    discard_staged(out, "train", limited.keys)
+    # Another shard count (the split's manifest lost): samples move between shards, none is lost on the way.
+    moved = build_shards(out, "train", 3, sorted(s.key for s in samples))
+    fresh = tmp_path / "fresh"
+    stage(fresh, samples)
+    assert moved.shards == build_shards(fresh, "train", 3).shards and _shard_files(out) == _shard_files(fresh)

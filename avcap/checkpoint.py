@@ -385,10 +385,10 @@ def save_export(out: str | Path, model: nn.Module, model_config: Any, tokenizer_
     config = {"avcap_format": EXPORT_MARKER, "format_version": EXPORT_VERSION, "model": cfg,
               "tokenizer": {"vocab_file": EXPORT_VOCAB, "do_lower_case": True},
               "norm_stats": _plain_dict(norm_stats, "norm_stats"), "frames_per_clip": int(frames_per_clip)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    # The project's temp naming (shards.atomic), so remove_stale_temps can tell a killed export's folder; made
+    # with mkdir rather than temp_dir's mkdtemp, which would leave the export readable by its owner only.
+    tmp = temp_path(out)
+    tmp.mkdir(parents=True)
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp / EXPORT_WEIGHTS,
                   metadata={"format": "pt", "avcap_format": EXPORT_MARKER})

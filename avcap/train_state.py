@@ -19,7 +19,11 @@ from shards.split_info import load_split
 
 
 def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from any tuple: stable across processes and Python runs (unlike hash())."""
+    """A 63-bit seed from any tuple: stable across processes and Python runs (unlike hash()).
+
+    Not shards.hashing.stable_hash, on purpose: that is blake2b-64 of the parts joined by ':', this the first 8
+    bytes of a sha256 of them joined by '/', so the values differ, and switching would move every seed of every
+    run (weight init, dropout, augmentation): resumed runs and recorded results would no longer reproduce."""
     digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 

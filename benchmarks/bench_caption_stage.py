@@ -19,10 +19,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.build import BuildConfig, caption_stage  # noqa: E402
+from pipeline.clip_list import Clip  # noqa: E402
 from pipeline.download import DownloadConfig  # noqa: E402
-from pipeline.ledger import OK, Ledger  # noqa: E402
-from pipeline.manifest import Clip  # noqa: E402
+from pipeline.ledger import Ledger  # noqa: E402
 from pipeline.stage import stage_clip  # noqa: E402
+from pipeline.status import OK  # noqa: E402
 from shards.sample_format import encode_json  # noqa: E402
 from shards.writer import (Sample, build_shards, discard_staged, split_samples, staged_path,  # noqa: E402
                            write_staged_sample)

@@ -109,10 +109,10 @@ def ceiling(base: Path, n: int) -> dict:
     from distributed import LocalCluster
 
     from pipeline.build import BuildConfig, MediaRef, process_stage
+    from pipeline.clip_list import Clip
     from pipeline.dask_runner import DaskClipRunner
     from pipeline.download import DownloadConfig
     from pipeline.ledger import Ledger
-    from pipeline.manifest import Clip
     from tests.dask_jobs import noop_clip
 
     out = base / "noop"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import resource
 import shutil
@@ -37,12 +36,12 @@ FRAME_SETS = 12       # distinct frame strips, reused round-robin (encoding 19,5
 
 def make_split(root: Path, clips: int, rng: np.random.Generator) -> dict[str, list[str]]:
     """Shards + manifest.json + ledger.sqlite under root; returns {key: captions}."""
-    from pipeline.ledger import FAILED_PERMANENT, OK, Ledger
-    from pipeline.manifest import Clip, read_manifest
-    from shards.index import index_path
-    from shards.hashing import file_sha256
+    from pipeline.clip_list import Clip, read_manifest
+    from pipeline.ledger import Ledger
+    from pipeline.status import FAILED_PERMANENT, OK
     from shards.sample_format import encode_sample
     from shards.writer import Sample, num_shards_for, shard_index, write_shard
+    from tests.real_manifest import write_real_manifest
 
     rows = read_manifest(REPO / "data" / "audiocaps" / "test.csv", "test").clips[:clips]
     strips = []
@@ -68,17 +67,12 @@ def make_split(root: Path, clips: int, rng: np.random.Generator) -> dict[str, li
                                 frames=strips[c % FRAME_SETS], meta=meta)
         by_shard.setdefault(shard_index(clip.key, num_shards), []).append(Sample(clip.key, members))
         refs[clip.key] = clip.captions
-    entries = []
+    shards = []
     for i in sorted(by_shard):
         rel = f"shards/test/test-{i:05d}.tar"
-        sha, size, _ = write_shard(root / rel, sorted(by_shard[i], key=lambda s: s.key))
-        idx = index_path(root / rel)
-        entries.append({"path": rel, "num_samples": len(by_shard[i]), "bytes": size, "sha256": sha,
-                        "index": {"path": idx.relative_to(root).as_posix(), "sha256": file_sha256(idx),
-                                  "bytes": idx.stat().st_size}})
-    (root / "manifest.json").write_text(json.dumps({
-        "format_version": 2, "frames_per_clip": FRAMES, "fbank": {"target_length": 1024, "num_mel_bins": 128},
-        "splits": {"test": {"shards": entries, "fingerprint": "synthetic", "counts": {"ok": len(rows)}}}}))
+        write_shard(root / rel, sorted(by_shard[i], key=lambda s: s.key))
+        shards.append((rel, len(by_shard[i])))
+    write_real_manifest(root, {"test": shards}, frames=FRAMES, indexed=True)   # the pipeline's manifest form
     failed = [Clip(f"benchFail{n:02d}", 0) for n in range(25)]
     with Ledger(root / "ledger.sqlite", "test") as ledger:
         ledger.upsert_pending(rows + failed)

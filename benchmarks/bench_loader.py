@@ -54,9 +54,8 @@ def make_clips(root: Path, n: int, rng: np.random.Generator, per_shard: int = 16
 
     Writes manifest.json (shards with their member index) and manifest-noindex.json (the same shards, no index).
     """
-    from shards.hashing import file_sha256
     from shards.writer import Sample, write_shard
-    from shards.index import index_path
+    from tests.real_manifest import write_real_manifest
     (root / "wav").mkdir(parents=True)
     (root / "jpg").mkdir()
     (root / "shards").mkdir()
@@ -81,21 +80,19 @@ def make_clips(root: Path, n: int, rng: np.random.Generator, per_shard: int = 16
         clips.append({"__key__": f"clip{c:04d}xxx_0_10000", "fbank.npy": npy.getvalue(), "flac": flac.getvalue(),
                       "json": json.dumps({"captions": [f"clip {c}"]}).encode(),
                       **{f"frame{f:02d}.jpg": j for f, j in enumerate(jpgs)}})
-    entries = []
+    shards = []
     for i in range(0, n, per_shard):
         rel = f"shards/train-{i // per_shard:05d}.tar"
         chunk = clips[i:i + per_shard]
-        sha, size, _ = write_shard(root / rel, [Sample(c["__key__"], {k: v for k, v in c.items() if k != "__key__"})
-                                               for c in chunk])
-        idx = index_path(root / rel)
-        entries.append({"path": rel, "num_samples": len(chunk), "bytes": size, "sha256": sha,
-                        "index": {"path": idx.relative_to(root).as_posix(), "sha256": file_sha256(idx),
-                                  "bytes": idx.stat().st_size}})
-    for name, version, shards in (("manifest.json", 2, entries),
-                                  ("manifest-noindex.json", 1, [{**e, "index": None} for e in entries])):
-        (root / name).write_text(json.dumps({"format_version": version, "frames_per_clip": FRAMES,
-                                             "fbank": {"target_length": 1024, "num_mel_bins": 128},
-                                             "splits": {"train": {"shards": shards}}}))
+        write_shard(root / rel, [Sample(c["__key__"], {k: v for k, v in c.items() if k != "__key__"}) for c in chunk])
+        shards.append((rel, len(chunk)))
+    # The pipeline's manifest form (tests/real_manifest.py), and the same shards as format 1 (no member index).
+    write_real_manifest(root, {"train": shards}, frames=FRAMES, indexed=True)
+    noindex = json.loads((root / "manifest.json").read_text())
+    noindex["format_version"] = 1
+    for s in noindex["splits"]["train"]["shards"]:
+        s["index"] = None
+    (root / "manifest-noindex.json").write_text(json.dumps(noindex))
     return clips
 
 

@@ -37,10 +37,10 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.audit_report import AuditConfig, AuditError, AuditReport, Mismatch
+from pipeline.clip_list import Clip
 from pipeline.download import find_local_media
 from pipeline.extract import ExtractConfig, ExtractError, extract_clip
 from pipeline.features import FbankConfig, compute_fbank
-from pipeline.manifest import Clip
 from shards.atomic import atomic_write_text
 from shards.hashing import bytes_sha256, file_sha256
 from shards.index import ShardError, ShardIndex, scan_tar
@@ -137,7 +137,7 @@ def check_shards(out: Path, split, report: AuditReport) -> dict[str, ShardIndex]
 
 
 def check_index(out: Path, index, report: AuditReport) -> None:
-    """Size and sha256 of one member index sidecar (shards.manifest.IndexEntry) against the manifest."""
+    """Size and sha256 of one member index sidecar (a shards.file_entry.FileEntry) against the manifest."""
     _check_file(report, "index", out, index)
 
 

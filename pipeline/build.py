@@ -43,15 +43,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from pipeline.buildlock import LockHeld, build_lock
-from pipeline.download import (DownloadConfig, download_many, expected_hours, find_local_media, local_media_names,
-                               sha256_file)
+from pipeline.clip_list import Clip, ManifestError, RowError, read_manifests
+from pipeline.download import DownloadConfig, download_many, expected_hours, find_local_media, local_media_names
 from pipeline.extract import ExtractConfig, ExtractError
 from pipeline.features import FbankConfig
-from pipeline.ledger import FAILED_PERMANENT, FAILED_TRANSIENT, OK, PENDING, Ledger, LedgerError
-from pipeline.manifest import Clip, ManifestError, RowError, read_manifests
+from pipeline.ledger import Ledger, LedgerError
 from pipeline.stage import stage_clip
+from pipeline.status import FAILED_PERMANENT, FAILED_TRANSIENT, OK, PENDING, ClipStatus
 from shards import manifest as dataset_manifest
 from shards.atomic import crash_point, temp_path
+from shards.hashing import file_sha256 as sha256_file
 from shards.writer import ShardBuildResult, build_shards, discard_staged, split_samples, staged_path, validate_split
 
 log = logging.getLogger("avcap.build")
@@ -145,7 +146,7 @@ class ProcessJob:
 @dataclass
 class ProcessOutcome:
     key: str
-    status: str
+    status: ClipStatus
     reason: str | None = None
     message: str | None = None
     media_sha256: str | None = None

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from pipeline.build import BuildError, ProcessJob, ProcessOutcome, process_clip
-from pipeline.ledger import FAILED_TRANSIENT
+from pipeline.status import FAILED_TRANSIENT
 
 log = logging.getLogger("avcap.dask")
 

@@ -21,7 +21,6 @@ so concurrent children never see half an entry.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -38,8 +37,10 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
 
-from pipeline.manifest import Clip, validate_youtube_id
+from pipeline.clip_list import Clip, validate_youtube_id
+from pipeline.status import FAILED_PERMANENT, FAILED_TRANSIENT, OK, ClipStatus
 from shards.atomic import finalize, remove_stale_temps, temp_dir
+from shards.hashing import file_sha256
 
 log = logging.getLogger("avcap.download")
 
@@ -58,9 +59,6 @@ DEFAULT_FORMAT = "bv*[height>=?224]+ba/b[height>=?224]/bv*+ba/b"
 DEFAULT_FORMAT_SORT = ("+res", "+size")
 MEDIA_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".m4a", ".flv", ".avi", ".mp3", ".wav", ".flac", ".ogg", ".opus")
 
-OK = "ok"
-FAILED_PERMANENT = "failed-permanent"
-FAILED_TRANSIENT = "failed-transient"
 
 
 class BotWallError(RuntimeError):
@@ -149,7 +147,7 @@ def default_max_per_hour(url_template: str, cookies) -> float | None:
 
 @dataclass
 class DownloadResult:
-    status: str                  # ok | failed-permanent | failed-transient
+    status: ClipStatus           # ok | failed-permanent | failed-transient
     path: Path | None = None
     reason: str | None = None    # e.g. http-404, private, timeout
     message: str | None = None   # tail of yt-dlp's / ffmpeg's output
@@ -363,12 +361,6 @@ def expected_hours(clips: int, cfg: DownloadConfig) -> float | None:
     return clips / min(rates) if rates else None
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -445,7 +437,7 @@ def download_clip(clip: Clip, cfg: DownloadConfig, media_dir: Path, pacer: Reque
     media_dir = Path(media_dir)
     final = media_dir / f"{clip.key}.mp4"
     if final.is_file():
-        return DownloadResult(OK, final, attempts=0, media_sha256=sha256_file(final))
+        return DownloadResult(OK, final, attempts=0, media_sha256=file_sha256(final))
     url = build_url(cfg.url_template, clip.youtube_id)
     tmp_root = media_dir / ".tmp"
     tmp_root.mkdir(parents=True, exist_ok=True)
@@ -471,7 +463,7 @@ def download_clip(clip: Clip, cfg: DownloadConfig, media_dir: Path, pacer: Reque
                 ok, message = False, f"{cut}\n{message[-1000:]}"
             if ok:
                 finalize(produced, final)  # same filesystem: the finished name appears only when complete
-                return DownloadResult(OK, final, attempts=attempt + 1, media_sha256=sha256_file(final))
+                return DownloadResult(OK, final, attempts=attempt + 1, media_sha256=file_sha256(final))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         kind, reason = classify_error(message)

@@ -1,12 +1,13 @@
 """Per-clip status in one SQLite file (`DIR/ledger.sqlite`), one row per (split, key).
 
 The ledger is what makes a rerun cheap and honest: finished clips are skipped, transient failures are tried
-again, permanent ones are kept (unless asked to retry them), and new manifest rows show up as `pending`.
+again, permanent ones are kept (unless asked to retry them), and new rows of the clip list (pipeline.clip_list)
+show up as `pending`.
 A `Ledger` is bound to one split; several splits share the file.
 
-Statuses: `pending`, `ok`, `failed-transient`, `failed-permanent`, and `removed`: the clip's row is gone from
-the CSV. A removed clip keeps its history (reason, message, attempts, media hash) but is never processed and
-counts in no failure rate; if its row comes back it is `pending` again. `attempts` counts real download
+Statuses (pipeline.status.ClipStatus): `pending`, `ok`, `failed-transient`, `failed-permanent`, and `removed`:
+the clip's row is gone from the CSV. A removed clip keeps its history (reason, message, attempts, media hash) but
+is never processed and counts in no failure rate; if its row comes back it is `pending` again. `attempts` counts real download
 attempts (yt-dlp runs, retries included, whether they ended in a failure or a success); a clip whose media
 was already on disk or came from --media-dir has none for that run.
 
@@ -25,15 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from pipeline.manifest import Clip
+from pipeline.clip_list import Clip
+from pipeline.status import FAILED, FAILED_PERMANENT, FAILED_TRANSIENT, OK, PENDING, REMOVED, STATUSES, ClipStatus
 
-OK = "ok"
-PENDING = "pending"
-FAILED_PERMANENT = "failed-permanent"
-FAILED_TRANSIENT = "failed-transient"
-REMOVED = "removed"
-STATUSES = (OK, FAILED_PERMANENT, FAILED_TRANSIENT, PENDING, REMOVED)
-
+# The CHECK list is the values of ClipStatus (tests/test_ledger.py holds them equal), written out because this
+# text is what SQLite stores: a file created today has the same schema as one created before the enum.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS clips (
     split        TEXT NOT NULL,
@@ -69,7 +66,7 @@ class LedgerEntry:
     key: str
     youtube_id: str
     start_time: int
-    status: str
+    status: ClipStatus
     stage: str | None
     attempts: int
     reason: str | None
@@ -78,6 +75,9 @@ class LedgerEntry:
     created_at: float
     updated_at: float
     finished_at: float | None
+
+    def __post_init__(self):
+        self.status = ClipStatus(self.status)
 
 
 class Ledger:
@@ -151,8 +151,8 @@ class Ledger:
                 "INSERT OR IGNORE INTO clips (split, key, youtube_id, start_time, status, created_at, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             self._db.executemany(
-                "UPDATE clips SET status='pending', finished_at=NULL, updated_at=? WHERE split=? AND key=? AND "
-                "status='removed'", [(now, self.split, c.key) for c in clips])
+                "UPDATE clips SET status=?, finished_at=NULL, updated_at=? WHERE split=? AND key=? AND status=?",
+                [(PENDING, now, self.split, c.key, REMOVED) for c in clips])
             self._db.execute("COMMIT")
             return self._count() - before
 
@@ -164,8 +164,8 @@ class Ledger:
             changed = 0
             for k in keys:
                 changed += self._db.execute(
-                    "UPDATE clips SET status='removed', updated_at=? WHERE split=? AND key=? AND status!='removed'",
-                    (now, self.split, k)).rowcount
+                    "UPDATE clips SET status=?, updated_at=? WHERE split=? AND key=? AND status!=?",
+                    (REMOVED, now, self.split, k, REMOVED)).rowcount
             self._db.execute("COMMIT")
             return changed
 
@@ -179,12 +179,13 @@ class Ledger:
             if cur.rowcount != 1:
                 raise KeyError(f"clip {key!r} is not in the ledger for split {self.split!r}")
 
-    def record(self, key: str, status: str, reason: str | None = None, message: str | None = None,
+    def record(self, key: str, status: ClipStatus, reason: str | None = None, message: str | None = None,
                media_sha256: str | None = None, stage: str | None = None, attempts: int = 1) -> None:
         """Record the outcome of a clip, with `attempts` more download attempts (0 for an outcome of a later
         stage). `media_sha256=None` keeps the known hash."""
         if status not in STATUSES:
-            raise ValueError(f"status {status!r} is not one of {STATUSES}")
+            raise ValueError(f"status {status!r} is not one of {[str(s) for s in STATUSES]}")
+        status = ClipStatus(status)
         if message is not None and len(message) > MAX_MESSAGE_CHARS:
             message = "…" + message[-MAX_MESSAGE_CHARS:]
         now = time.time()
@@ -202,15 +203,15 @@ class Ledger:
         now = time.time()
         with self._lock, self._errors("reset clips to pending"):
             self._db.executemany(
-                "UPDATE clips SET status='pending', finished_at=NULL, updated_at=? WHERE split=? AND key=?",
-                [(now, self.split, k) for k in keys])
+                "UPDATE clips SET status=?, finished_at=NULL, updated_at=? WHERE split=? AND key=?",
+                [(PENDING, now, self.split, k) for k in keys])
 
     def get(self, key: str) -> LedgerEntry | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM clips WHERE split=? AND key=?", (self.split, key)).fetchone()
         return LedgerEntry(**dict(row)) if row else None
 
-    def entries(self, status: str | None = None) -> list[LedgerEntry]:
+    def entries(self, status: ClipStatus | None = None) -> list[LedgerEntry]:
         q, args = "SELECT * FROM clips WHERE split=?", [self.split]
         if status is not None:
             q, args = q + " AND status=?", args + [status]
@@ -225,27 +226,27 @@ class Ledger:
         wanted = [PENDING, FAILED_TRANSIENT] + ([FAILED_PERMANENT] if retry_permanent else [])
         reasons = list(retry_reasons)
         marks, rmarks = ",".join("?" * len(wanted)), ",".join("?" * len(reasons))
-        by_reason = f" OR (status='failed-permanent' AND reason IN ({rmarks}))" if reasons else ""
+        by_reason = f" OR (status=? AND reason IN ({rmarks}))" if reasons else ""
         with self._lock:
             rows = self._db.execute(
                 f"SELECT key FROM clips WHERE split=? AND (status IN ({marks}){by_reason}) ORDER BY key",
-                [self.split, *wanted, *reasons]).fetchall()
+                [self.split, *wanted, *([FAILED_PERMANENT, *reasons] if reasons else [])]).fetchall()
         return [r["key"] for r in rows]
 
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> dict[ClipStatus, int]:
         """Clips per status for this split; every status is present (0 when none)."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT status, COUNT(*) AS n FROM clips WHERE split=? GROUP BY status", (self.split,)).fetchall()
         out = {s: 0 for s in STATUSES}
-        out.update({r["status"]: r["n"] for r in rows})
+        out.update({ClipStatus(r["status"]): r["n"] for r in rows})
         return out
 
     def failures(self) -> list[LedgerEntry]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM clips WHERE split=? AND status IN ('failed-permanent', 'failed-transient')"
-                " ORDER BY key", (self.split,)).fetchall()
+                f"SELECT * FROM clips WHERE split=? AND status IN ({','.join('?' * len(FAILED))}) ORDER BY key",
+                (self.split, *FAILED)).fetchall()
         return [LedgerEntry(**dict(r)) for r in rows]
 
     def _count(self) -> int:

@@ -72,6 +72,7 @@ from pipeline.publish import PublishError, publish  # noqa: E402
 from pipeline.publish import main as publish_main  # noqa: E402
 from pipeline.report import build_report  # noqa: E402
 from pipeline.schedule import add_serve_arguments, make_deployments, serve_config_from_args, serve_deployments  # noqa: E402
+from pipeline.status import FAILED_PERMANENT, FAILED_TRANSIENT, OK, PENDING  # noqa: E402
 
 EXIT_OK, EXIT_ERROR, EXIT_BOT_WALL, EXIT_FAILURE_RATE, EXIT_PUBLISH, EXIT_RATE_LIMIT = 0, 1, 3, 4, 5, 6
 
@@ -321,8 +322,8 @@ def _cmd_build(a: argparse.Namespace) -> int:
 
 def _print_summary(result) -> None:
     c = result.counts
-    print(f"{result.split}: {c['ok']} ok, {c['failed-permanent']} failed permanently, {c['failed-transient']} "
-          f"failed transiently, {c['pending']} pending of {result.total} clips; {len(result.shards)} shards; "
+    print(f"{result.split}: {c[OK]} ok, {c[FAILED_PERMANENT]} failed permanently, {c[FAILED_TRANSIENT]} "
+          f"failed transiently, {c[PENDING]} pending of {result.total} clips; {len(result.shards)} shards; "
           f"manifest {result.manifest_path}", file=sys.stderr)
     ch = result.changes
     print(f"changes: {len(ch['added'])} samples added, {len(ch['removed'])} removed, {len(ch['updated'])} given "

@@ -15,7 +15,6 @@ Publishing is idempotent: a destination file with the manifest's size and sha256
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,11 +24,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 from shards.atomic import temp_path
 from shards.index import INDEX_SUFFIX
-from shards.manifest import MANIFEST_NAME, DatasetManifest, ShardEntry, parse_manifest
-from shards.hashing import file_sha256 as sha256_file
-
-_CHUNK = 1 << 20
-
+from shards.file_entry import FileEntry, FileEntryError, ShardEntry
+from shards.manifest import MANIFEST_NAME, DatasetManifest, parse_manifest
+from shards.hashing import stream_sha256
 
 class PublishError(RuntimeError):
     """The build cannot be published as it stands (missing or corrupt shard, bad manifest, failed upload)."""
@@ -49,11 +46,8 @@ class PublishReport:
 
 
 def _sha256_remote(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    h = hashlib.sha256()
     with fs.open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return stream_sha256(f)
 
 
 def manifest_shard_entries(manifest: DatasetManifest) -> list[ShardEntry]:
@@ -62,22 +56,9 @@ def manifest_shard_entries(manifest: DatasetManifest) -> list[ShardEntry]:
     return [s for name in sorted(manifest.splits) for s in manifest.splits[name].shards]
 
 
-@dataclass
-class DataFile:
-    """One file the manifest vouches for: a shard or a shard's member index."""
-    path: str          # relative to the build root, posix
-    sha256: str
-    bytes: int
-
-
-def manifest_files(manifest: DatasetManifest) -> list[DataFile]:
+def manifest_files(manifest: DatasetManifest) -> list[FileEntry]:
     """Every shard and index file the manifest lists, each shard followed by its index (format 2)."""
-    files = []
-    for s in manifest_shard_entries(manifest):
-        files.append(DataFile(s.path, s.sha256, s.bytes))
-        if s.index is not None:
-            files.append(DataFile(s.index.path, s.index.sha256, s.index.bytes))
-    return files
+    return [f for s in manifest_shard_entries(manifest) for f in s.files()]
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -107,7 +88,7 @@ def _put_atomic(fs: fsspec.AbstractFileSystem, dest: str, *, local: Path | None 
         fs.pipe_file(dest, data)
 
 
-def _already_there(fs: fsspec.AbstractFileSystem, dest: str, entry: DataFile, size: int) -> bool:
+def _already_there(fs: fsspec.AbstractFileSystem, dest: str, entry: FileEntry, size: int) -> bool:
     try:
         info = fs.info(dest)
     except FileNotFoundError:
@@ -143,15 +124,10 @@ def publish(out_dir: str | Path, url: str, *, prune: bool = False,
     files = manifest_files(manifest)
 
     for f in files:
-        local = out / f.path
-        if not local.is_file():
-            raise PublishError(f"{local}: listed in {manifest_path} but missing")
-        size = local.stat().st_size
-        if size != f.bytes:
-            raise PublishError(f"{local}: {size} bytes, manifest says {f.bytes}")
-        got = sha256_file(local)
-        if got != f.sha256:
-            raise PublishError(f"{local}: sha256 {got} does not match manifest {f.sha256}")
+        try:
+            f.check(out / f.path, listed_in=str(manifest_path))
+        except FileEntryError as err:
+            raise PublishError(str(err)) from err
 
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     root = root.rstrip("/")
@@ -184,7 +160,7 @@ def publish(out_dir: str | Path, url: str, *, prune: bool = False,
     return report
 
 
-def _prune(fs: fsspec.AbstractFileSystem, root: str, files: list[DataFile]) -> list[str]:
+def _prune(fs: fsspec.AbstractFileSystem, root: str, files: list[FileEntry]) -> list[str]:
     """Delete shard and index files under root/shards that the (already published) manifest no longer lists."""
     root = fs._strip_protocol(root).rstrip("/")
     listed = {f"{root}/{f.path}" for f in files}

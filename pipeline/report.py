@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.status import FAILED_PERMANENT, FAILED_TRANSIENT, OK, PENDING
 from shards.sample_format import FLAC_MEMBER, JSON_MEMBER, decode_flac, decode_json
 from shards.writer import split_samples
 
@@ -120,8 +121,8 @@ def _markdown(result, rows: list[dict], measured: int, images: dict[str, str]) -
     c = result.counts
     lines = [f"# Build of split `{result.split}`", "",
              f"- output: `{result.out}`; manifest `{result.manifest_path}`",
-             f"- {result.total} clips: {c['ok']} ok, {c['failed-permanent']} failed permanently, "
-             f"{c['failed-transient']} failed transiently, {c['pending']} pending "
+             f"- {result.total} clips: {c[OK]} ok, {c[FAILED_PERMANENT]} failed permanently, "
+             f"{c[FAILED_TRANSIENT]} failed transiently, {c[PENDING]} pending "
              f"(failure rate {100 * result.failure_rate:.1f}%); {len(result.shards)} shards",
              f"- this run: {len(result.changes['added'])} samples added, {len(result.changes['removed'])} removed, "
              f"{len(result.changes['retried'])} clips retried, {len(result.changes['shards_written'])} shards "
@@ -137,7 +138,7 @@ def _markdown(result, rows: list[dict], measured: int, images: dict[str, str]) -
             lines += [f"| {section} | clips |", "|---|---:|"]
             lines += [f"| {r['name']} | {r['clips']} |" for r in part]
         lines.append("")
-    note = f"{measured} of {c['ok']} ok clips measured" + (" (a seeded sample)" if measured < c["ok"] else "")
+    note = f"{measured} of {c[OK]} ok clips measured" + (" (a seeded sample)" if measured < c[OK] else "")
     lines += [f"## Plots ({note})", ""]
     lines += [f"![{name}]({src})" for name, src in images.items()]
     return "\n".join(lines) + "\n"

@@ -59,7 +59,6 @@ docs/original.md, for checkpoint compatibility).
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import importlib.metadata
 import json
 import platform
@@ -74,51 +73,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urljoin, urlparse, uses_relative
 
+from pipeline.status import COUNTED
 from shards.atomic import atomic_write_bytes
-from shards.hashing import file_sha256
+from shards.file_entry import FileEntry, ShardEntry
+from shards.hashing import bytes_sha256
 from shards.writer import ShardBuildResult, num_shards_for, validate_split
 
 FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)   # 1: shards without a member index
 SAMPLE_FORMAT_VERSION = 1   # bump when the member layout of a sample changes
 MANIFEST_NAME = "manifest.json"
-STATUSES = ("ok", "failed-permanent", "failed-transient", "pending")
 _SECRET_KEY_RE = re.compile(r"pass(word)?|secret|token|api[_-]?key|credential|auth", re.IGNORECASE)
 _URL_USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^@/\s]+)@")
 # KEY=VALUE inside a string whose KEY looks secret, e.g. yt-dlp's --extractor-args "youtube:po_token=web.gvs+T".
 _KV_SECRET_RE = re.compile(r"(?P<key>[\w-]*(?:pass(?:word)?|secret|token|api[_-]?key|credential|auth|visitor_data)"
                            r"[\w-]*)=(?P<value>[^;&\s]+)", re.IGNORECASE)
-
-
-@dataclass
-class IndexEntry:
-    """A shard's member index sidecar (shards.index)."""
-    path: str
-    sha256: str
-    bytes: int
-
-
-@dataclass
-class ShardEntry:
-    path: str
-    sha256: str
-    bytes: int
-    num_samples: int
-    index: IndexEntry | None = None   # format_version >= 2
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ShardEntry":
-        d = dict(d)
-        if d.get("index") is not None:
-            d["index"] = IndexEntry(**d["index"])
-        return cls(**d)
-
-
-@dataclass
-class InputFile:
-    path: str
-    sha256: str
-    bytes: int
 
 
 @dataclass
@@ -155,7 +124,7 @@ class SplitManifest:
     fingerprint: str
     fingerprint_parts: dict
     tool_versions: dict
-    inputs: list[InputFile]
+    inputs: list[FileEntry]
     samples_per_shard: int
     num_shards: int
     num_samples: int
@@ -173,8 +142,8 @@ class SplitManifest:
         if missing:
             raise ValueError(f"{where}: split entry lacks fields {sorted(missing)}")
         d = {k: d[k] for k in names}
-        d["inputs"] = [InputFile(**x) for x in d["inputs"]]
-        d["shards"] = [ShardEntry.from_dict(x) for x in d["shards"]]
+        d["inputs"] = [FileEntry.from_dict(x, f"{where} input #{i}") for i, x in enumerate(d["inputs"])]
+        d["shards"] = [ShardEntry.from_dict(x, f"{where} shard #{i}") for i, x in enumerate(d["shards"])]
         d["failures"] = [Failure(**x) for x in d["failures"]]
         d["norm_stats"] = NormStats(**d["norm_stats"]) if d["norm_stats"] is not None else None
         d["changes"] = Changes(**d["changes"])
@@ -202,11 +171,7 @@ class DatasetManifest:
     @classmethod
     def from_dict(cls, d: Any, where: str = "manifest") -> "DatasetManifest":
         check_manifest(d, where)
-        version = d.get("format_version")
-        if version not in READABLE_FORMAT_VERSIONS:
-            raise ValueError(f"{where}: format_version {version!r} is not supported (this code reads "
-                             f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}); rebuild the dataset or use a "
-                             f"matching version of this code")
+        version = check_format_version(d, where)
         return cls(version, {name: SplitManifest.from_dict(s, f"{where} split {name!r}")
                              for name, s in d["splits"].items()},
                    frames_per_clip=d.get("frames_per_clip"), fbank=d.get("fbank"))
@@ -237,7 +202,7 @@ def fingerprint_parts(extract_cfg, fbank_cfg) -> dict:
 
 def fingerprint(parts: dict) -> str:
     canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+    return bytes_sha256(canonical.encode("ascii"))
 
 
 def _pkg_version(name: str) -> str:
@@ -267,11 +232,6 @@ def tool_versions(ffmpeg_bin: str = "ffmpeg") -> dict:
             "libsndfile": soundfile.__libsndfile_version__, "ffmpeg-python": _pkg_version("ffmpeg-python")}
 
 
-def input_file(path: Path) -> InputFile:
-    path = Path(path)
-    return InputFile(path=str(path), sha256=file_sha256(path), bytes=path.stat().st_size)
-
-
 def _failure(x: Any) -> Failure:
     get = (lambda k: x.get(k)) if isinstance(x, dict) else (lambda k: getattr(x, k, None))
     return Failure(key=str(get("key")), status=str(get("status")), reason=str(get("reason") or ""),
@@ -295,10 +255,10 @@ def make_split_manifest(*, split: str, config: dict, extract_cfg, fbank_cfg, inp
     norm = NormStats(mean=stats.mean, std=stats.std, count=stats.count) if stats.count else None
     return SplitManifest(
         split=split, config=redact(config), fingerprint=fingerprint(parts), fingerprint_parts=parts,
-        tool_versions=tool_versions(ffmpeg_bin) | dict(extra_tools or {}), inputs=[input_file(p) for p in inputs],
+        tool_versions=tool_versions(ffmpeg_bin) | dict(extra_tools or {}), inputs=[FileEntry.of_file(p) for p in inputs],
         samples_per_shard=samples_per_shard, num_shards=num_shards, num_samples=build.num_samples,
-        shards=[ShardEntry.from_dict(asdict(s)) for s in build.shards],
-        counts={s: int(counts.get(s, 0)) for s in STATUSES} | {k: int(v) for k, v in counts.items()},
+        shards=list(build.shards),
+        counts={s: int(counts.get(s, 0)) for s in COUNTED} | {k: int(v) for k, v in counts.items()},
         failures=sorted((_failure(f) for f in failures), key=lambda f: f.key), norm_stats=norm, changes=changes,
         updated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
@@ -388,6 +348,16 @@ def check_manifest(data: Any, location: str) -> dict:
     return data
 
 
+def check_format_version(data: dict, where: str) -> int:
+    """The manifest's format_version, when this code reads it; else a `ManifestError` saying what to do."""
+    version = data.get("format_version")
+    if version not in READABLE_FORMAT_VERSIONS:
+        raise ManifestError(f"{where}: format_version {version!r} is not supported (this code reads "
+                            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}); rebuild the dataset or use a "
+                            f"matching version of this code")
+    return version
+
+
 def parse_manifest(raw: bytes, location: str) -> dict:
     """JSON of a manifest's bytes, checked (`check_manifest`)."""
     try:
@@ -412,6 +382,23 @@ def read_manifest(data: str | Path) -> tuple[str, dict]:
     except FileNotFoundError as e:
         raise FileNotFoundError(f"dataset manifest {location} does not exist") from e
     return location, parse_manifest(raw, location)
+
+
+def read_split(data: str | Path, split: str) -> tuple[str, SplitManifest]:
+    """(location, full-schema entry of `split`) of the manifest of `data` (as `read_manifest`).
+
+    Only that split's entry is parsed, so a damaged entry of another split does not keep this one from being
+    read; anything wrong with it is a `ManifestError` naming the file, the split and the field."""
+    location, raw = read_manifest(data)
+    check_format_version(raw, f"dataset manifest {location}")
+    splits = raw["splits"]
+    if split not in splits:
+        raise ManifestError(f"dataset manifest {location} has no split {split!r} (splits: {sorted(splits)})")
+    try:
+        return location, SplitManifest.from_dict(splits[split], f"dataset manifest {location} split {split!r}")
+    except (TypeError, ValueError) as e:   # TypeError: a record with other fields than its dataclass
+        raise ManifestError(str(e) if isinstance(e, ValueError) else
+                            f"dataset manifest {location} split {split!r}: {e}") from e
 
 
 def resolve_path(location: str, path: str, shard_base: str = "") -> str:

@@ -9,15 +9,35 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from shards.file_entry import ShardEntry
+from shards.manifest import ManifestError, read_split, resolve_path
 
-@dataclass
+
+@dataclass(frozen=True)
 class ShardInfo:
+    """A shard as the loader opens it: the manifest's entry (shards.file_entry.ShardEntry, paths relative to the
+    manifest) and where its files are, resolved (absolute local paths or URLs). Its own type rather than the
+    entry because what a reader opens is the resolved URL, never the manifest's path; the size, sha256 and
+    count are the entry's, not copies."""
+    entry: ShardEntry
     url: str
-    num_samples: int
-    bytes: int | None = None          # size and sha256 from the manifest, when it records them
-    sha256: str | None = None
     index_url: str | None = None      # member index sidecar (manifest format 2), else header parsing
-    index_sha256: str | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return self.entry.num_samples
+
+    @property
+    def bytes(self) -> int:
+        return self.entry.bytes
+
+    @property
+    def sha256(self) -> str:
+        return self.entry.sha256
+
+    @property
+    def index_sha256(self) -> str | None:
+        return self.entry.index.sha256 if self.entry.index is not None else None
 
 
 @dataclass
@@ -39,34 +59,24 @@ class SplitInfo:
 def load_split(data: str, split: str, shard_base: str = "") -> SplitInfo:
     """Read the shard list of `split` from the dataset manifest (a directory or a manifest URL).
 
-    The manifest is read and checked by shards.manifest (relative paths only, each shard once, counts that add
-    up); every shard and index path resolves under the manifest's location, or under `shard_base` when the user
-    gives one (shards.manifest.resolve_path)."""
-    from shards.manifest import ManifestError, read_manifest, resolve_path
-    url, raw = read_manifest(data)
-    splits = raw["splits"]
-    if split not in splits:
-        raise ManifestError(f"dataset manifest {url} has no split {split!r} (splits: {sorted(splits)})")
-    entry = splits[split]
-    if not entry["shards"]:
+    The manifest is read and checked by shards.manifest (`read_split`: relative paths only, each shard once,
+    counts that add up, the split's entry in the full schema); every shard and index path resolves under the
+    manifest's location, or under `shard_base` when the user gives one (shards.manifest.resolve_path)."""
+    url, entry = read_split(data, split)
+    if not entry.shards:
         raise ManifestError(f"dataset manifest {url}: split {split!r} lists no shards")
-    shards = []
-    for s in entry["shards"]:
-        index = s.get("index")
-        shards.append(ShardInfo(resolve_path(url, s["path"], shard_base), s["num_samples"],
-                                bytes=int(s["bytes"]) if s.get("bytes") is not None else None,
-                                sha256=s.get("sha256"),
-                                index_url=resolve_path(url, index["path"], shard_base) if index else None,
-                                index_sha256=index["sha256"] if index else None))
+    shards = [ShardInfo(s, resolve_path(url, s.path, shard_base),
+                        resolve_path(url, s.index.path, shard_base) if s.index is not None else None)
+              for s in entry.shards]
     if not sum(s.num_samples for s in shards):
         raise ManifestError(f"dataset manifest {url}: split {split!r} holds no samples")
-    # Two manifest shapes: the pipeline's (shards.manifest: per split, fingerprint_parts.extract/fbank) and a
-    # flat one (top-level frames_per_clip / fbank) that hand-made test datasets use.
-    parts = entry.get("fingerprint_parts") or {}
-    frames = (parts.get("extract") or {}).get("frames", raw.get("frames_per_clip"))
-    if frames is None:
-        raise ManifestError(f"dataset manifest {url}: split {split!r} does not say its frames per clip")
-    fbank = parts.get("fbank") or raw.get("fbank") or {}
-    return SplitInfo(split=split, shards=shards, frames_per_clip=int(frames), manifest_url=url, fbank=dict(fbank),
-                     target_length=int(fbank.get("target_length", 1024)),
-                     num_mel_bins=int(fbank.get("num_mel_bins", 128)))
+    parts = entry.fingerprint_parts
+    try:
+        frames, fbank = int(parts["extract"]["frames"]), dict(parts["fbank"])
+        target_length, num_mel_bins = int(fbank["target_length"]), int(fbank["num_mel_bins"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ManifestError(f"dataset manifest {url}: split {split!r} does not say its frames per clip and fbank "
+                            f"shape (fingerprint_parts.extract.frames, .fbank.target_length and .num_mel_bins: "
+                            f"{type(e).__name__} {e})") from e
+    return SplitInfo(split=split, shards=shards, frames_per_clip=frames, manifest_url=url, fbank=fbank,
+                     target_length=target_length, num_mel_bins=num_mel_bins)

@@ -55,6 +55,7 @@ from shards.atomic import HashingFile as _HashingFile
 from shards.atomic import atomic_write_bytes, atomic_writer, crash_point, remove_stale_temps
 from shards.atomic import fsync_dir as _fsync_dir
 from shards.atomic import temp_path as _tmp_path
+from shards.file_entry import FileEntry, ShardEntry
 from shards.hashing import file_sha256
 from shards.index import TAR_BLOCK, ShardError, ShardIndex, check_member_header, index_path, scan_tar
 from shards.sample_format import (FBANK_MEMBER, JSON_MEMBER, KEY_RE, REQUIRED_MEMBERS, SampleFormatError, decode_json,
@@ -184,25 +185,8 @@ def read_staged_meta(path: Path) -> dict:
 # ---------------------------------------------------------------- shards
 
 @dataclass
-class IndexInfo:
-    """The member index sidecar of a shard (shards.index)."""
-    path: str          # relative to the output directory, posix
-    sha256: str
-    bytes: int
-
-
-@dataclass
-class ShardInfo:
-    path: str          # relative to the output directory, posix
-    sha256: str
-    bytes: int
-    num_samples: int
-    index: IndexInfo | None = None
-
-
-@dataclass
 class ShardBuildResult:
-    shards: list[ShardInfo]
+    shards: list[ShardEntry]   # the manifest's records of the shards written or kept
     written: list[str] = field(default_factory=list)    # shard files whose bytes changed (or are new)
     unchanged: list[str] = field(default_factory=list)  # left untouched: same bytes as before
     removed: list[str] = field(default_factory=list)    # shards that became empty
@@ -297,9 +281,9 @@ def build_shards(out_dir: Path, split: str, num_shards: int, keys: list[str] | N
         sha, size, written, (idx_sha, idx_size) = _write_shard_stream(
             path, samples.stream(groups[idx], result.stats))
         rel = path.relative_to(out_dir).as_posix()
-        index = IndexInfo(path=index_path(path).relative_to(out_dir).as_posix(), sha256=idx_sha, bytes=idx_size)
-        result.shards.append(ShardInfo(path=rel, sha256=sha, bytes=size, num_samples=len(groups[idx]),
-                                       index=index))
+        index = FileEntry(path=index_path(path).relative_to(out_dir).as_posix(), sha256=idx_sha, bytes=idx_size)
+        result.shards.append(ShardEntry(path=rel, sha256=sha, bytes=size, num_samples=len(groups[idx]),
+                                        index=index))
         (result.written if written else result.unchanged).append(rel)
         result.num_samples += len(groups[idx])
         result.keys += groups[idx]

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from shards.loader import LoaderConfig, make_loader
+from tests.real_manifest import index_shards, write_real_manifest
 
 
 def _jpeg(level: int, size: int) -> bytes:
@@ -33,11 +34,10 @@ def build_dataset(root: Path, shard_sizes: dict[str, list[int]], frames: int = 2
     """Writes shards/{split}/{split}-{i:05d}.tar and manifest.json; clip numbers run on across splits."""
     import webdataset as wds
     jpegs = [_jpeg(10 * f, size) for f in range(frames)]
-    manifest = {"format_version": 1, "frames_per_clip": frames,
-                "fbank": {"target_length": target_length, "num_mel_bins": mel}, "splits": {}}
+    splits: dict[str, list[tuple[str, int]]] = {}
     c = 0
     for split, sizes in shard_sizes.items():
-        entries = []
+        entries = splits.setdefault(split, [])
         for i, n in enumerate(sizes):
             rel = f"shards/{split}/{split}-{i:05d}.tar"
             path = root / rel
@@ -55,28 +55,13 @@ def build_dataset(root: Path, shard_sizes: dict[str, list[int]], frames: int = 2
                         sample[f"frame{f:02d}.jpg"] = jpegs[f]
                     w.write(sample)
                     c += 1
-            entries.append({"path": rel, "num_samples": n, "bytes": path.stat().st_size})
-        manifest["splits"][split] = {"shards": entries}
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return root
+            entries.append((rel, n))
+    return write_real_manifest(root, splits, frames=frames, target_length=target_length, num_mel_bins=mel)
 
 
 def add_member_indexes(root: Path) -> Path:
     """Give every shard of a hand-made dataset its member index sidecar and a format-2 manifest entry."""
-    from shards.index import index_path
-    from shards.hashing import file_sha256
-    from shards.writer import write_shard_index
-    m = json.loads((root / "manifest.json").read_text())
-    m["format_version"] = 2
-    for entries in m["splits"].values():
-        for s in entries["shards"]:
-            path = root / s["path"]
-            s["sha256"] = file_sha256(path)
-            idx_sha, idx_bytes = write_shard_index(path)
-            s["index"] = {"path": index_path(path).relative_to(root).as_posix(), "sha256": idx_sha,
-                          "bytes": idx_bytes}
-    (root / "manifest.json").write_text(json.dumps(m, indent=1))
-    return root
+    return index_shards(root)
 
 
 def run_epoch(cfg: LoaderConfig, world_size: int, epoch: int = 0, start_batch: int = 0) -> list[list[dict]]:

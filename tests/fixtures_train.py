@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.real_manifest import write_real_manifest
+
 CLASSES = [
     ("a dog barks", "a dog is barking loudly", (200, 30, 30)),
     ("rain falls on a roof", "heavy rain is falling", (30, 200, 30)),
@@ -73,12 +75,10 @@ def build_learnable_dataset(root: Path, splits: dict[str, list[int]], seed: int 
     """shards/{split}/{split}-{i:05d}.tar + manifest.json; clip n is class n % 4."""
     import webdataset as wds
     rng = np.random.default_rng(seed)
-    manifest = {"format_version": 1, "frames_per_clip": FRAMES,
-                "fbank": {"target_length": TARGET_LENGTH, "num_mel_bins": MEL_BINS, "sample_frequency": 16000},
-                "splits": {}}
+    shards: dict[str, list[tuple[str, int]]] = {}
     n = 0
     for split, sizes in splits.items():
-        entries = []
+        entries = shards.setdefault(split, [])
         for i, size in enumerate(sizes):
             rel = f"shards/{split}/{split}-{i:05d}.tar"
             path = root / rel
@@ -97,10 +97,8 @@ def build_learnable_dataset(root: Path, splits: dict[str, list[int]], seed: int 
                         sample[f"frame{f:02d}.jpg"] = _jpeg(rgb, 5 * f)
                     w.write(sample)
                     n += 1
-            entries.append({"path": rel, "num_samples": size})
-        manifest["splits"][split] = {"shards": entries}
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return root
+            entries.append((rel, size))
+    return write_real_manifest(root, shards, frames=FRAMES, target_length=TARGET_LENGTH, num_mel_bins=MEL_BINS)
 
 
 def make_train_data(root: Path, train_sizes: list[int], val_sizes: list[int]) -> TrainData:

@@ -17,7 +17,7 @@ from pipeline import orchestrate as flows
 from pipeline.build import BuildConfig, BuildError, ProcessJob, ProcessOutcome, run_build
 from pipeline.dask_runner import DaskClipRunner, chunked, read_journal, run_chunk
 from pipeline.download import DownloadConfig
-from pipeline.ledger import OK
+from pipeline.status import OK
 from tests.dask_jobs import log_lines, logged_slow_clip
 from tests.fixtures_ops import clip_key, make_build
 

@@ -181,3 +181,56 @@ def test_format_1_manifest_still_loads_and_is_upgraded_when_written(tmp_path):
     assert raw["format_version"] == FORMAT_VERSION == written.format_version == 2
     assert all(s["index"] is None for s in raw["splits"]["train"]["shards"])
     assert all(s["index"]["path"].endswith(".idx.json") for s in raw["splits"]["val"]["shards"])
+
+
+def test_file_entry_is_the_one_record_and_names_the_file_and_what_differs(tmp_path):
+    """Inputs, shards and indexes are one record (shards.file_entry): the writer's entries are the manifest's,
+    they round-trip through the manifest's JSON, a malformed one is refused naming it, and the check of a local
+    file says which file and what differs (missing, size before sha256)."""
+    from shards.file_entry import FileEntry, FileEntryError, ShardEntry
+    out = tmp_path / "ds"
+    _, entry = _entry(out, "train", 0, 3, tmp_path)
+    write_dataset_manifest(out, entry)
+    raw = json.loads((out / "manifest.json").read_text())["splits"]["train"]
+    assert all(type(s) is ShardEntry and type(s.index) is FileEntry for s in entry.shards)
+    assert [s.to_dict() for s in entry.shards] == raw["shards"]
+    assert [list(s) for s in raw["shards"]] == [["bytes", "index", "num_samples", "path", "sha256"]] * len(raw["shards"])
+    assert [FileEntry.from_dict(x) for x in raw["inputs"]] == entry.inputs
+    shard = entry.shards[0]
+    assert shard.files() == [shard, shard.index]
+    assert FileEntry.of_file(out / shard.path, shard.path) == FileEntry(shard.path, shard.sha256, shard.bytes)
+    shard.check(out / shard.path)
+    shard.index.check(out / shard.index.path)
+
+    for bad, message in [({**raw["shards"][0], "bytes": "12"}, "bytes '12' is not of type int"),
+                         ({k: v for k, v in raw["shards"][0].items() if k != "sha256"}, r"lacks fields \['sha256'\]"),
+                         ({**raw["shards"][0], "extra": 1}, r"unknown fields \['extra'\]"),
+                         ({**raw["shards"][0], "num_samples": -1}, "num_samples -1 is negative"),
+                         ({**raw["shards"][0], "index": {"path": "x.idx.json"}}, "shard #0 index: lacks fields")]:
+        with pytest.raises(FileEntryError, match=message):
+            ShardEntry.from_dict(bad, "shard #0")
+    broken = {"train": {**raw, "inputs": [{"path": "train.csv", "sha256": "0" * 64}]}}
+    with pytest.raises(ValueError, match=r"split 'train' input #0: lacks fields \['bytes'\]"):
+        load_dataset_manifest_from(tmp_path, broken)
+
+    local = out / shard.path
+    data = local.read_bytes()
+    local.write_bytes(data[:-1])
+    problem = shard.mismatch(local)
+    assert (problem.what, problem.where, problem.detail) == (
+        "size", str(local), f"{len(data) - 1} bytes, manifest says {shard.bytes}")
+    local.write_bytes(bytes([data[0] ^ 1]) + data[1:])
+    with pytest.raises(FileEntryError, match=rf"^{local}: sha256 [0-9a-f]{{64}} does not match manifest "
+                                             rf"{shard.sha256}$") as e:
+        shard.check(local)
+    assert e.value.what == "sha256"
+    local.unlink()
+    assert shard.mismatch(local, listed_in="DIR/manifest.json").detail == "listed in DIR/manifest.json but missing"
+
+
+def load_dataset_manifest_from(tmp_path: Path, splits: dict):
+    """Load a manifest whose split entries are `splits` (written as JSON by hand)."""
+    bad = tmp_path / "hand" / "manifest.json"
+    bad.parent.mkdir(exist_ok=True)
+    bad.write_text(json.dumps({"format_version": FORMAT_VERSION, "splits": splits}))
+    return load_dataset_manifest(bad)

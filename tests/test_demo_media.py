@@ -247,8 +247,8 @@ def test_server_ranges_head_and_404(small_dataset):
 
 def test_ytdlp_downloads_the_window_from_the_server(small_dataset, tmp_path):
     """The real download path (pipeline.download: yt-dlp generic extractor + download ranges) against it."""
+    from pipeline.clip_list import read_manifest
     from pipeline.download import DownloadConfig, download_clip
-    from pipeline.manifest import read_manifest
 
     clips = [c for s in ("train", "val", "test")
              for c in read_manifest(small_dataset.csv_paths[s], s).clips]

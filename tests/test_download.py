@@ -4,9 +4,9 @@ import subprocess
 
 import pytest
 
+from pipeline.clip_list import Clip
 from pipeline.download import (BotWallError, DownloadConfig, build_url, classify_error, download_clip,
                                download_many, find_local_media, remove_stale_attempts)
-from pipeline.manifest import Clip
 from tests.media import MediaSpec, Route, make_media
 
 

@@ -93,7 +93,7 @@ def test_evaluate_under_torchrun_reads_each_clip_once(learnable_data, tiny_check
 
 def test_evaluate_refuses_a_dataset_with_other_frames_per_clip(learnable_data, tiny_checkpoint, tmp_path):
     manifest = json.loads((learnable_data.root / "manifest.json").read_text())
-    manifest["frames_per_clip"] = 10
+    manifest["splits"]["val"]["fingerprint_parts"]["extract"]["frames"] = 10
     other = tmp_path / "manifest.json"
     other.write_text(json.dumps(manifest))
     from avcap.evaluate import EvalConfig, evaluate_checkpoint

@@ -97,3 +97,37 @@ def test_safetensors_of_foreign_layouts_and_damaged_files(reference_dir, tmp_pat
     (folder / "vocab.txt").write_text("[PAD]\n")
     with pytest.raises(CheckpointError, match=r"half/model\.safetensors: safetensors file does not exist"):
         load_checkpoint(folder)
+
+
+def test_an_export_is_built_under_the_projects_temp_name_and_a_killed_ones_folder_is_cleaned(
+        tmp_path, monkeypatch, bert_layout_vocab):
+    """save_export writes into `.{name}.tmp-{pid}-{random}` (shards.atomic's one scheme) with the usual folder
+    mode, so the one cleaner, remove_stale_temps, removes what a killed export left and spares a live one."""
+    import os
+    import subprocess
+    import sys
+
+    import safetensors.torch
+
+    from avcap.checkpoint import save_export
+    from shards.atomic import remove_stale_temps, temp_owner
+
+    seen = []
+    real = safetensors.torch.save_file
+
+    def spy(tensors, filename, metadata=None):
+        seen.append(os.path.basename(os.path.dirname(filename)))
+        return real(tensors, filename, metadata=metadata)
+    monkeypatch.setattr(safetensors.torch, "save_file", spy)
+    config = AVCapConfig.tiny()
+    out = save_export(tmp_path / "exp", AVCap(config), config, bert_layout_vocab, {"mean": -4.0, "std": 4.5}, 20)
+    assert len(seen) == 1 and seen[0].startswith(".exp.tmp-") and temp_owner(seen[0]) == os.getpid()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == (0o777 & ~umask)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".exp2.tmp-{dead.pid}-abcd1234").mkdir()
+    (tmp_path / seen[0]).mkdir()          # a live writer's (ours)
+    assert remove_stale_temps(tmp_path) == [tmp_path / f".exp2.tmp-{dead.pid}-abcd1234"]
+    assert (tmp_path / seen[0]).is_dir() and (out / "model.safetensors").is_file()

@@ -2,8 +2,8 @@ import sqlite3
 
 import pytest
 
+from pipeline.clip_list import Clip
 from pipeline.ledger import Ledger
-from pipeline.manifest import Clip
 
 
 def _clips(*ids):
@@ -107,3 +107,25 @@ def test_a_ledger_from_before_removed_is_migrated_in_place(tmp_path):
         assert led.get("AAAAAAAAAAA_0_10000").status == "removed"
     sql = sqlite3.connect(path).execute("SELECT sql FROM sqlite_master WHERE name='clips'").fetchone()[0]
     assert "'removed'" in sql
+
+
+def test_clip_status_is_the_one_status_and_the_files_hold_its_plain_strings(tmp_path):
+    """pipeline.status.ClipStatus is what the ledger accepts and stores (its schema's CHECK list is the enum's
+    values) and what it returns; the manifest counts all but `removed`. The sqlite file holds plain text values."""
+    import re
+
+    from pipeline.ledger import _SCHEMA
+    from pipeline.status import COUNTED, STATUSES, ClipStatus
+    check = re.search(r"CHECK \(status IN \(([^)]*)\)\)", _SCHEMA).group(1)
+    assert re.findall(r"'([^']+)'", check) == [s.value for s in ClipStatus] == list(STATUSES)
+    assert [s.value for s in ClipStatus] == ["ok", "failed-permanent", "failed-transient", "pending", "removed"]
+    assert list(COUNTED) == ["ok", "failed-permanent", "failed-transient", "pending"]   # a manifest's counts
+    path = tmp_path / "l.sqlite"
+    with Ledger(path, "train") as led:
+        led.upsert_pending(_clips("AAAAAAAAAAA", "BBBBBBBBBBB"))
+        led.record("AAAAAAAAAAA_0_10000", ClipStatus.FAILED_PERMANENT, "private")
+        led.mark_removed(["BBBBBBBBBBB_0_10000"])
+        a = led.get("AAAAAAAAAAA_0_10000")
+        assert a.status is ClipStatus.FAILED_PERMANENT and all(type(k) is ClipStatus for k in led.counts())
+    rows = sqlite3.connect(path).execute("SELECT key, status, typeof(status) FROM clips ORDER BY key").fetchall()
+    assert rows == [("AAAAAAAAAAA_0_10000", "failed-permanent", "text"), ("BBBBBBBBBBB_0_10000", "removed", "text")]

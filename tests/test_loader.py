@@ -12,6 +12,7 @@ import torch
 from shards.epoch_plan import batches_per_epoch
 from shards.index import ShardError
 from shards.loader import LoaderConfig, make_loader
+from shards.manifest import ManifestError
 from shards.split_info import load_split
 from tests.fixtures_loader import (add_member_indexes, batches_as_data, build_dataset, check_batch_content,
                                    clip_number, run_epoch, same_batches)
@@ -115,6 +116,7 @@ def test_shard_with_fewer_samples_than_manifest_says_is_an_error(tiny_shards, tm
     shutil.copytree(tiny_shards, root)
     m = json.loads((root / "manifest.json").read_text())
     m["splits"]["val"]["shards"][0]["num_samples"] = 8
+    m["splits"]["val"]["num_samples"] = 8   # a manifest that adds up; the shard file holds one less
     (root / "manifest.json").write_text(json.dumps(m))
     cfg = LoaderConfig(data=str(root), split="val", batch_size=4, num_workers=0, train=False)
     with pytest.raises(ShardError, match="val-00000.tar: holds 7 samples, the manifest says 8"):
@@ -144,6 +146,16 @@ def test_bad_manifest_inputs_are_named(tiny_shards, tmp_path):
     assert batches_per_epoch(info, world_size=2, num_workers=2, batch_size=3, train=True) == 2
     with pytest.raises(ValueError, match="num_frames=21 but the dataset has 20"):
         make_loader(LoaderConfig(data=str(tiny_shards), num_frames=21, num_workers=0))
+    # One manifest form, the pipeline's: a split entry that lists only its shards (frames per clip and fbank at
+    # the top, as hand-made datasets once had) is refused, naming the split and what it lacks.
+    flat = tmp_path / "flat" / "manifest.json"
+    flat.parent.mkdir()
+    flat.write_text(json.dumps({"format_version": 2, "frames_per_clip": 20, "fbank": {"target_length": 1024},
+                                "splits": {"train": {"shards": [{"path": "shards/train/train-00000.tar",
+                                                                 "num_samples": 5}]}}}))
+    with pytest.raises(ManifestError, match=r"flat/manifest.json split 'train': split entry lacks fields "
+                                            r"\['changes', 'config', .*'fingerprint_parts'"):
+        load_split(str(flat.parent), "train")
 
 
 # -----------------------------------------------------------------------------

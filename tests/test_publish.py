@@ -10,7 +10,8 @@ import tarfile
 import fsspec
 import pytest
 
-from pipeline.publish import PublishError, publish, sha256_file
+from pipeline.publish import PublishError, publish
+from shards.hashing import file_sha256
 from shards.loader import LoaderConfig, make_loader
 from shards.manifest import load_dataset_manifest
 from tests.fixtures_ops import copy_build
@@ -64,7 +65,7 @@ def test_publish_to_file_url_then_idempotent(ops_build, tmp_path):
     assert (dest / "manifest.json").read_bytes() == (ops_build.out_dir / "manifest.json").read_bytes()
     assert sum(_read_back(url).values()) == len(ops_build.keys)
     for s in local.splits["test"].shards:   # each index arrives as the manifest describes it
-        assert sha256_file(dest / s.index.path) == s.index.sha256
+        assert file_sha256(dest / s.index.path) == s.index.sha256
     # Only what readers need goes out: no ledger, staging, media, and no temporary files left behind.
     published = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
     assert published == sorted(files + ["manifest.json"])
@@ -79,7 +80,7 @@ def test_publish_to_file_url_then_idempotent(ops_build, tmp_path):
     victim = dest / shard_paths[0]
     victim.write_bytes(victim.read_bytes()[:-1] + b"\1")
     fixed = publish(ops_build.out_dir, url)
-    assert fixed.uploaded == [shard_paths[0]] and sha256_file(victim) == sha256_file(ops_build.out_dir / shard_paths[0])
+    assert fixed.uploaded == [shard_paths[0]] and file_sha256(victim) == file_sha256(ops_build.out_dir / shard_paths[0])
 
 
 def test_publish_to_memory_store_and_plain_path(ops_build, tmp_path):

@@ -23,10 +23,11 @@ from pipeline import orchestrate as flows
 from pipeline.audit_checks import run_audit
 from pipeline.audit_report import AuditConfig
 from pipeline.build import BuildConfig, BuildError, run_build
-from pipeline.download import DownloadConfig, sha256_file
+from pipeline.clip_list import ManifestError, read_manifest, read_manifests
+from pipeline.download import DownloadConfig
 from pipeline.extract import ExtractConfig, extract_clip
 from pipeline.ledger import Ledger
-from pipeline.manifest import ManifestError, read_manifest, read_manifests
+from shards.hashing import file_sha256
 from shards.sample_format import decode_flac
 from shards.writer import split_samples
 from tests.mounts import mounted_tmpfs
@@ -84,8 +85,8 @@ def test_a_linked_whole_video_is_cut_at_its_start_time_and_the_audit_rederives_t
         sample = split_samples(out, "test").sample(key)
         wav, _ = decode_flac(sample.members["flac"], f"{key}.flac")
         assert (wav == extract_clip(blob, 5, ExtractConfig(frames=FRAMES)).waveform).all(), f"{key}: wrong window"
-        assert sample.meta["media_offset"] == 5.0 and sample.meta["media_sha256"] == sha256_file(blob)
-        assert _ledger(out)[key].media_sha256 == sha256_file(blob)
+        assert sample.meta["media_offset"] == 5.0 and sample.meta["media_sha256"] == file_sha256(blob)
+        assert _ledger(out)[key].media_sha256 == file_sha256(blob)
     assert run_audit(AuditConfig(out, sample=-1)).ok
 
     # The same bytes under a cut clip's name would be cut at 0: the audit derives that and fails.

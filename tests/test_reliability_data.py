@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from shards.file_entry import FileEntry
 from shards.index import ShardError
 from shards.loader import LoaderConfig, make_loader
 from shards.split_info import load_split
@@ -258,8 +259,10 @@ def test_missing_or_empty_eval_split_fails_before_training(learnable_data, tmp_p
     shutil.copytree(learnable_data.root, root)
     (root / "shards" / "empty").mkdir()
     tarfile.open(root / "shards" / "empty" / "empty-00000.tar", "w").close()
-    _edit_manifest(root, lambda m: m["splits"].update(empty={"shards": [{"path": "shards/empty/empty-00000.tar",
-                                                                         "num_samples": 0}]}))
+    empty = FileEntry.of_file(root / "shards" / "empty" / "empty-00000.tar", "shards/empty/empty-00000.tar")
+    _edit_manifest(root, lambda m: m["splits"].update(empty={
+        **m["splits"]["train"], "split": "empty", "num_samples": 0,
+        "shards": [{**empty.to_dict(), "num_samples": 0, "index": None}]}))
     data = type(learnable_data)(**{**learnable_data.__dict__, "root": root})
     with pytest.raises(ValueError, match=r"--eval-split 'empty'.*holds no samples"):
         train(_cfg(data, out, eval_every=1, eval_split="empty", max_steps=1))

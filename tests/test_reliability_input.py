@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.clip_list import ManifestError, read_manifest
 from pipeline.ledger import Ledger
-from pipeline.manifest import ManifestError, read_manifest
 from tests.media import MediaSpec, Route, make_media
 
 REPO = Path(__file__).resolve().parent.parent

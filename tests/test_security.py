@@ -13,9 +13,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from pipeline.clip_list import Clip
 from pipeline.download import (DEFAULT_URL_TEMPLATE, DownloadConfig, build_url, classify_error, is_youtube_template,
                                validate_url_template, worker_job)
-from pipeline.manifest import Clip
 from tests.media import Route
 
 REPO = Path(__file__).resolve().parent.parent

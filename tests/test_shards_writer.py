@@ -258,8 +258,7 @@ def test_member_index_matches_the_tar_members_and_is_deterministic(tmp_path):
         assert listed == set(members)
         # What the index says, read back through the loader's indexed reader: each sample's exact members.
         by_key = {s.key: s for s in samples}
-        reader = IndexedShardReader(ShardInfo(str(shard), info.num_samples, bytes=info.bytes, sha256=info.sha256,
-                                              index_url=str(sidecar), index_sha256=info.index.sha256))
+        reader = IndexedShardReader(ShardInfo(info, str(shard), index_url=str(sidecar)))
         read = {k: {suffix: bytes(b) for suffix, b in ms.items()}
                 for k, ms in reader.samples(lambda k: set(index.members))}
         reader.close()

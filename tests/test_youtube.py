@@ -20,12 +20,12 @@ import pytest
 from PIL import Image
 
 from pipeline import orchestrate as flows
+from pipeline.clip_list import Clip
 from pipeline.doctor import ejs_version, js_runtime_info, run_checks
 from pipeline.download import (DownloadConfig, RequestPacer, classify_error, download_clip, download_many,
                                expected_hours)
 from pipeline.extract import ExtractConfig, extract_clip
 from pipeline.ledger import Ledger
-from pipeline.manifest import Clip
 from shards.manifest import load_dataset_manifest, redact
 from tests.media import MediaSpec, Route, make_media
 from tests.ytdlp_messages import LOGIN_HINT, MESSAGES, SOURCE_FRAGMENTS

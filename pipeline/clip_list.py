@@ -31,7 +31,7 @@ MAX_START_TIME = 10_000_000
 
 
 class ManifestError(ValueError):
-    """The manifest file as a whole cannot be read."""
+    """The clip list file (CSV or JSON) as a whole cannot be read."""
 
 
 @dataclass

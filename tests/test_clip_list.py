@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from pipeline.manifest import (ManifestError, clip_key, read_manifest, read_manifests, validate_start_time,
+from pipeline.clip_list import (ManifestError, clip_key, read_manifest, read_manifests, validate_start_time,
                                validate_youtube_id)
 from tests.conftest import AUDIOCAPS_DIR
 

@@ -21,11 +21,11 @@ reads them: AWS_*, FSSPEC_S3_*), gs:// and any other protocol go through fsspec.
 worker's CPU goes to decoding and to the HTTP client. Fetching a sample's two ranges (~280 kB) from nginx on
 loopback, alone, cost 0.27 ms of CPU through fsspec/aiohttp (cat_ranges, 32 at a time), 0.08-0.11 ms through
 libcurl, 0.20 through http.client and 0.39 through urllib3 (readinto into a preallocated buffer); in the loader a
-sample cost 0.71-0.99 ms of CPU through aiohttp, 0.59-0.63 through libcurl, 0.36 read locally
-(BENCHMARKS.md "remote"). libcurl also moves the bytes with the GIL released, beside the decoding. Both clients keep the same semantics:
-requests of a window run concurrently, connections are reused, a connect or a stalled read times out after
-`timeout_s`, redirects are followed, errors are classified and named alike (tests/test_remote.py runs the fault
-tests through both).
+sample cost 0.71-0.99 ms of CPU through aiohttp, 0.59-0.63 through libcurl, 0.36 read locally (BENCHMARKS.md
+"remote"). libcurl also moves the bytes with the GIL released, beside the decoding. Both clients keep the same
+semantics: requests of a window run concurrently, connections are reused, a connect or a stalled read times out
+after `timeout_s`, redirects are followed, errors are classified and named alike (tests/test_remote.py runs the
+fault tests through both).
 
 Each byte at most once per epoch and slot: the loader hands every reader of a slot one `SlotCache`, which keeps
 the parsed indexes and the member bytes of the samples a wrap-around pass will read again (see ShardStream).

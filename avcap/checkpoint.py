@@ -39,11 +39,9 @@ from avcap.statemap import (CheckpointError, KeyNote, Layout, LoadReport, abbrev
 from avcap.tokenizer import (validate_vocab, parse_vocab_text, read_vocab_file, special_ids, tokenizer_from_vocab,
                              tokenizer_vocab)
 from shards.atomic import fsync_dir, temp_path
-from shards.atomic import remove_stale_temps as _remove_stale_temps
 
 __all__ = ["CheckpointError", "KeyNote", "LoadReport", "LoadedCheckpoint", "load_pretrained", "map_state_dict",
            "save_checkpoint", "save_export", "load_checkpoint", "read_torch_file", "read_checkpoint_file",
-           "remove_stale_temps",
            "is_export_dir"]
 
 # The reader of our .pt checkpoints (and of every torch file): avcap.statemap's, under the name callers use.
@@ -213,12 +211,6 @@ def _check_config_consistency(config: dict[str, Any], vocab: list[str], where: s
         if name in config and config[name] != value:
             raise ValueError(f"{where}: model config {name}={config[name]} but the tokenizer's is {value}")
 
-
-def remove_stale_temps(directory: str | Path) -> list[Path]:
-    """Delete the temp files that a killed save_checkpoint left in `directory` (their pid is gone): a save that
-    dies mid-write never replaces the finished file, but its temp file (the size of a checkpoint) would stay
-    forever; a writer that is still running keeps its file. The project's one cleaner (shards.atomic)."""
-    return _remove_stale_temps(directory)
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, model_config: Any, tokenizer_vocab: Any,

@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
-from avcap.checkpoint import remove_stale_temps, save_checkpoint
+from avcap.checkpoint import save_checkpoint
 from avcap.distributed import DistEnv, gather_objects
 from avcap.evaluate import selection_metric
 from avcap.tokenizer import tokenizer_vocab
+from shards.atomic import remove_stale_temps
 from avcap.train_config import TrainConfig
 from avcap.train_state import Position, training_state
 from shards.atomic import atomic_copy, atomic_write_text

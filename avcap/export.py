@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from avcap.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint, save_export
+from shards.manifest import ManifestError, load_dataset_manifest
 
 
 def _run_dir(ckpt: Path) -> Path | None:
@@ -31,16 +32,9 @@ def _read_json(path: Path) -> Any:
 
 
 def manifest_fingerprints(manifest: str) -> dict[str, str]:
-    """{split: fingerprint} of a local dataset manifest (a directory holding manifest.json, or the file)."""
-    path = Path(manifest)
-    if path.is_dir():
-        path = path / "manifest.json"
-    raw = _read_json(path)
-    splits = raw.get("splits") if isinstance(raw, dict) else None
-    if not isinstance(splits, dict):
-        return {}
-    return {name: entry["fingerprint"] for name, entry in sorted(splits.items())
-            if isinstance(entry, dict) and isinstance(entry.get("fingerprint"), str)}
+    """{split: fingerprint} of a dataset manifest (a directory holding manifest.json, the file, or a URL), read
+    through the one checked manifest reader: a damaged manifest is an error naming it, not an empty record."""
+    return {name: entry.fingerprint for name, entry in sorted(load_dataset_manifest(manifest).splits.items())}
 
 
 def run_metrics(run: Path | None) -> dict[str, Any]:
@@ -72,8 +66,15 @@ def model_card(ckpt: Path, loaded: LoadedCheckpoint, manifest: str | None = None
     train_config = training.get("train_config") or {}
     run = _run_dir(ckpt)
     run_info = _read_json(run / "config.json") if run else None
-    manifest = manifest or (run_info or {}).get("manifest") or train_config.get("data")
-    fingerprints = manifest_fingerprints(manifest) if manifest else {}
+    fingerprints: dict[str, str] = {}
+    if manifest:   # the one asked for: a manifest that cannot be read is the user's error
+        fingerprints = manifest_fingerprints(manifest)
+    else:          # the one the run recorded may live on the machine that trained
+        manifest = (run_info or {}).get("manifest") or train_config.get("data")
+        try:
+            fingerprints = manifest_fingerprints(manifest) if manifest else {}
+        except (ManifestError, OSError):
+            fingerprints = {}
     metrics = run_metrics(run)
     cfg = loaded.config
     lines = [
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         path = export(args.checkpoint, args.out, args.manifest)
-    except (CheckpointError, FileExistsError) as e:
+    except (CheckpointError, ManifestError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(path)

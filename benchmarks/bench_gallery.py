@@ -36,14 +36,14 @@ FRAME_SETS = 12       # distinct frame strips, reused round-robin (encoding 19,5
 
 def make_split(root: Path, clips: int, rng: np.random.Generator) -> dict[str, list[str]]:
     """Shards + manifest.json + ledger.sqlite under root; returns {key: captions}."""
-    from pipeline.clip_list import Clip, read_manifest
+    from pipeline.clip_list import Clip, read_clip_list
     from pipeline.ledger import Ledger
     from pipeline.status import FAILED_PERMANENT, OK
     from shards.sample_format import encode_sample
     from shards.writer import Sample, num_shards_for, shard_index, write_shard
     from tests.real_manifest import write_real_manifest
 
-    rows = read_manifest(REPO / "data" / "audiocaps" / "test.csv", "test").clips[:clips]
+    rows = read_clip_list(REPO / "data" / "audiocaps" / "test.csv", "test").clips[:clips]
     strips = []
     for s in range(FRAME_SETS):
         base = Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).resize((224, 224), Image.BICUBIC)

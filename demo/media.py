@@ -24,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shards.atomic import remove_stale_temps, temp_path
+
 SPLITS = ("train", "val", "test")
 YOUTUBE_ID_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 CLIP_SECONDS = 10
@@ -278,7 +280,7 @@ def ffmpeg_command(clip: DemoClip, cfg: DemoMediaConfig, out_path: Path, speech_
             "-c:v", "libx264", "-preset", "veryfast", "-crf", "28", "-pix_fmt", "yuv420p",
             # A keyframe every second, like real uploads: a stream-copy cut at start_time lands near it.
             "-g", str(cfg.fps),
-            "-c:a", "aac", "-b:a", "96k", "-movflags", "+faststart", str(out_path)]
+            "-c:a", "aac", "-b:a", "96k", "-movflags", "+faststart", "-f", "mp4", str(out_path)]
 
 
 def _run(cmd: list[str], what: str, timeout_s: float) -> None:
@@ -301,7 +303,7 @@ def render_clip(clip: DemoClip, cfg: DemoMediaConfig, media_dir: Path, work_dir:
         p = clip.params
         _run([espeak, "-v", p["voice"], "-p", str(p["pitch"]), "-s", str(p["speed"]), "-w", str(speech_wav),
               p["text"]], f"speech for clip {clip.youtube_id}", cfg.timeout_s)
-    tmp = out_path.with_name(out_path.stem + ".part.mp4")
+    tmp = temp_path(out_path)   # the project's temp naming (shards.atomic); `-f mp4` since the name has no .mp4
     _run(ffmpeg_command(clip, cfg, tmp, speech_wav), f"rendering clip {clip.youtube_id}", cfg.timeout_s)
     tmp.replace(out_path)  # atomic: a half-written file never looks like a finished clip
     if speech_wav is not None:
@@ -329,6 +331,7 @@ def generate_dataset(out_dir: Path | str, cfg: DemoMediaConfig | None = None,
     media_dir, work_dir = root / "media", root / "tmp"
     media_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(media_dir)   # renders a killed run left half-written
     for tool in ("ffmpeg",):
         if shutil.which(tool) is None:
             raise RuntimeError(f"{tool} is not installed: the demo renders its clips with it")

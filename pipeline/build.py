@@ -43,7 +43,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from pipeline.buildlock import LockHeld, build_lock
-from pipeline.clip_list import Clip, ManifestError, RowError, read_manifests
+from pipeline.clip_list import Clip, ClipListError, RowError, read_clip_lists
+from pipeline.doctor import download_tool_versions, run_checks
 from pipeline.download import DownloadConfig, download_many, expected_hours, find_local_media, local_media_names
 from pipeline.extract import ExtractConfig, ExtractError
 from pipeline.features import FbankConfig
@@ -52,7 +53,7 @@ from pipeline.stage import stage_clip
 from pipeline.status import FAILED_PERMANENT, FAILED_TRANSIENT, OK, PENDING, ClipStatus
 from shards import manifest as dataset_manifest
 from shards.atomic import crash_point, temp_path
-from shards.hashing import file_sha256 as sha256_file
+from shards.hashing import file_sha256
 from shards.writer import ShardBuildResult, build_shards, discard_staged, split_samples, staged_path, validate_split
 
 log = logging.getLogger("avcap.build")
@@ -221,8 +222,8 @@ def check_tools() -> None:
 
 def load_clips(cfg: BuildConfig) -> LoadedClips:
     try:
-        result = read_manifests(cfg.csv, cfg.split)
-    except ManifestError as e:
+        result = read_clip_lists(cfg.csv, cfg.split)
+    except ClipListError as e:
         raise BuildError(f"cannot read the clip list: {e}") from e
     for err in result.errors:
         log.warning("skipping bad row %s", err)
@@ -338,16 +339,9 @@ def download_stage(cfg: BuildConfig, clips: list[Clip]) -> DownloadStageResult:
     return result
 
 
-def download_tool_versions(cfg: DownloadConfig) -> dict:
-    from pipeline.doctor import download_tool_versions as versions
-    return versions(cfg)
-
-
 def check_downloads(cfg: BuildConfig, clips: int) -> None:
     """The preflight of `flows.py doctor`, in short, before the first download; a failed check (no JS runtime
     for YouTube, no ffmpeg, a bad cookies file, a full disk) stops the build here, before any request."""
-    from pipeline.doctor import run_checks
-
     report = run_checks(cfg.download, cfg.out)
     log.info("preflight: %s", report.short())
     hours = expected_hours(clips, cfg.download)
@@ -407,7 +401,7 @@ def process_stage(cfg: BuildConfig, media: list[MediaRef], clip_runner: ClipRunn
 def process_clip(job: ProcessJob) -> ProcessOutcome:
     """One clip to one staged sample; every failure becomes an outcome, never an exception."""
     try:
-        sha = job.media_sha256 or sha256_file(Path(job.media_path))
+        sha = job.media_sha256 or file_sha256(Path(job.media_path))
         meta = dict(job.meta, media_sha256=sha)
         sample = stage_clip(Path(job.media_path), job.offset, meta, Path(job.out_path), job.extract, job.fbank)
         errors = sample.meta.get("decode_errors")

@@ -9,7 +9,7 @@ row with bytes that are not UTF-8, and a row whose audiocap_id was already used 
 any of the files given together). A row repeated verbatim is merged (it adds nothing). A file that cannot be read
 at all (missing, a header that is not UTF-8 or lacks a column, a JSON file that is not UTF-8 or not a list, a CSV
 that breaks the csv module's strict quoting or whose quoted field runs over lines that are rows of the file: a
-quote left open) raises `ManifestError`, naming the file and the line.
+quote left open) raises `ClipListError`, naming the file and the line.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ CLIP_SECONDS = 10
 MAX_START_TIME = 10_000_000
 
 
-class ManifestError(ValueError):
+class ClipListError(ValueError):
     """The clip list file (CSV or JSON) as a whole cannot be read."""
 
 
@@ -59,7 +59,7 @@ class Clip:
 
 
 @dataclass
-class ManifestResult:
+class ClipListResult:
     clips: list[Clip]
     errors: list[RowError]
 
@@ -138,14 +138,14 @@ def _csv_rows(path: Path):
     try:
         header = next(reader, None)
         if header is None:
-            raise ManifestError(f"{path}: empty file, expected header {','.join(CSV_HEADER)}")
+            raise ClipListError(f"{path}: empty file, expected header {','.join(CSV_HEADER)}")
         bad = _not_utf8(header)
         if bad:
-            raise ManifestError(f"{path}:1: header is {bad}; expected UTF-8 with header {','.join(CSV_HEADER)}")
+            raise ClipListError(f"{path}:1: header is {bad}; expected UTF-8 with header {','.join(CSV_HEADER)}")
         names = [h.strip() for h in header]
         missing = [h for h in CSV_HEADER if h not in names]
         if missing:
-            raise ManifestError(f"{path}:1: header {names} lacks {missing}; expected {','.join(CSV_HEADER)}")
+            raise ClipListError(f"{path}:1: header {names} lacks {missing}; expected {','.join(CSV_HEADER)}")
         start = reader.line_num + 1
         for values in reader:
             line, start = start, reader.line_num + 1
@@ -157,7 +157,7 @@ def _csv_rows(path: Path):
                 inner = v.splitlines()[1:]
                 swallowed = next((i for i, t in enumerate(inner, start=1) if _looks_like_row(t, names)), None)
                 if swallowed is not None:
-                    raise ManifestError(
+                    raise ClipListError(
                         f"{path}:{line}: a quoted field opened on line {line} runs to line {reader.line_num} over "
                         f"lines that are rows of this file (line {line + swallowed}: {inner[swallowed - 1][:60]!r});"
                         " close the quote (a quote inside a field is written twice: \"\")")
@@ -172,7 +172,7 @@ def _csv_rows(path: Path):
     except csv.Error as e:
         what = ("a quote opened here is never closed" if "end of data" in str(e)
                 else "a quote in the wrong place")
-        raise ManifestError(f"{path}:{start}: malformed CSV ({e}: {what}); the file is refused so that no row is "
+        raise ClipListError(f"{path}:{start}: malformed CSV ({e}: {what}); the file is refused so that no row is "
                             "silently lost") from e
 
 
@@ -182,14 +182,14 @@ def _json_rows(path: Path):
         data = json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise ManifestError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); one JSON document cannot "
+        raise ClipListError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); one JSON document cannot "
                             "skip a row, so the file is refused") from e
     except json.JSONDecodeError as e:
-        raise ManifestError(f"{path}:{e.lineno}: not a JSON document ({e.msg})") from e
+        raise ClipListError(f"{path}:{e.lineno}: not a JSON document ({e.msg})") from e
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise ManifestError(f"{path}: expected a JSON list of objects with youtube_id, start_time, caption, audiocap_id")
+        raise ClipListError(f"{path}: expected a JSON list of objects with youtube_id, start_time, caption, audiocap_id")
     for i, entry in enumerate(data, start=1):
         if not isinstance(entry, dict):
             yield i, None, f"entry is {type(entry).__name__}, expected an object"
@@ -199,18 +199,18 @@ def _json_rows(path: Path):
 
 def _rows(path: Path):
     if not path.is_file():
-        raise ManifestError(f"{path}: no such file")
+        raise ClipListError(f"{path}: no such file")
     rows = _json_rows(path) if path.suffix.lower() == ".json" else _csv_rows(path)
     for line, raw, problem in rows:
         yield str(path), line, raw, problem
 
 
-def read_manifest(path: str | Path, split: str) -> ManifestResult:
+def read_clip_list(path: str | Path, split: str) -> ClipListResult:
     """Read one AudioCaps CSV or AVCap JSON file into clips grouped by (youtube_id, start_time)."""
-    return read_manifests([path], split)
+    return read_clip_lists([path], split)
 
 
-def read_manifests(paths: list[str | Path], split: str) -> ManifestResult:
+def read_clip_lists(paths: list[str | Path], split: str) -> ClipListResult:
     """Several files into one split, read as one list of rows: a clip listed in two files gets the captions of
     both, and an audiocap_id reused across files is reported as within one file."""
     return _group((r for p in paths for r in _rows(Path(p))), split)
@@ -225,7 +225,7 @@ def _merge(clip: Clip, captions: list[str], acids: list[int], sources: list[str]
         clip.sources.append(src)
 
 
-def _group(rows, split: str) -> ManifestResult:
+def _group(rows, split: str) -> ClipListResult:
     """(file, line, row, problem) -> clips. A row repeated verbatim is merged (it adds nothing); an audiocap_id
     reused for a different clip or caption is an error on the later row, in the same file or another: one of
     the two is wrong and we cannot tell which."""
@@ -248,4 +248,4 @@ def _group(rows, split: str) -> ManifestResult:
         seen.setdefault(acid, (key, caption, file, line))
         clip = clips.setdefault(key, Clip(yid, start, [], [], split, []))
         _merge(clip, [caption], [acid], [f"{file}:{line}"])
-    return ManifestResult(list(clips.values()), errors)
+    return ClipListResult(list(clips.values()), errors)

@@ -18,6 +18,7 @@ from datetime import date
 from pathlib import Path
 
 from pipeline.download import DownloadConfig, is_youtube_template
+from shards.manifest import ffmpeg_version, redact
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 # YouTube changes its player faster than this; an older yt-dlp is the first suspect when clips start failing.
@@ -128,7 +129,6 @@ def cookie_summary(path: Path) -> tuple[int, int, float | None]:
 
 
 def _tool_version(binary: str) -> str | None:
-    from shards.manifest import ffmpeg_version
     if shutil.which(binary) is None:
         return None
     try:
@@ -203,7 +203,6 @@ def run_checks(cfg: DownloadConfig, out: Path | None = None, today: date | None 
                        detail + ("" if live else ": export them again from a logged-in browser"))
 
     if cfg.proxy:
-        from shards.manifest import redact
         report.add("proxy", OK, redact(cfg.proxy))
 
     if out is not None:

@@ -39,8 +39,16 @@ from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import quote
 
-from shards.atomic import remove_stale_temps, temp_dir
+from avcap import metrics as M
+from pipeline.ledger import Ledger, LedgerError
+from pipeline.report import artifact_key, rms_dbfs
+from shards.atomic import atomic_write_text, remove_stale_temps, temp_dir
 from shards.epoch_plan import eval_frame_start
+from shards.index import ShardError
+from shards.manifest import read_manifest
+from shards.readers import local_path, open_shard_reader
+from shards.split_info import load_split
+from shards.writer import validate_split
 from shards.sample_format import (FBANK_MEMBER, FLAC_MEMBER, JSON_MEMBER, SampleFormatError, decode_flac, decode_json,
                                   decode_npy, frame_member)
 
@@ -157,7 +165,6 @@ def _java_used(metrics: dict[str, Any]) -> bool:
 
 def _local_dir(data: str) -> Path | None:
     """The build directory of a local dataset (a directory or its manifest.json), else None."""
-    from shards.readers import local_path
     here = local_path(data)
     if here is None:
         return None
@@ -169,7 +176,6 @@ def _ledger_view(data: str, split: str, manifest_entry: dict) -> tuple[dict[str,
     here = _local_dir(data)
     ledger_path = here / "ledger.sqlite" if here is not None else None
     if ledger_path is not None and ledger_path.is_file():
-        from pipeline.ledger import Ledger, LedgerError
         try:
             with Ledger(ledger_path, split) as ledger:
                 counts = {s: n for s, n in ledger.counts().items()}
@@ -222,8 +228,6 @@ def spectrogram_png(fbank, real_frames: int | None) -> bytes:
 def _read_samples(info, want: dict[str, set[str]], take) -> None:
     """Calls take(key, {member: bytes}) with the wanted members of each wanted key, through the loader's shard
     readers."""
-    from shards.index import ShardError
-    from shards.readers import open_shard_reader
     for shard in info.shards:
         reader = None
         try:
@@ -241,7 +245,6 @@ def _read_samples(info, want: dict[str, set[str]], take) -> None:
 def _score(predictions: dict[str, str], jsons: dict[str, bytes], metrics: dict | None, results: Path
            ) -> tuple[dict, dict[str, float], list[str]]:
     """(split metrics, per-clip CIDEr-D, warnings) of the predictions against the clips' own captions."""
-    from avcap import metrics as M
     references = {}
     for k in predictions:
         try:
@@ -270,8 +273,6 @@ def _score(predictions: dict[str, str], jsons: dict[str, bytes], metrics: dict |
 
 
 def _list_keys(info) -> list[str]:
-    from shards.index import ShardError
-    from shards.readers import open_shard_reader
     keys: list[str] = []
     for shard in info.shards:
         reader = None
@@ -294,7 +295,6 @@ def _make_card(n: int, key: str, members: dict[str, bytes], frame_ids: list[int]
     problem shown on the card rather than the end of the page."""
     import numpy as np
 
-    from pipeline.report import rms_dbfs
 
     base = key if SAFE_NAME_RE.match(key) else f"clip{n:04d}"   # a file name never comes from a hostile key
     base = f"{n:04d}-{base}"
@@ -538,10 +538,6 @@ def write_gallery(data: str | Path, split: str = "test", out: str | Path | None 
                   results: str | Path | None = None, sample: int = DEFAULT_SAMPLE, seed: int = 0) -> GalleryPage:
     """Write `OUT/reports/gallery-{split}.html` (+ `OUT/reports/gallery-{split}/`) for the split of the dataset
     at `data` (a directory or manifest URL); OUT defaults to `data`. See the module docstring."""
-    from shards.atomic import atomic_write_text
-    from shards.split_info import load_split
-    from shards.manifest import read_manifest
-    from shards.writer import validate_split
 
     data = str(data)
     try:
@@ -665,9 +661,8 @@ def build_gallery_artifact(out_dir: str, split: str, sample: int = DEFAULT_SAMPL
         return page
     from prefect.artifacts import create_markdown_artifact
 
-    from pipeline.report import _artifact_key
     create_markdown_artifact(
-        key=_artifact_key(split, "gallery"),
+        key=artifact_key(split, "gallery"),
         markdown=f"# Gallery of split `{split}`\n\n- page: `{page.html}`\n- {page.summary()}\n",
         description=f"Gallery of split {split}: {page.html}")
     return page

@@ -144,7 +144,7 @@ def _markdown(result, rows: list[dict], measured: int, images: dict[str, str]) -
     return "\n".join(lines) + "\n"
 
 
-def _artifact_key(split: str, what: str) -> str:
+def artifact_key(split: str, what: str) -> str:
     # Prefect artifact keys: lowercase letters, digits and dashes only.
     return re.sub(r"[^a-z0-9-]+", "-", f"avcap-build-{split.lower()}-{what}")
 
@@ -166,10 +166,10 @@ def build_report(result, artifacts: bool = True, max_clips: int = 2000) -> Repor
     md_path.write_text(_markdown(result, rows, len(durations), {n: p.name for n, p in paths.items()}))
     if artifacts:
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
-        create_table_artifact(table=rows, key=_artifact_key(result.split, "stats"),
+        create_table_artifact(table=rows, key=artifact_key(result.split, "stats"),
                               description=f"Build statistics of split {result.split} in {out}")
         inline = {n: "data:image/png;base64," + base64.b64encode(d).decode("ascii") for n, d in pngs.items()}
         create_markdown_artifact(markdown=_markdown(result, rows, len(durations), inline),
-                                 key=_artifact_key(result.split, "report"),
+                                 key=artifact_key(result.split, "report"),
                                  description=f"Build report of split {result.split}: {md_path}")
     return ReportFiles(md_path, paths, len(durations))

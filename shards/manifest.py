@@ -423,7 +423,12 @@ def resolve_path(location: str, path: str, shard_base: str = "") -> str:
 def load_dataset_manifest(dir_or_url: str | Path) -> DatasetManifest:
     """Read `DIR/manifest.json` (a local directory, the file itself, or any fsspec URL) in the full schema."""
     location, data = read_manifest(dir_or_url)
-    return DatasetManifest.from_dict(data, where=location)
+    try:
+        return DatasetManifest.from_dict(data, where=location)
+    except ManifestError:
+        raise
+    except ValueError as e:   # the schema's own checks name the file and the entry; one error type for callers
+        raise ManifestError(str(e)) from e
 
 
 @contextmanager

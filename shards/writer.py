@@ -51,12 +51,10 @@ import numpy as np
 import webdataset as wds
 
 from pipeline.features import FbankStats
-from shards.atomic import HashingFile as _HashingFile
-from shards.atomic import atomic_write_bytes, atomic_writer, crash_point, remove_stale_temps
-from shards.atomic import fsync_dir as _fsync_dir
-from shards.atomic import temp_path as _tmp_path
+from shards.atomic import (HashingFile, atomic_write_bytes, atomic_writer, crash_point, fsync_dir, remove_stale_temps,
+                           temp_path)
 from shards.file_entry import FileEntry, ShardEntry
-from shards.hashing import file_sha256
+from shards.hashing import bytes_sha256, file_sha256
 from shards.index import TAR_BLOCK, ShardError, ShardIndex, check_member_header, index_path, scan_tar
 from shards.sample_format import (FBANK_MEMBER, JSON_MEMBER, KEY_RE, REQUIRED_MEMBERS, SampleFormatError, decode_json,
                                   decode_npy, encode_json, frame_members, split_member_name, validate_key)
@@ -226,7 +224,7 @@ def write_shard_index(shard_path: Path, sha256: str | None = None, scan_path: Pa
     sidecar = index_path(shard_path)
     if not (sidecar.exists() and sidecar.stat().st_size == len(data) and sidecar.read_bytes() == data):
         atomic_write_bytes(sidecar, data)
-    return hashlib.sha256(data).hexdigest(), len(data)
+    return bytes_sha256(data), len(data)
 
 
 def _current_index(shard_path: Path, sha256: str, size: int) -> tuple[str, int] | None:
@@ -237,7 +235,7 @@ def _current_index(shard_path: Path, sha256: str, size: int) -> tuple[str, int] 
         ShardIndex.from_json(data, str(sidecar)).check_shard(shard_path.name, size, sha256, str(sidecar))
     except (OSError, ValueError):
         return None
-    return hashlib.sha256(data).hexdigest(), len(data)
+    return bytes_sha256(data), len(data)
 
 
 def build_shards(out_dir: Path, split: str, num_shards: int, keys: list[str] | None = None,
@@ -303,7 +301,7 @@ def build_shards(out_dir: Path, split: str, num_shards: int, keys: list[str] | N
     result.added_keys.sort()
     result.removed_keys.sort()
     if result.removed:
-        _fsync_dir(shards_dir)
+        fsync_dir(shards_dir)
     return result
 
 
@@ -324,10 +322,10 @@ def _write_shard_stream(path: Path, samples) -> tuple[str, int, bool, tuple[str,
     The member index goes first (from the temp file), then the shard: see the module docstring for why.
     Returns (sha256, bytes, written, (index sha256, index bytes)).
     """
-    tmp = _tmp_path(path)
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
-            hf = _HashingFile(f)
+            hf = HashingFile(f)
             _write_samples(hf, samples)
             f.flush()
             os.fsync(f.fileno())
@@ -337,7 +335,7 @@ def _write_shard_stream(path: Path, samples) -> tuple[str, int, bool, tuple[str,
             return sha, size, False, index
         index = write_shard_index(path, sha, scan_path=tmp)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         crash_point("shard-renamed")
         return sha, size, True, index
     finally:
@@ -525,5 +523,5 @@ def discard_staged(out_dir: Path, split: str, keys: Iterable[str]) -> int:
             except FileNotFoundError:
                 pass
     if removed:
-        _fsync_dir(staging)
+        fsync_dir(staging)
     return removed

@@ -2,13 +2,13 @@ import json
 
 import pytest
 
-from pipeline.clip_list import (ManifestError, clip_key, read_manifest, read_manifests, validate_start_time,
+from pipeline.clip_list import (ClipListError, clip_key, read_clip_list, read_clip_lists, validate_start_time,
                                validate_youtube_id)
 from tests.conftest import AUDIOCAPS_DIR
 
 
 def test_real_test_csv_groups_975_clips_of_five_captions():
-    result = read_manifest(AUDIOCAPS_DIR / "test.csv", "test")
+    result = read_clip_list(AUDIOCAPS_DIR / "test.csv", "test")
     assert result.errors == []
     assert len(result.clips) == 975
     assert all(len(c.captions) == 5 and len(c.audiocap_ids) == 5 for c in result.clips)
@@ -34,7 +34,7 @@ def test_bad_rows_are_reported_with_file_and_line_and_the_rest_goes_on(tmp_path)
                   b"x,ABCDEFGHIJK,7,bad audiocap id\r\n"
                   b"9,ABCDEFGHIJK,7\r\n"
                   b"10,-abcdefghij,0,a dog barks twice\r\n")
-    r = read_manifest(p, "train")
+    r = read_clip_list(p, "train")
     assert [(e.line, e.file) for e in r.errors] == [(n, str(p)) for n in (3, 4, 5, 6, 7, 9, 10)]
     assert "youtube_id 'short'" in r.errors[0].message
     assert "start_time '-5'" in r.errors[2].message
@@ -55,26 +55,26 @@ def test_avcap_json_is_read_like_the_csv(tmp_path):
         {"youtube_id": "../../etc/pw", "start_time": 0, "caption": "path traversal", "audiocap_id": 3},
         "not an object",
     ]))
-    r = read_manifest(p, "val")
+    r = read_clip_list(p, "val")
     assert len(r.clips) == 1 and r.clips[0].captions == ["rattling", "vibrations"]
     assert [e.line for e in r.errors] == [3, 4]
 
 
 def test_unreadable_files_raise_a_clear_error(tmp_path):
-    with pytest.raises(ManifestError, match="no such file"):
-        read_manifest(tmp_path / "missing.csv", "train")
+    with pytest.raises(ClipListError, match="no such file"):
+        read_clip_list(tmp_path / "missing.csv", "train")
     wrong = tmp_path / "wrong.csv"
     wrong.write_text("id,url\n1,x\n")
-    with pytest.raises(ManifestError, match="lacks"):
-        read_manifest(wrong, "train")
+    with pytest.raises(ClipListError, match="lacks"):
+        read_clip_list(wrong, "train")
     binary = tmp_path / "bin.csv"
     binary.write_bytes(b"\xff\xfe\x00garbage")
-    with pytest.raises(ManifestError, match="UTF-8"):
-        read_manifest(binary, "train")
+    with pytest.raises(ClipListError, match="UTF-8"):
+        read_clip_list(binary, "train")
     notlist = tmp_path / "x.json"
     notlist.write_text('{"a": 1}')
-    with pytest.raises(ManifestError, match="JSON list"):
-        read_manifest(notlist, "train")
+    with pytest.raises(ClipListError, match="JSON list"):
+        read_clip_list(notlist, "train")
 
 
 def test_validation_rejects_ids_that_could_become_options_or_paths():
@@ -93,5 +93,5 @@ def test_two_files_into_one_split_merge_captions(tmp_path):
     a, b = tmp_path / "a.csv", tmp_path / "b.csv"
     a.write_text("audiocap_id,youtube_id,start_time,caption\n1,ABCDEFGHIJK,0,one\n")
     b.write_text("audiocap_id,youtube_id,start_time,caption\n2,ABCDEFGHIJK,0,two\n1,ABCDEFGHIJK,0,one\n")
-    r = read_manifests([a, b], "train")
+    r = read_clip_lists([a, b], "train")
     assert len(r.clips) == 1 and r.clips[0].captions == ["one", "two"]

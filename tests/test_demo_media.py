@@ -247,11 +247,11 @@ def test_server_ranges_head_and_404(small_dataset):
 
 def test_ytdlp_downloads_the_window_from_the_server(small_dataset, tmp_path):
     """The real download path (pipeline.download: yt-dlp generic extractor + download ranges) against it."""
-    from pipeline.clip_list import read_manifest
+    from pipeline.clip_list import read_clip_list
     from pipeline.download import DownloadConfig, download_clip
 
     clips = [c for s in ("train", "val", "test")
-             for c in read_manifest(small_dataset.csv_paths[s], s).clips]
+             for c in read_clip_list(small_dataset.csv_paths[s], s).clips]
     assert len(clips) == len(small_dataset.clips)
     clip = max(clips, key=lambda c: c.start_time)  # an offset window: the cut must skip the grey lead-in
     demo_clip = next(c for c in small_dataset.clips if c.youtube_id == clip.youtube_id)

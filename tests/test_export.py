@@ -10,6 +10,8 @@ from safetensors.torch import load_file, save_file
 from avcap.checkpoint import CheckpointError, load_checkpoint, load_pretrained, save_checkpoint
 from avcap.export import main as export_main
 from avcap.model import AVCap, AVCapConfig
+from shards.manifest import load_dataset_manifest
+from tests.real_manifest import write_real_manifest
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -21,8 +23,8 @@ def run_checkpoint(tmp_path_factory, reference_dir, bert_layout_vocab):
     run = tmp_path_factory.mktemp("run")
     data = run / "data"
     data.mkdir()
-    (data / "manifest.json").write_text(json.dumps({"format_version": 2, "splits": {
-        "train": {"fingerprint": "f" * 64, "shards": []}, "val": {"fingerprint": "e" * 64, "shards": []}}}))
+    write_real_manifest(data, {"train": []}, frames=20)
+    write_real_manifest(data, {"val": []}, frames=10)   # another extraction: another fingerprint
     config = AVCapConfig.tiny()
     model = AVCap(config)
     model.load_state_dict(torch.load(reference_dir / "avcap_state_dict.pt", weights_only=True))
@@ -58,7 +60,10 @@ def test_export_round_trip_is_bit_identical(run_checkpoint, tmp_path, capsys):
         pt.config, pt.vocab, pt.norm_stats, pt.frames_per_clip)
 
     card = (out / "README.md").read_text()
-    assert "f" * 64 in card and "e" * 64 in card            # the manifest's fingerprints
+    data = run_checkpoint.parent.parent / "data"   # the manifest the run recorded
+    prints = {n: e.fingerprint for n, e in load_dataset_manifest(data).splits.items()}
+    assert len(set(prints.values())) == 2
+    assert prints["train"] in card and prints["val"] in card   # the manifest's fingerprints
     assert '"lr": 0.0001' in card and "step 120" in card     # the training config
     assert '"value": 0.42' in card and '"CIDEr": 0.42' in card  # the run's metrics
 
@@ -131,3 +136,14 @@ def test_an_export_is_built_under_the_projects_temp_name_and_a_killed_ones_folde
     (tmp_path / seen[0]).mkdir()          # a live writer's (ours)
     assert remove_stale_temps(tmp_path) == [tmp_path / f".exp2.tmp-{dead.pid}-abcd1234"]
     assert (tmp_path / seen[0]).is_dir() and (out / "model.safetensors").is_file()
+
+
+def test_an_export_names_a_manifest_it_cannot_use_and_writes_nothing(run_checkpoint, tmp_path, capsys):
+    bad = tmp_path / "data"
+    bad.mkdir()
+    (bad / "manifest.json").write_text('{"format_version": 2, "splits": {"train": {"shards": []}}}')
+    out = tmp_path / "export"
+    assert export_main([str(run_checkpoint), "--out", str(out), "--manifest", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert str(bad / "manifest.json") in err and "train" in err
+    assert not out.exists() or not any(out.iterdir())

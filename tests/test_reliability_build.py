@@ -23,7 +23,7 @@ from pipeline import orchestrate as flows
 from pipeline.audit_checks import run_audit
 from pipeline.audit_report import AuditConfig
 from pipeline.build import BuildConfig, BuildError, run_build
-from pipeline.clip_list import ManifestError, read_manifest, read_manifests
+from pipeline.clip_list import ClipListError, read_clip_list, read_clip_lists
 from pipeline.download import DownloadConfig
 from pipeline.extract import ExtractConfig, extract_clip
 from pipeline.ledger import Ledger
@@ -105,17 +105,17 @@ def test_an_open_quote_is_an_error_with_file_and_line_not_rows_swallowed(tmp_pat
             "4,quoteClipDD,0,a car passes"]
     never = tmp_path / "never.csv"
     never.write_text("\n".join(rows) + "\n")
-    with pytest.raises(ManifestError, match=rf"{never}:3: .*quote"):
-        read_manifest(never, "test")
+    with pytest.raises(ClipListError, match=rf"{never}:3: .*quote"):
+        read_clip_list(never, "test")
     # Closed three lines later: the csv module would read one field holding two rows.
     later = tmp_path / "later.csv"
     later.write_text("\n".join(rows[:4] + ['4,quoteClipDD,0,a car passes"', "5,quoteClipEE,0,wind"]) + "\n")
-    with pytest.raises(ManifestError, match=rf"{later}:3: a quoted field opened on line 3 .*line 4: '3,quoteClipCC"):
-        read_manifest(later, "test")
+    with pytest.raises(ClipListError, match=rf"{later}:3: a quoted field opened on line 3 .*line 4: '3,quoteClipCC"):
+        read_clip_list(later, "test")
     # A quoted caption may hold a line break that is not a row.
     fine = tmp_path / "fine.csv"
     fine.write_text("\n".join(rows[:2] + ['2,quoteClipBB,0,"two\nlines, of text"']) + "\n")
-    assert [c.captions for c in read_manifest(fine, "test").clips][1] == ["two\nlines, of text"]
+    assert [c.captions for c in read_clip_list(fine, "test").clips][1] == ["two\nlines, of text"]
     with pytest.raises(BuildError, match=rf"{never}:3"):
         run_build(_cfg(never, tmp_path / "out"))
 
@@ -126,7 +126,7 @@ def test_an_audiocap_id_repeated_in_another_csv_is_reported_like_within_one(tmp_
     b.write_text("audiocap_id,youtube_id,start_time,caption\n"
                  "7,crossFileAA,0,clip 0 makes a steady tone\n"     # the same row again: merged, no error
                  "8,crossFileCC,0,another clip under id 8\n")       # id 8 is crossFileBB's in a.csv
-    r = read_manifests([a, b], "test")
+    r = read_clip_lists([a, b], "test")
     assert [str(e) for e in r.errors] == [f"{b}:3: audiocap_id 8 is already used on line 3 of {a} for another "
                                           "clip or caption; the first is kept"]
     assert sorted(c.youtube_id for c in r.clips) == ["crossFileAA", "crossFileBB"]

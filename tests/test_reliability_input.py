@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.clip_list import ManifestError, read_manifest
+from pipeline.clip_list import ClipListError, read_clip_list
 from pipeline.ledger import Ledger
 from tests.media import MediaSpec, Route, make_media
 
@@ -41,7 +41,7 @@ def test_ids_that_are_paths_urls_or_the_wrong_length_are_rejected_by_line(tmp_pa
     body = b"".join(f"{i},{yid},0,a caption\r\n".encode() for i, yid in enumerate(hostile))
     body += b"99,-NrFeH-kBSM,0,a real id that begins with a dash\r\n"
     p = _csv(tmp_path, body)
-    r = read_manifest(p, "test")
+    r = read_clip_list(p, "test")
     errors = _errors(r)
     assert sorted(errors) == list(range(2, 2 + len(hostile)))
     for line, yid in enumerate(hostile, start=2):
@@ -62,7 +62,7 @@ def test_start_times_captions_and_missing_fields(tmp_path):
                        b"9,ABCDEFGHIJK,30\r\n"
                        b"10,ABCDEFGHIJK,30,a caption,extra\r\n"
                        b"11,ABCDEFGHIJK,30,a good row\r\n")
-    r = read_manifest(p, "train")
+    r = read_clip_list(p, "train")
     errors = _errors(r)
     assert sorted(errors) == list(range(2, 12))
     for line in range(2, 8):
@@ -76,7 +76,7 @@ def test_start_times_captions_and_missing_fields(tmp_path):
 def test_bytes_that_are_not_utf8_reject_their_row_only(tmp_path):
     p = _csv(tmp_path, "1,ABCDEFGHIJK,0,a café\r\n".encode("latin-1") + b"2,ABCDEFGHIJK,0,fine\r\n"
              b"3,ABCDEFGHIJK,0,\xff\xfe\r\n")
-    r = read_manifest(p, "train")
+    r = read_clip_list(p, "train")
     errors = _errors(r)
     assert sorted(errors) == [2, 4]
     assert "not UTF-8" in errors[2] and "0xe9" in errors[2] and "0xff" in errors[4]
@@ -84,13 +84,13 @@ def test_bytes_that_are_not_utf8_reject_their_row_only(tmp_path):
     # A header that is not UTF-8 (e.g. a UTF-16 file) cannot be read at all: the file is named, line 1.
     utf16 = tmp_path / "utf16.csv"
     utf16.write_bytes("audiocap_id,youtube_id,start_time,caption\r\n".encode("utf-16"))
-    with pytest.raises(ManifestError, match=rf"{utf16}:1: header is not UTF-8"):
-        read_manifest(utf16, "train")
+    with pytest.raises(ClipListError, match=rf"{utf16}:1: header is not UTF-8"):
+        read_clip_list(utf16, "train")
     # JSON is one document: a stray byte refuses the file, with the line it is on.
     bad_json = tmp_path / "bad.json"
     bad_json.write_bytes(b'[\n{"youtube_id": "ABCDEFGHIJK",\n "caption": "caf\xe9"}]')
-    with pytest.raises(ManifestError, match=rf"{bad_json}:3: not UTF-8"):
-        read_manifest(bad_json, "train")
+    with pytest.raises(ClipListError, match=rf"{bad_json}:3: not UTF-8"):
+        read_clip_list(bad_json, "train")
 
 
 def test_duplicates_are_merged_and_conflicts_named(tmp_path):
@@ -99,7 +99,7 @@ def test_duplicates_are_merged_and_conflicts_named(tmp_path):
                        b"2,ABCDEFGHIJK,0,a cat meows\r\n"
                        b"2,ABCDEFGHIJK,0,something else\r\n"     # same audiocap_id, other caption
                        b"1,BBBBBBBBBBB,0,a dog barks\r\n")       # same audiocap_id, other clip
-    r = read_manifest(p, "train")
+    r = read_clip_list(p, "train")
     errors = _errors(r)
     assert sorted(errors) == [5, 6]
     assert "audiocap_id 2 is already used on line 4" in errors[5]
@@ -110,14 +110,14 @@ def test_duplicates_are_merged_and_conflicts_named(tmp_path):
 
 def test_bom_and_missing_columns(tmp_path):
     bom = _csv(tmp_path, b"1,ABCDEFGHIJK,0,with a BOM\r\n", "bom.csv", b"\xef\xbb\xbf" + HEADER)
-    r = read_manifest(bom, "train")
+    r = read_clip_list(bom, "train")
     assert r.errors == [] and r.clips[0].captions == ["with a BOM"]
     no_caption = _csv(tmp_path, b"1,ABCDEFGHIJK,0\r\n", "nocap.csv", b"audiocap_id,youtube_id,start_time\r\n")
-    with pytest.raises(ManifestError, match=rf"{no_caption}:1: header .* lacks \['caption'\]"):
-        read_manifest(no_caption, "train")
+    with pytest.raises(ClipListError, match=rf"{no_caption}:1: header .* lacks \['caption'\]"):
+        read_clip_list(no_caption, "train")
     empty = _csv(tmp_path, b"", "empty.csv", b"")
-    with pytest.raises(ManifestError, match=f"{empty}: empty file"):
-        read_manifest(empty, "train")
+    with pytest.raises(ClipListError, match=f"{empty}: empty file"):
+        read_clip_list(empty, "train")
 
 
 # ------------------------------------------------------------------------------------------ end to end

@@ -14,10 +14,12 @@ FROM python:3.11-slim-bookworm
 
 # ffmpeg: extraction and yt-dlp's range downloads; Java 17: METEOR and the PTB tokenizer (pycocoevalcap);
 # espeak-ng: the demo's speech clips; chromium: the browser the gallery tests load pages in (headless); nginx: the
-# tests' remote shard store; tini: forwards signals to torchrun and its workers and reaps them. No curl: remote
-# shards and manifests are read through fsspec (aiohttp).
+# tests' remote shard store (its echo module: the remote benchmark's latency); tini: forwards signals to torchrun
+# and its workers and reaps them. No curl binary: remote shards are read through libcurl in the pycurl wheel,
+# manifests through fsspec (aiohttp).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ffmpeg openjdk-17-jre-headless espeak-ng chromium nginx tini \
+    && apt-get install -y --no-install-recommends ffmpeg openjdk-17-jre-headless espeak-ng chromium nginx \
+       libnginx-mod-http-echo tini \
     && rm -rf /var/lib/apt/lists/*
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

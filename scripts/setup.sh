@@ -5,14 +5,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# ffmpeg is required; nginx is the remote shard store of the tests (tests/remote_store.py); a Java runtime runs
+# ffmpeg is required; nginx is the remote shard store of the tests (tests/remote_store.py), its echo module adds the
+# latency of benchmarks/bench_remote.py (and of a test of that); a Java runtime runs
 # METEOR and the Stanford PTB tokenizer (the metrics fall back to their Java-free path without it, but the tests
 # of the Java path need it); espeak-ng only gives the demo its speech clips (the demo drops that class without it);
 # chromium is the real browser the gallery tests load their pages in (headless).
 has_nginx() { command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; }
+has_nginx_echo() { [ -e /usr/lib/nginx/modules/ngx_http_echo_module.so ]; }
 missing=()
 if ! command -v ffmpeg >/dev/null 2>&1 || ! command -v ffprobe >/dev/null 2>&1; then missing+=(ffmpeg); fi
 if ! has_nginx; then missing+=(nginx); fi
+if ! has_nginx_echo; then missing+=(libnginx-mod-http-echo); fi
 if ! command -v java >/dev/null 2>&1; then missing+=(default-jre-headless); fi
 if ! command -v espeak-ng >/dev/null 2>&1; then missing+=(espeak-ng); fi
 if ! command -v chromium >/dev/null 2>&1; then missing+=(chromium); fi
@@ -23,6 +26,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   if ! DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}" >&2; then
     command -v ffmpeg >/dev/null 2>&1 || { echo "[setup] could not install ffmpeg" >&2; exit 1; }
     has_nginx || { echo "[setup] could not install nginx" >&2; exit 1; }
+    has_nginx_echo || { echo "[setup] could not install nginx's echo module (libnginx-mod-http-echo)" >&2; exit 1; }
     command -v java >/dev/null 2>&1 || echo "[setup] warning: no Java runtime; METEOR is unavailable and the" \
       "Java metric tests fail" >&2
     command -v espeak-ng >/dev/null 2>&1 || echo "[setup] warning: espeak-ng not installed; the demo runs" \

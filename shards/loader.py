@@ -167,52 +167,88 @@ class ShardStream(IterableDataset):
                 own.close()
             return
         taken = 0
-        for k, part in enumerate(parts):
-            if limit is not None and taken >= limit:
-                return
-            shard = self.info.shards[part.shard]
-            if k + 1 < len(parts) and is_remote_indexed(self.info.shards[parts[k + 1].shard]):
-                cache.open_ahead(self.info.shards[parts[k + 1].shard], self._remote_store())
-            reader = None
-            idx = 0
-            try:
-                reader = open_shard_reader(shard, self._remote_store() if is_remote(shard.url) else None, cache)
-                indexed = not isinstance(reader, TarSampleReader)
-                if indexed and len(reader) != shard.num_samples:
-                    raise ShardError(f"shard {shard.url}: holds {len(reader)} samples, the manifest says "
-                                     f"{shard.num_samples}")
-                chosen: dict[str, int] = {}
-
-                def want(key: str) -> set[str] | None:
-                    nonlocal idx
-                    i, idx = idx, idx + 1
-                    if i % part.stride != part.offset or (limit is not None and len(chosen) + taken >= limit):
-                        return None
-                    chosen[key] = f0 = self._frame0(key, pass_idx)
-                    return set(sample_members(f0, self.cfg.num_frames, self.info.frames_per_clip))
-
-                for key, members in reader.samples(want):
-                    if members is not None:
-                        taken += 1
-                        yield shard.url, key, members, chosen.pop(key)
-                    if not indexed and limit is not None and taken >= limit:
-                        break   # a stream: the rest of the shard is not needed (the count was checked up front
-                                # for indexed readers only; a streamed shard is counted when read to its end)
-                else:
-                    if idx != shard.num_samples:
-                        raise ShardError(f"shard {shard.url}: holds {idx} samples, the manifest says "
+        # (part, samples taken before it, its reader started or the error opening it raised, want)
+        ahead: tuple[int, int, Any, _Want] | None = None
+        try:
+            for k, part in enumerate(parts):
+                if limit is not None and taken >= limit:
+                    return
+                shard = self.info.shards[part.shard]
+                nxt = self.info.shards[parts[k + 1].shard] if k + 1 < len(parts) else None
+                if nxt is not None and is_remote_indexed(nxt):
+                    cache.open_ahead(nxt, self._remote_store())
+                reader, failed = None, None
+                want = _Want(self, part, pass_idx, limit, taken)
+                if ahead is not None:
+                    if ahead[:2] == (k, taken):   # started for this part, with the same samples before it
+                        want = ahead[3]
+                        if isinstance(ahead[2], BaseException):
+                            failed = ahead[2]
+                        else:
+                            reader = ahead[2]
+                    elif not isinstance(ahead[2], BaseException):   # the previous shard gave fewer samples than
+                        ahead[2].close()                            # planned (skipped as bad): start over
+                    ahead = None
+                # What this part will give: the next remote shard is started once that many minus what is in
+                # flight are given, so its first windows are fetched while this one's last are decoded
+                expect = part.count(shard.num_samples)
+                if limit is not None:
+                    expect = min(expect, limit - taken)
+                lead = self.cfg.remote.windows_ahead * self.cfg.remote.window_samples
+                after = taken + expect   # samples taken before the next part
+                start_next = nxt is not None and is_remote_indexed(nxt) and (limit is None or after < limit)
+                got = 0
+                try:
+                    if failed is not None:
+                        raise failed
+                    if reader is None:
+                        reader = open_shard_reader(shard, self._remote_store() if is_remote(shard.url) else None,
+                                                   cache)
+                    indexed = not isinstance(reader, TarSampleReader)
+                    if indexed and len(reader) != shard.num_samples:
+                        raise ShardError(f"shard {shard.url}: holds {len(reader)} samples, the manifest says "
                                          f"{shard.num_samples}")
-            except (ShardError, OSError) as e:
-                if not self.cfg.skip_bad_shards:
-                    if isinstance(e, ShardError):
-                        raise
-                    if isinstance(e, RemoteReadError):   # names the URL and what failed already
-                        raise ShardError(f"shard {e}") from e
-                    raise ShardError(f"shard {shard.url}: cannot be read ({e})") from e
-                warnings.warn(f"skipping the rest of bad shard {shard.url} after {idx} samples: {e}")
-            finally:
-                if reader is not None:
-                    reader.close()
+                    for key, members in reader.samples(want):
+                        if start_next and ahead is None and expect - got <= lead:
+                            ahead = self._start_ahead(k + 1, parts[k + 1], nxt, pass_idx, limit, after, cache)
+                        if members is not None:
+                            taken += 1
+                            got += 1
+                            yield shard.url, key, members, want.chosen.pop(key)
+                        if not indexed and limit is not None and taken >= limit:
+                            break   # a stream: the rest of the shard is not needed (the count was checked up
+                                    # front for indexed readers only; a streamed shard is counted when read to its
+                                    # end)
+                    else:
+                        if want.idx != shard.num_samples:
+                            raise ShardError(f"shard {shard.url}: holds {want.idx} samples, the manifest says "
+                                             f"{shard.num_samples}")
+                except (ShardError, OSError) as e:
+                    if not self.cfg.skip_bad_shards:
+                        if isinstance(e, ShardError):
+                            raise
+                        if isinstance(e, RemoteReadError):   # names the URL and what failed already
+                            raise ShardError(f"shard {e}") from e
+                        raise ShardError(f"shard {shard.url}: cannot be read ({e})") from e
+                    warnings.warn(f"skipping the rest of bad shard {shard.url} after {want.idx} samples: {e}")
+                finally:
+                    if reader is not None:
+                        reader.close()
+        finally:
+            if ahead is not None and not isinstance(ahead[2], BaseException):
+                ahead[2].close()
+
+    def _start_ahead(self, k: int, part: SlotPart, shard: Any, pass_idx: int, limit: int | None, taken: int,
+                     cache: SlotCache) -> tuple[int, int, Any, "_Want"]:
+        """The reader of the slot's next remote shard, its first windows requested (RemoteShardReader.start), or
+        the error opening it raised: raised when that shard's turn comes, as if it had been opened then."""
+        want = _Want(self, part, pass_idx, limit, taken)
+        try:
+            reader = open_shard_reader(shard, self._remote_store(), cache)
+        except (ShardError, OSError) as e:
+            return k, taken, e, want
+        reader.start(want)
+        return k, taken, reader, want
 
     def _train_rows(self, slot: int, role: int, rows: int) -> Iterator[tuple]:
         """The `rows` shuffled rows of a slot this epoch: its shards in plan order, again from the start
@@ -283,6 +319,28 @@ class ShardStream(IterableDataset):
                 raise
             return row
         raise ShardError(f"split {self.info.split!r}: no readable sample to pad eval batches with")
+
+
+class _Want:
+    """Which members of each sample of a slot's shard part are read, asked by the reader in tar order (for a
+    remote shard, as it plans its requests, possibly before the previous shard is done): the part's samples
+    (index % stride == offset) up to the slot's `limit`, counted from the `taken` samples before this part; each
+    chosen sample's first frame kept in `chosen` until it is given out."""
+
+    def __init__(self, stream: "ShardStream", part: SlotPart, pass_idx: int, limit: int | None, taken: int):
+        self.stream, self.part, self.pass_idx, self.limit, self.taken = stream, part, pass_idx, limit, taken
+        self.idx = 0        # samples asked about so far
+        self.planned = 0    # of which chosen
+        self.chosen: dict[str, int] = {}
+
+    def __call__(self, key: str) -> set[str] | None:
+        i, self.idx = self.idx, self.idx + 1
+        if i % self.part.stride != self.part.offset or (self.limit is not None
+                                                        and self.taken + self.planned >= self.limit):
+            return None
+        self.planned += 1
+        self.chosen[key] = f0 = self.stream._frame0(key, self.pass_idx)
+        return set(sample_members(f0, self.stream.cfg.num_frames, self.stream.info.frames_per_clip))
 
 
 def _worker_context():

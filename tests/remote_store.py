@@ -1,13 +1,20 @@
 """A real remote store for the tests and benchmarks/bench_remote.py: nginx serving a directory with byte ranges,
-and a small fault/latency proxy of our own in front of it.
+optionally with latency added by nginx itself, and a small fault proxy of our own in front of it.
 
 nginx runs unprivileged in the foreground (`master_process off`: one process, no privilege drop, so it can read
 test temp dirs that only their owner may enter), on a free loopback port, with an access log that records
-method, path, status, $bytes_sent and the Range header of every request, which is how the tests count bytes.
+method, path, status, $bytes_sent, the Range and User-Agent headers of every request, which is how the tests count
+bytes and tell the HTTP clients apart.
 
-The proxy exists because nginx cannot add latency or fail on cue: per request it waits `delay_s`, then takes the
-next scripted fault for that path (503, 404, 403, or "reset": the upstream's status and headers, half the body,
-then a TCP reset) or forwards the request to nginx unchanged.
+Latency (`delay_s`, the benchmark's): nginx's echo module (Debian's libnginx-mod-http-echo) waits on a timer
+(`echo_sleep`) at the start of every request, then hands it to the static file handler (`echo_exec`), so ranges,
+404s and 416s are answered as without the delay, and the bytes still go out by sendfile. A Python proxy copying
+every byte in front of nginx cost about as much CPU as the loader's HTTP client, on the same cores.
+
+The fault proxy exists because nginx cannot fail on cue: per request it takes the next scripted fault for that
+path (503, 404, 403; "reset": the upstream's status and headers, half the body, then a TCP reset; "ignore-range":
+the request without its Range header, as to a server that has no range support) or forwards the request to nginx
+unchanged.
 """
 from __future__ import annotations
 
@@ -24,13 +31,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 _NGINX_CONF = """\
+{modules}
 daemon off;
 master_process off;
 worker_processes 1;
 pid {state}/nginx.pid;
 events {{ worker_connections 512; }}
 http {{
-    log_format counted '$request_method $uri $status $bytes_sent "$http_range"';
+    log_format counted '$request_method $uri $status $bytes_sent "$http_range" "$http_user_agent"';
     access_log {state}/access.log counted;
     client_body_temp_path {state}/body;
     proxy_temp_path {state}/proxy;
@@ -44,7 +52,7 @@ http {{
     server {{
         listen 127.0.0.1:{port};
         root {root};
-        location / {{ }}
+{locations}
     }}
 }}
 """
@@ -55,6 +63,17 @@ def nginx_binary() -> str:
                                            if Path(p).exists()), None)
     if found is None:
         raise RuntimeError("nginx is not installed: run scripts/setup.sh (it installs Debian's nginx)")
+    return found
+
+
+def echo_module() -> Path:
+    """nginx's echo module (echo_sleep), from the modules directory the nginx binary was built with."""
+    out = subprocess.run([nginx_binary(), "-V"], capture_output=True, text=True).stderr
+    found = next((Path(a.split("=", 1)[1]) for a in out.split() if a.startswith("--modules-path=")),
+                 Path("/usr/lib/nginx/modules")) / "ngx_http_echo_module.so"
+    if not found.exists():
+        raise RuntimeError(f"{found} is missing: nginx adds the benchmark's latency with its echo module; run "
+                           f"scripts/setup.sh (it installs Debian's libnginx-mod-http-echo)")
     return found
 
 
@@ -84,13 +103,16 @@ class LogLine:
     status: int
     bytes_sent: int       # headers and body, as nginx counts them
     range: str            # the Range header, "-" when none
+    agent: str            # the User-Agent header, "-" when none
 
 
 class Nginx:
-    """`nginx -p STATE -c nginx.conf -e stderr` serving `root` on a free loopback port (a context manager)."""
+    """`nginx -p STATE -c nginx.conf -e stderr` serving `root` on a free loopback port (a context manager),
+    every request answered `delay_s` late (whole milliseconds: nginx reads 3 decimals; see the module docstring)."""
 
-    def __init__(self, root: Path, state: Path):
+    def __init__(self, root: Path, state: Path, delay_s: float = 0.0):
         self.root, self.state = Path(root).resolve(), Path(state).resolve()
+        self.delay_s = delay_s
         self.proc: subprocess.Popen | None = None
         self.port = 0
 
@@ -103,7 +125,14 @@ class Nginx:
         for attempt in range(3):   # the free port may be taken between our probe and nginx's bind
             self.port = free_port()
             conf = self.state / "nginx.conf"
-            conf.write_text(_NGINX_CONF.format(state=self.state, port=self.port, root=self.root))
+            if self.delay_s:
+                modules = f"load_module {echo_module()};"
+                locations = (f"        location / {{ echo_sleep {self.delay_s:.3f}; echo_exec @file; }}\n"
+                             "        location @file { }")
+            else:
+                modules, locations = "", "        location / { }"
+            conf.write_text(_NGINX_CONF.format(state=self.state, port=self.port, root=self.root, modules=modules,
+                                               locations=locations))
             self.proc = subprocess.Popen([nginx_binary(), "-p", str(self.state), "-c", str(conf), "-e", "stderr"],
                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             try:
@@ -136,9 +165,10 @@ class Nginx:
         path = self.state / "access.log"
         lines = []
         for raw in path.read_text().splitlines() if path.exists() else []:
-            head, _, rng = raw.partition(' "')
+            head, _, quoted = raw.partition(' "')
+            rng, _, agent = quoted.partition('" "')
             method, p, status, sent = head.split()
-            lines.append(LogLine(method, p, int(status), int(sent), rng.rstrip('"')))
+            lines.append(LogLine(method, p, int(status), int(sent), rng, agent.rstrip('"')))
         return lines
 
 
@@ -152,8 +182,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
 
-    def _forward(self, method: str) -> http.client.HTTPResponse:
-        headers = {k: v for k, v in self.headers.items() if k.lower() in ("range", "accept-encoding")}
+    def _forward(self, method: str, keep_range: bool = True) -> http.client.HTTPResponse:
+        kept = ("range", "accept-encoding", "user-agent") if keep_range else ("accept-encoding", "user-agent")
+        headers = {k: v for k, v in self.headers.items() if k.lower() in kept}
         for attempt in range(2):   # nginx may have closed an idle keep-alive connection
             if self.upstream is None:
                 self.upstream = http.client.HTTPConnection("127.0.0.1", self.server.proxy.upstream_port, timeout=30)
@@ -169,8 +200,6 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _handle(self, method: str) -> None:
         proxy: FaultProxy = self.server.proxy
-        if proxy.delay_s:
-            time.sleep(proxy.delay_s)
         fault = proxy.take(method, self.path)
         proxy.record(method, self.path, fault)
         if fault in ("503", "404", "403"):
@@ -182,7 +211,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             if method != "HEAD":
                 self.wfile.write(body)
             return
-        resp = self._forward(method)
+        resp = self._forward(method, keep_range=fault != "ignore-range")
         body = resp.read()
         self.send_response(resp.status)
         for name in ("Content-Length", "Content-Range", "Content-Type", "Accept-Ranges", "Last-Modified", "ETag"):
@@ -222,10 +251,10 @@ class _ProxyServer(ThreadingHTTPServer):
 
 
 class FaultProxy:
-    """Threaded HTTP proxy to 127.0.0.1:`upstream_port` that adds `delay_s` per request and scripted faults."""
+    """Threaded HTTP proxy to 127.0.0.1:`upstream_port` that answers with scripted faults or forwards."""
 
-    def __init__(self, upstream_port: int, delay_s: float = 0.0):
-        self.upstream_port, self.delay_s = upstream_port, delay_s
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
         self._faults: dict[tuple[str, str], list[str]] = defaultdict(list)
         self._lock = threading.Lock()
         self.requests: list[tuple[str, str, str | None]] = []   # (method, path, fault injected or None)
@@ -236,7 +265,8 @@ class FaultProxy:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def fail(self, path: str, *faults: str, method: str = "GET") -> None:
-        """The next requests for `path` (by `method`) get `faults` in order ("503", "404", "403", "reset")."""
+        """The next requests for `path` (by `method`) get `faults` in order ("503", "404", "403", "reset",
+        "ignore-range")."""
         with self._lock:
             self._faults[(method, path)].extend(faults)
 
@@ -266,74 +296,3 @@ class FaultProxy:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-async def _delay_pump(reader, writer, upstream_port: int, delay_s: float) -> None:
-    """One client connection of the DelayProxy: each chunk from the client (a request head: HTTP clients do not
-    pipeline) waits `delay_s`, then goes to nginx; nginx's bytes come back unparsed."""
-    import asyncio
-    up_reader, up_writer = await asyncio.open_connection("127.0.0.1", upstream_port)
-
-    async def client_to_upstream():
-        while chunk := await reader.read(1 << 16):
-            await asyncio.sleep(delay_s)
-            up_writer.write(chunk)
-            await up_writer.drain()
-        up_writer.close()
-
-    async def upstream_to_client():
-        while chunk := await up_reader.read(1 << 20):
-            writer.write(chunk)
-            await writer.drain()
-        writer.close()
-
-    try:
-        await asyncio.gather(client_to_upstream(), upstream_to_client())
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        writer.close()
-        up_writer.close()
-
-
-def serve_delay_proxy(upstream_port: int, delay_s: float) -> None:
-    """A byte-pumping latency proxy (asyncio, no HTTP parsing): the benchmark's, where FaultProxy's per-request
-    Python HTTP handling would be the bottleneck. Prints its URL, then serves until killed."""
-    import asyncio
-
-    async def main():
-        server = await asyncio.start_server(lambda r, w: _delay_pump(r, w, upstream_port, delay_s), "127.0.0.1", 0,
-                                            backlog=256)
-        print(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", flush=True)
-        await server.serve_forever()
-
-    asyncio.run(main())
-
-
-class ProxyProcess:
-    """The delay proxy (serve_delay_proxy) in a process of its own, so that its CPU does not count against the
-    loader being measured (benchmarks/bench_remote.py). A context manager; `url` once started."""
-
-    def __init__(self, upstream_port: int, delay_s: float):
-        self.upstream_port, self.delay_s = upstream_port, delay_s
-        self.proc: subprocess.Popen | None = None
-        self.url = ""
-
-    def __enter__(self) -> "ProxyProcess":
-        import sys
-        root = Path(__file__).resolve().parent.parent
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.remote_store", str(self.upstream_port),
-                                      str(self.delay_s)], cwd=root, stdout=subprocess.PIPE, text=True)
-        self.url = self.proc.stdout.readline().strip()
-        if not self.url.startswith("http://"):
-            raise RuntimeError(f"the proxy process did not start (said {self.url!r})")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-
-
-if __name__ == "__main__":   # python -m tests.remote_store UPSTREAM_PORT DELAY_S: prints its URL, serves
-    import sys
-    serve_delay_proxy(int(sys.argv[1]), float(sys.argv[2]))

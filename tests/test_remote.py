@@ -1,11 +1,15 @@
 """Remote shards over HTTP from a real nginx (tests.remote_store): same batches as local, each byte fetched at most
-once per epoch and rank, transient faults recovered, permanent ones and replaced shards named."""
+once per epoch and rank, transient faults recovered, permanent ones and replaced shards named; through both HTTP
+clients (libcurl, the default, and fsspec's aiohttp), told apart by their User-Agent in nginx's log."""
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import shutil
+import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -19,12 +23,21 @@ from tests.fixtures_loader import (add_member_indexes, batches_as_data, build_da
 from tests.remote_store import FaultProxy, Nginx
 
 FAST_RETRY = RemoteConfig(backoff_s=0.01)
+SMALL_WINDOWS = RemoteConfig(backoff_s=0.01, window_samples=1, windows_ahead=1)
+CLIENTS = ("curl", "fsspec")
 
 
-def _cfg(data: str, **kw) -> LoaderConfig:
+def _cfg(data: str, client: str = "curl", **kw) -> LoaderConfig:
     base = dict(split="train", batch_size=3, num_workers=0, seed=3, shuffle_buffer=4, num_frames=2,
-                remote=FAST_RETRY)
+                remote=RemoteConfig(backoff_s=FAST_RETRY.backoff_s, http_client=client))
     return LoaderConfig(data=data, **{**base, **kw})
+
+
+def _client_of(lines) -> set[str]:
+    """Which HTTP client made the shard requests of an nginx log excerpt, by User-Agent."""
+    agents = {line.agent for line in lines if line.path.endswith((".tar", ".idx.json"))}
+    assert agents, "no shard request in the log"
+    return {"curl" if a.startswith("libcurl/") else "fsspec" if "aiohttp" in a else a for a in agents}
 
 
 def _ranges(lines, suffix=".tar"):
@@ -73,13 +86,17 @@ def test_http_batches_equal_local_2_ranks_2_workers_resume_and_each_byte_once(se
     reads what its batches use, and a wrap-around pass reuses the bytes it already has."""
     root, nginx = served_shards
     url = f"{nginx.url}/manifest.json"
-    cfg = _cfg(url, num_workers=2, batch_size=2)   # 16 clips: 4 batches a rank, 2 per worker (4 rows a slot)
+    # 16 clips: 4 batches a rank, 2 per worker (4 rows a slot); windows of 1 sample, 1 in flight, so that the next
+    # shard is started ahead in the middle of the current one (as with real shard and window sizes)
+    cfg = _cfg(url, num_workers=2, batch_size=2, remote=SMALL_WINDOWS)
     info = load_split(str(root), "train")
     slots = plan_epoch(info, 4, cfg.seed, 0, True)
     have = [sum(p.count(info.shards[p.shard].num_samples) for p in parts) for parts in slots]
     assert min(have) < 4, "the setup should make a slot wrap around (read part of its shards twice)"
     local = batches_as_data(run_epoch(_cfg(str(root), num_workers=2, batch_size=2), 2))
+    before = len(nginx.log())
     remote = _epoch_fetching_each_byte_once(cfg, root, nginx, 2)
+    assert _client_of(nginx.log()[before:]) == {"curl"}
     for r in remote:
         for b in r:
             check_batch_content(b)
@@ -92,12 +109,22 @@ def test_http_batches_equal_local_2_ranks_2_workers_resume_and_each_byte_once(se
                  batches_as_data(_epoch_fetching_each_byte_once(_cfg(url, **kw), root, nginx, 2)))
 
 
-def test_default_shuffle_buffer_no_longer_rereads_shards(served_shards):
+@pytest.mark.parametrize("client", CLIENTS)
+def test_default_shuffle_buffer_no_longer_rereads_shards(served_shards, client):
     root, nginx = served_shards
-    _epoch_fetching_each_byte_once(_cfg(f"{nginx.url}/manifest.json", shuffle_buffer=200), root, nginx, 1)
+    before = len(nginx.log())
+    cfg = _cfg(f"{nginx.url}/manifest.json", client, shuffle_buffer=200)
+    _epoch_fetching_each_byte_once(cfg, root, nginx, 1)
+    # one slot reads whole shards (5, 2, 9 samples): with 1-sample windows the next one starts mid-shard
+    small = RemoteConfig(**{**SMALL_WINDOWS.__dict__, "http_client": client})
+    same_batches(batches_as_data(run_epoch(LoaderConfig(**{**cfg.__dict__, "data": str(root)}), 1)),
+                 batches_as_data(_epoch_fetching_each_byte_once(LoaderConfig(**{**cfg.__dict__, "remote": small}),
+                                                                root, nginx, 1)))
+    assert _client_of(nginx.log()[before:]) == {client}
 
 
-def test_transient_faults_recover_permanent_ones_name_the_url(served_shards):
+@pytest.mark.parametrize("client", CLIENTS)
+def test_transient_faults_recover_permanent_ones_name_the_url(served_shards, client):
     root, nginx = served_shards
     local = batches_as_data(run_epoch(_cfg(str(root)), 1))
     shard = "/shards/train/train-00000.tar"
@@ -108,30 +135,38 @@ def test_transient_faults_recover_permanent_ones_name_the_url(served_shards):
         for faults in (("503", "503"), ("pass", "reset")):
             proxy.requests.clear()
             proxy.fail(shard, *faults)
-            same_batches(local, batches_as_data(run_epoch(_cfg(url), 1)))
+            before = len(nginx.log())
+            same_batches(local, batches_as_data(run_epoch(_cfg(url, client), 1)))
             injected = [f for _, p, f in proxy.requests if p == shard and f not in (None, "pass")]
             assert injected == [f for f in faults if f != "pass"]
+            assert _client_of(nginx.log()[before:]) == {client}
         # permanent: named with the URL and the status, no retry
         proxy.fail(shard, "404")
         with pytest.raises(ShardError, match=re.escape(f"{proxy.url}{shard}") + r".*HTTP 404"):
-            run_epoch(_cfg(url), 1)
+            run_epoch(_cfg(url, client), 1)
         proxy.fail("/shards/train/train-00001.idx.json", "403")
         with pytest.raises(ShardIndexError, match=re.escape(f"{proxy.url}/shards/train/train-00001.idx.json")
                            + r" of shard .*train-00001.tar: listed in the manifest but cannot be read .*HTTP 403"):
-            run_epoch(_cfg(url), 1)
+            run_epoch(_cfg(url, client), 1)
+        # a server (or a proxy) that ignores Range: named, not retried, the whole file not read into memory
+        proxy.fail(shard, "pass", "ignore-range")
+        with pytest.raises(ShardError, match=re.escape(f"{proxy.url}{shard}") + r": asked for bytes \d+-\d+ .*the "
+                                             r"server ignores Range requests"):
+            run_epoch(_cfg(url, client), 1)
         # transient past the retries: named too
         proxy.fail(shard, *["503"] * FAST_RETRY.attempts)
         with pytest.raises(ShardError, match=re.escape(f"{proxy.url}{shard}") + r".*still failing after 5 attempts"
                                              r": HTTP 503"):
-            run_epoch(_cfg(url), 1)
+            run_epoch(_cfg(url, client), 1)
 
 
-def test_shard_replaced_by_another_of_the_same_name_is_caught(tmp_path):
+@pytest.mark.parametrize("client", CLIENTS)
+def test_shard_replaced_by_another_of_the_same_name_is_caught(tmp_path, client):
     root = add_member_indexes(build_dataset(tmp_path / "data", {"train": [3, 3, 4]}, size=32))
     shards = root / "shards" / "train"
     original = (shards / "train-00000.tar").read_bytes()
     assert len(original) == (shards / "train-00001.tar").stat().st_size, "equal sizes: only the headers tell"
-    cfg = _cfg("", num_frames=1, batch_size=2)
+    cfg = _cfg("", client, num_frames=1, batch_size=2)
     with Nginx(root, tmp_path / "nginx") as nginx:
         url = f"{nginx.url}/manifest.json"
         # same size, other samples: the header in front of the first member read names another clip
@@ -166,3 +201,35 @@ def test_unindexed_shards_stream_over_http_without_curl(served_shards, monkeypat
     same_batches(local, batches_as_data(run_epoch(_cfg(f"{nginx.url}/manifest-noindex.json"), 1)))
     gets = [line for line in nginx.log()[before:] if line.method == "GET" and line.path.endswith(".tar")]
     assert gets and all(line.range == "-" for line in gets)   # whole-shard GETs, no index read
+
+
+def test_nginx_delay_is_per_request_and_keeps_ranges_and_statuses(served_shards, tmp_path):
+    """The benchmark's latency (tests.remote_store: nginx's own timer, no proxy copying bytes): every request on a
+    keep-alive connection waits for it, ranges and error statuses are answered as without it, and it is a timer,
+    not a queue (concurrent requests wait together)."""
+    root, _ = served_shards
+    tar = root / "shards" / "train" / "train-00000.tar"
+    data, delay = tar.read_bytes(), 0.1
+    with Nginx(root, tmp_path / "nginx", delay_s=delay) as slow:
+        conn = http.client.HTTPConnection("127.0.0.1", slow.port, timeout=10)
+        for rng, status, body in ((f"bytes=512-1535", 206, data[512:1536]), (None, 200, data),
+                                  (f"bytes={len(data)}-", 416, None)):
+            t = time.perf_counter()
+            conn.request("GET", "/shards/train/train-00000.tar", headers={"Range": rng} if rng else {})
+            resp = conn.getresponse()
+            got = resp.read()
+            assert time.perf_counter() - t >= delay and resp.status == status
+            assert body is None or got == body
+        t = time.perf_counter()
+        conn.request("GET", "/shards/train/nothere.tar")
+        assert conn.getresponse().status == 404 and time.perf_counter() - t >= delay
+
+        def one(_):
+            c = http.client.HTTPConnection("127.0.0.1", slow.port, timeout=10)
+            c.request("GET", "/shards/train/train-00000.tar", headers={"Range": "bytes=0-511"})
+            return c.getresponse().read()
+        t = time.perf_counter()
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(one, range(8))) == [data[:512]] * 8
+        assert delay <= time.perf_counter() - t < 6 * delay, "8 concurrent requests should wait together"
+        assert [line.status for line in slow.log()] == [206, 200, 416, 404] + [206] * 8

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -25,20 +24,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.bench_gpu import cpu_model  # noqa: E402
 from benchmarks.bench_pipeline import make_clip  # noqa: E402
 from pipeline.build import BuildConfig, run_build  # noqa: E402
 
 TARGET = 1.05   # disk per clip <= 1.05x its shard bytes
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def du_bytes(out: Path) -> int:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent, unattended setup for a fresh machine: Debian's ffmpeg, nginx, Java, espeak-ng and chromium when
-# missing, a .venv with the pinned install and its test extra (pytest). Safe to run twice: the pip step is skipped
-# while pyproject.toml is unchanged.
+# missing, a .venv with the pinned install and its test and s3 extras (pytest, moto, s3fs). Safe to run twice: the
+# pip step is skipped while pyproject.toml is unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,7 +47,7 @@ want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing pinned dependencies into .venv (first time: a few minutes)" >&2
   log=.venv/setup.log
-  if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e ".[test]" ; } >"$log" 2>&1; then
+  if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e ".[test,s3]" ; } >"$log" 2>&1; then
     tail -n 40 "$log" >&2
     echo "[setup] pip install failed; full log in $log" >&2
     exit 1

@@ -23,7 +23,10 @@ The batch layout is in shards.batching.
 """
 from __future__ import annotations
 
+import functools
+import os
 import random
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -353,6 +356,20 @@ def _worker_context():
     return ctx
 
 
+def _take_environment(env: dict[str, str], worker_id: int) -> None:
+    """A forkserver worker starts with the server's environment, which is the environment of the first loader
+    this process made: give it the environment of the process as this loader is made, as a forked worker would
+    have, so that credentials and endpoints set since (AWS_*, FSSPEC_*: s3://) reach the workers that read."""
+    for k in set(os.environ) - set(env):
+        del os.environ[k]
+    os.environ.update(env)
+    config = sys.modules.get("fsspec.config")   # fsspec reads its FSSPEC_* variables once, when imported
+    if config is not None:
+        config.conf.clear()
+        config.set_conf_files(config.conf_dir, config.conf)
+        config.set_conf_env(config.conf)
+
+
 def make_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1, epoch: int = 0,
                 start_batch: int = 0) -> tuple[DataLoader | ShardStream, int]:
     """The rank's batches of one epoch and the epoch's batch count (identical on every rank).
@@ -371,5 +388,6 @@ def make_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1, epoch: in
     # worker waiting forever on it (seen: a fresh epoch's worker stuck at 0 s CPU, its peer rank waiting on it).
     dl = DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
                     pin_memory=cfg.pin_memory, persistent_workers=False, in_order=True,
-                    multiprocessing_context=_worker_context())
+                    multiprocessing_context=_worker_context(),
+                    worker_init_fn=functools.partial(_take_environment, dict(os.environ)))
     return dl, ds.total

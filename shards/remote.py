@@ -16,8 +16,11 @@ requested) while the current shard's last windows are decoded, so a new shard co
 failures (403, 404, a range the server does not honour) into a ShardError naming the URL.
 
 Clients: http(s):// goes through libcurl (pycurl) by default, `RemoteConfig.http_client="fsspec"` selects fsspec's
-aiohttp filesystem instead; s3:// (s3fs, the `[s3]` extra; credentials and endpoints from the environment as s3fs
-reads them: AWS_*, FSSPEC_S3_*), gs:// and any other protocol go through fsspec. Why libcurl for HTTP: a loader
+aiohttp filesystem instead; s3:// (s3fs, the `[s3]` extra; credentials and endpoints from the environment as
+botocore and fsspec read them: AWS_* when s3fs makes its client, e.g. AWS_ENDPOINT_URL_S3 for MinIO, FSSPEC_S3_*
+when fsspec is imported; tests/test_remote_s3.py against moto's S3 server), gs:// and any other protocol go through
+fsspec. On s3:// botocore's retries are off (`storage_options`) and S3's errors, raised by s3fs as Python ones with
+botocore's ClientError as cause, are classified and named by their HTTP status and S3 code as HTTP errors are. Why libcurl for HTTP: a loader
 worker's CPU goes to decoding and to the HTTP client. Fetching a sample's two ranges (~280 kB) from nginx on
 loopback, alone, cost 0.27 ms of CPU through fsspec/aiohttp (cat_ranges, 32 at a time), 0.08-0.11 ms through
 libcurl, 0.20 through http.client and 0.39 through urllib3 (readinto into a preallocated buffer); in the loader a
@@ -117,16 +120,44 @@ def storage_options(protocol: str, cfg: RemoteConfig) -> dict[str, Any]:
         return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=cfg.timeout_s,
                                                                    sock_read=cfg.timeout_s)}}
     if protocol in ("s3", "s3a"):
-        return {"config_kwargs": {"connect_timeout": cfg.timeout_s, "read_timeout": cfg.timeout_s}}
+        # botocore's own retries off (`total_max_attempts` counts the first try): RemoteStore retries 5xx and
+        # throttling with `attempts` and `backoff_s` as for HTTP, instead of up to 5 botocore tries inside each
+        # of ours. (s3fs still retries a dropped connection a few times at 0.1 s, which it does not let us set.)
+        # max_concurrency 1: s3fs would HEAD a file before reading it whole (the index) to split the read.
+        return {"config_kwargs": {"connect_timeout": cfg.timeout_s, "read_timeout": cfg.timeout_s,
+                                  "retries": {"total_max_attempts": 1}},
+                "max_concurrency": 1}
     return {}
 
 
-def is_transient(e: BaseException) -> bool:
-    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return False
+def _s3_error(e: BaseException) -> tuple[int | None, str, str] | None:
+    """(HTTP status, S3 error code, message) of a botocore ClientError, or of the Python error s3fs turned it
+    into (FileNotFoundError for NoSuchKey, PermissionError for AccessDenied, OSError otherwise), which keeps the
+    ClientError as its cause."""
+    for err in (e, e.__cause__):
+        response = getattr(err, "response", None)
+        if isinstance(response, dict) and isinstance(response.get("Error"), dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return (status if isinstance(status, int) else None, str(response["Error"].get("Code", "")),
+                    str(response["Error"].get("Message", "")))
+    return None
+
+
+def http_status(e: BaseException) -> int | None:
+    """The HTTP status a failed request was answered with, whichever client made it; None if none came."""
     status = getattr(e, "status", None)   # aiohttp.ClientResponseError, HTTPStatusError
     if isinstance(status, int):
+        return status
+    s3 = _s3_error(e)
+    return s3[0] if s3 else None
+
+
+def is_transient(e: BaseException) -> bool:
+    status = http_status(e)
+    if status is not None:
         return status in TRANSIENT_STATUSES
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
     if isinstance(e, CurlError):
         return e.code in CURL_TRANSIENT
     if isinstance(e, RangeNotHonoured):
@@ -138,10 +169,22 @@ def is_transient(e: BaseException) -> bool:
     except ImportError:
         return False
     # ClientPayloadError (connection cut mid-body), ServerDisconnectedError, ClientConnectorError, ...
-    return isinstance(e, aiohttp.ClientError)
+    if isinstance(e, aiohttp.ClientError):
+        return True
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
+    except ImportError:
+        return False
+    # s3://: connect failures and timeouts (EndpointConnectionError, ConnectTimeoutError), a connection closed
+    # or a read timing out mid-response (HTTPClientError: ConnectionClosedError, ReadTimeoutError)
+    return isinstance(e, (BotoConnectionError, HTTPClientError))
 
 
 def describe(e: BaseException) -> str:
+    s3 = _s3_error(e)
+    if s3 is not None:
+        status, code, message = s3
+        return f"S3 {code}" + (f" (HTTP {status})" if status else "") + (f": {message}" if message else "")
     status = getattr(e, "status", None)
     if isinstance(status, int):
         return f"HTTP {status} {getattr(e, 'message', '') or ''}".rstrip()
@@ -153,7 +196,7 @@ def describe(e: BaseException) -> str:
 
 
 def _permanent(url: str, what: str, e: BaseException) -> RemoteReadError:
-    cls = RemoteNotFound if isinstance(e, FileNotFoundError) or getattr(e, "status", None) == 404 else RemoteReadError
+    cls = RemoteNotFound if isinstance(e, FileNotFoundError) or http_status(e) == 404 else RemoteReadError
     return cls(f"{url}: {what} failed: {describe(e)}")
 
 
@@ -445,7 +488,7 @@ def _check_end(shard: Any, store: RemoteStore) -> None:
     except RemoteNotFound:
         raise
     except (RemoteReadError, ShardError) as e:
-        if not isinstance(e, ShardError) and getattr(e.__cause__, "status", None) != 416:
+        if not isinstance(e, ShardError) and (e.__cause__ is None or http_status(e.__cause__) != 416):
             raise
         raise ShardError(f"{what}, but it is shorter (its last {n} bytes cannot be read: {e}): truncated or "
                          f"replaced") from e

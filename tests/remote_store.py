@@ -1,5 +1,6 @@
 """A real remote store for the tests and benchmarks/bench_remote.py: nginx serving a directory with byte ranges,
-optionally with latency added by nginx itself, and a small fault proxy of our own in front of it.
+optionally with latency added by nginx itself, moto's S3 server (`MotoS3`, for s3://), and a small fault proxy of
+our own in front of either.
 
 nginx runs unprivileged in the foreground (`master_process off`: one process, no privilege drop, so it can read
 test temp dirs that only their owner may enter), on a free loopback port, with an access log that records
@@ -14,7 +15,8 @@ every byte in front of nginx cost about as much CPU as the loader's HTTP client,
 The fault proxy exists because nginx cannot fail on cue: per request it takes the next scripted fault for that
 path (503, 404, 403; "reset": the upstream's status and headers, half the body, then a TCP reset; "ignore-range":
 the request without its Range header, as to a server that has no range support) or forwards the request to nginx
-unchanged.
+unchanged. It also logs every request as nginx does (method, path, status, bytes, Range, User-Agent), which is
+how the s3:// tests count requests and bytes: moto keeps no access log.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -183,8 +186,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         pass
 
     def _forward(self, method: str, keep_range: bool = True) -> http.client.HTTPResponse:
-        kept = ("range", "accept-encoding", "user-agent") if keep_range else ("accept-encoding", "user-agent")
-        headers = {k: v for k, v in self.headers.items() if k.lower() in kept}
+        # and a signed request's signature (S3: moto refuses an unsigned request to a private bucket)
+        kept = ("range", "accept-encoding", "user-agent", "authorization") if keep_range else (
+            "accept-encoding", "user-agent", "authorization")
+        headers = {k: v for k, v in self.headers.items() if k.lower() in kept or k.lower().startswith("x-amz-")}
         for attempt in range(2):   # nginx may have closed an idle keep-alive connection
             if self.upstream is None:
                 self.upstream = http.client.HTTPConnection("127.0.0.1", self.server.proxy.upstream_port, timeout=30)
@@ -202,8 +207,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         proxy: FaultProxy = self.server.proxy
         fault = proxy.take(method, self.path)
         proxy.record(method, self.path, fault)
+        rng, agent = self.headers.get("Range", "-"), self.headers.get("User-Agent", "-")
         if fault in ("503", "404", "403"):
             body = f"injected {fault}\n".encode()
+            proxy.logged(LogLine(method, self.path, int(fault), len(body), rng, agent))
             self.send_response(int(fault))
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Content-Type", "text/plain")
@@ -213,6 +220,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             return
         resp = self._forward(method, keep_range=fault != "ignore-range")
         body = resp.read()
+        proxy.logged(LogLine(method, self.path, resp.status, 0 if method == "HEAD" else len(body), rng, agent))
         self.send_response(resp.status)
         for name in ("Content-Length", "Content-Range", "Content-Type", "Accept-Ranges", "Last-Modified", "ETag"):
             if resp.getheader(name) is not None:
@@ -258,6 +266,7 @@ class FaultProxy:
         self._faults: dict[tuple[str, str], list[str]] = defaultdict(list)
         self._lock = threading.Lock()
         self.requests: list[tuple[str, str, str | None]] = []   # (method, path, fault injected or None)
+        self._log: list[LogLine] = []
         self.server: ThreadingHTTPServer | None = None
 
     @property
@@ -279,6 +288,16 @@ class FaultProxy:
         with self._lock:
             self.requests.append((method, path, fault))
 
+    def logged(self, line: LogLine) -> None:
+        with self._lock:
+            self._log.append(line)
+
+    def log(self) -> list[LogLine]:
+        """Every request answered so far, as in nginx's log (`bytes_sent`: the body the upstream gave, whole
+        even when a "reset" cut it), for a store that keeps no access log of its own (moto)."""
+        with self._lock:
+            return list(self._log)
+
     def start(self) -> "FaultProxy":
         self.server = _ProxyServer(("127.0.0.1", 0), _ProxyHandler)
         self.server.proxy = self
@@ -292,6 +311,47 @@ class FaultProxy:
             self.server = None
 
     def __enter__(self) -> "FaultProxy":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class MotoS3:
+    """moto's S3 server (`python -m moto.server`, a real S3 HTTP API kept in memory) on a free loopback port, in
+    its own process like nginx (a context manager). Clients reach it through the environment (`env()`): dummy
+    credentials and the endpoint, as for MinIO or any other S3-compatible store."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self, endpoint: str | None = None) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": endpoint or self.url}
+
+    def start(self) -> "MotoS3":
+        for attempt in range(3):   # the free port may be taken between our probe and moto's bind
+            self.port = free_port()
+            self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                                          str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            try:
+                _wait_listening(self.port, self.proc, "moto_server", timeout=60)
+                threading.Thread(target=self.proc.stderr.read, daemon=True).start()   # its access log: drained
+                return self
+            except RuntimeError:
+                self.stop()
+                if attempt == 2:
+                    raise
+        return self
+
+    stop = Nginx.stop
+
+    def __enter__(self) -> "MotoS3":
         return self.start()
 
     def __exit__(self, *exc) -> None:

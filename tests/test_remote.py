@@ -51,10 +51,12 @@ def _ranges(lines, suffix=".tar"):
     return out
 
 
-def _epoch_fetching_each_byte_once(cfg: LoaderConfig, root, nginx: Nginx, world_size: int) -> list[list[dict]]:
-    """run_epoch over HTTP, checking nginx's log per rank: no sample byte asked for twice, the manifest once, each
+def _epoch_fetching_each_byte_once(cfg: LoaderConfig, root, nginx: Nginx | FaultProxy, world_size: int,
+                                   prefix: str = "") -> list[list[dict]]:
+    """run_epoch over HTTP, checking the server's log per rank (nginx's, or the fault proxy's in front of a store
+    without one; `prefix`: the dataset's path there): no sample byte asked for twice, the manifest once, each
     index and end probe at most once per worker."""
-    sizes = {f"/{s['path']}": s["bytes"]
+    sizes = {f"{prefix}/{s['path']}": s["bytes"]
              for s in json.loads((root / "manifest.json").read_text())["splits"][cfg.split]["shards"]}
     out = []
     for rank in range(world_size):
@@ -76,7 +78,7 @@ def _epoch_fetching_each_byte_once(cfg: LoaderConfig, root, nginx: Nginx, world_
         index_gets = [line for line in lines if line.path.endswith(".idx.json")]
         assert len(index_gets) <= max(1, cfg.num_workers) * len(sizes)
         assert [line.path for line in lines if line.method == "GET" and line.path.endswith("manifest.json")
-                ] == ["/manifest.json"]
+                ] == [f"{prefix}/manifest.json"]
     return out
 
 

@@ -38,7 +38,6 @@ loader refuses, and a rerun rewrites it. Same shard bytes, same index bytes.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
@@ -80,10 +79,11 @@ def shard_name_re(split: str) -> re.Pattern:
 
 
 def shard_index(key: str, num_shards: int) -> int:
-    """Stable shard of a sample: sha256 of the key, as an integer, modulo num_shards."""
+    """Stable shard of a sample: sha256 of the key, as an integer, modulo num_shards. A format rule, not the
+    loader's stable_hash: changing it would move every sample to another shard."""
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest(), "big") % num_shards
+    return int(bytes_sha256(key.encode("utf-8")), 16) % num_shards
 
 
 def num_shards_for(num_samples: int, samples_per_shard: int = 256) -> int:

@@ -33,10 +33,11 @@ WORKDIR /opt/avcap
 # The pinned dependencies first, from pyproject.toml alone (yt-dlp[default,deno] brings the deno binary, on PATH
 # as /usr/local/bin/deno, and the EJS scripts YouTube downloads need): this layer (torch trio included) is rebuilt
 # only when the pins change, not on every source edit.
-# The test extra (pytest) comes too: the image documents `python -m pytest`.
+# The test extra (pytest, moto) and the s3 extra (s3fs) come too: the image documents `python -m pytest`, and
+# reads s3:// shards.
 COPY pyproject.toml ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-print('\n'.join(p['dependencies'] + p['optional-dependencies']['test']))" \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['test'] + p['optional-dependencies']['s3']))" \
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt \

@@ -171,8 +171,7 @@ class ShardStream(IterableDataset):
                 own.close()
             return
         taken = 0
-        # (part, samples taken before it, its reader started or the error opening it raised, want)
-        ahead: tuple[int, int, Any, _Want] | None = None
+        ahead: _StartedAhead | None = None
         try:
             for k, part in enumerate(parts):
                 if limit is not None and taken >= limit:
@@ -184,14 +183,10 @@ class ShardStream(IterableDataset):
                 reader, failed = None, None
                 want = _Want(self, part, pass_idx, limit, taken)
                 if ahead is not None:
-                    if ahead[:2] == (k, taken):   # started for this part, with the same samples before it
-                        want = ahead[3]
-                        if isinstance(ahead[2], BaseException):
-                            failed = ahead[2]
-                        else:
-                            reader = ahead[2]
-                    elif not isinstance(ahead[2], BaseException):   # the previous shard gave fewer samples than
-                        ahead[2].close()                            # planned (skipped as bad): start over
+                    if (ahead.part, ahead.taken) == (k, taken):   # started for this part, same samples before it
+                        want, reader, failed = ahead.want, ahead.reader, ahead.error
+                    else:   # the previous shard gave fewer samples than planned (skipped as bad): start over
+                        ahead.close()
                     ahead = None
                 # What this part will give: the next remote shard is started once that many minus what is in
                 # flight are given, so its first windows are fetched while this one's last are decoded
@@ -239,20 +234,20 @@ class ShardStream(IterableDataset):
                     if reader is not None:
                         reader.close()
         finally:
-            if ahead is not None and not isinstance(ahead[2], BaseException):
-                ahead[2].close()
+            if ahead is not None:
+                ahead.close()
 
     def _start_ahead(self, k: int, part: SlotPart, shard: Any, pass_idx: int, limit: int | None, taken: int,
-                     cache: SlotCache) -> tuple[int, int, Any, "_Want"]:
+                     cache: SlotCache) -> "_StartedAhead":
         """The reader of the slot's next remote shard, its first windows requested (RemoteShardReader.start), or
         the error opening it raised: raised when that shard's turn comes, as if it had been opened then."""
         want = _Want(self, part, pass_idx, limit, taken)
         try:
             reader = open_shard_reader(shard, self._remote_store(), cache)
         except (ShardError, OSError) as e:
-            return k, taken, e, want
+            return _StartedAhead(k, taken, want, error=e)
         reader.start(want)
-        return k, taken, reader, want
+        return _StartedAhead(k, taken, want, reader=reader)
 
     def _train_rows(self, slot: int, role: int, rows: int) -> Iterator[tuple]:
         """The `rows` shuffled rows of a slot this epoch: its shards in plan order, again from the start
@@ -323,6 +318,21 @@ class ShardStream(IterableDataset):
                 raise
             return row
         raise ShardError(f"split {self.info.split!r}: no readable sample to pad eval batches with")
+
+
+@dataclass
+class _StartedAhead:
+    """The slot's next remote shard, started early: for part `part`, assuming `taken` samples before it; its
+    reader (first windows requested) or the error opening it raised."""
+    part: int
+    taken: int
+    want: "_Want"
+    reader: Any = None
+    error: BaseException | None = None
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
 
 
 class _Want:

@@ -109,7 +109,23 @@ class LogLine:
     agent: str            # the User-Agent header, "-" when none
 
 
-class Nginx:
+class _Service:
+    """A loopback server the tests start and stop: a context manager over `start()` / `stop()`."""
+
+    def start(self):
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class Nginx(_Service):
     """`nginx -p STATE -c nginx.conf -e stderr` serving `root` on a free loopback port (a context manager),
     every request answered `delay_s` late (whole milliseconds: nginx reads 3 decimals; see the module docstring)."""
 
@@ -157,11 +173,6 @@ class Nginx:
                 self.proc.wait()
         self.proc = None
 
-    def __enter__(self) -> "Nginx":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def log(self) -> list[LogLine]:
         """Every request so far (nginx writes a line as each request ends)."""
@@ -258,7 +269,7 @@ class _ProxyServer(ThreadingHTTPServer):
     request_queue_size = 256   # the default listen backlog (5) drops a burst of concurrent connects: 1 s SYN retries
 
 
-class FaultProxy:
+class FaultProxy(_Service):
     """Threaded HTTP proxy to 127.0.0.1:`upstream_port` that answers with scripted faults or forwards."""
 
     def __init__(self, upstream_port: int):
@@ -310,14 +321,9 @@ class FaultProxy:
             self.server.server_close()
             self.server = None
 
-    def __enter__(self) -> "FaultProxy":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
-class MotoS3:
+class MotoS3(_Service):
     """moto's S3 server (`python -m moto.server`, a real S3 HTTP API kept in memory) on a free loopback port, in
     its own process like nginx (a context manager). Clients reach it through the environment (`env()`): dummy
     credentials and the endpoint, as for MinIO or any other S3-compatible store."""
@@ -351,8 +357,3 @@ class MotoS3:
 
     stop = Nginx.stop
 
-    def __enter__(self) -> "MotoS3":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

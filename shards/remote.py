@@ -41,6 +41,8 @@ import asyncio
 import bisect
 import io
 import math
+import os
+import queue
 import ssl
 import threading
 import time
@@ -98,13 +100,23 @@ class RemoteConfig:
     attempts: int = 5              # tries per request on transient errors
     backoff_s: float = 0.1         # wait before the 2nd try; doubles for each further one
     window_samples: int = 16       # samples whose ranges go out as one batch of concurrent requests
-    windows_ahead: int = 6         # batches in flight while the current one is decoded (~27 MB of members)
+    windows_ahead: int = 6         # windows in flight while the current one is decoded, at first (~27 MB of members)
+    max_windows_ahead: int = 32    # the most in flight once the reader found it waits for requests (~145 MB)
     max_gap: int = 4096            # ranges at most this far apart are fetched as one request
+    # HTTP connections one loader worker keeps open at most (libcurl): the requests in flight are about 2 per
+    # sample of the windows ahead; past this many they queue. It also keeps a worker's sockets under the 1024
+    # that select(2), which the libcurl loop waits with, can see.
+    max_connections: int = 256
     http_client: str = "curl"      # http(s):// through libcurl ("curl") or fsspec's aiohttp filesystem ("fsspec")
 
     def __post_init__(self):
         if self.http_client not in ("curl", "fsspec"):
             raise ValueError(f"RemoteConfig.http_client must be 'curl' or 'fsspec', got {self.http_client!r}")
+        if self.max_connections < 1:
+            raise ValueError(f"RemoteConfig.max_connections must be >= 1, got {self.max_connections}")
+        if not 1 <= self.windows_ahead <= self.max_windows_ahead:
+            raise ValueError(f"RemoteConfig: need 1 <= windows_ahead <= max_windows_ahead, got "
+                             f"{self.windows_ahead} and {self.max_windows_ahead}")
 
 
 def is_remote(url: str) -> bool:
@@ -200,23 +212,127 @@ def _permanent(url: str, what: str, e: BaseException) -> RemoteReadError:
     return cls(f"{url}: {what} failed: {describe(e)}")
 
 
-class _CurlSession:
-    """A libcurl multi handle and its easy handles: the requests of one call run on it concurrently (libcurl does
-    the socket I/O and waits with the GIL released), and its connection cache keeps the connections open for the
-    next call. Not thread-safe: RemoteStore lends each session to one call at a time."""
+class _Call:
+    """One get(): the requests of a call, answered by the loop thread as they end."""
+
+    def __init__(self, url: str, ranges: list[tuple[int, int]] | None):
+        self.url, self.ranges = url, ranges
+        self.out: list[Any] = [None] * (len(ranges) if ranges is not None else 1)
+        self.left = len(self.out)
+        self.done = threading.Event()
+
+    def answer(self, i: int, value: Any) -> None:
+        self.out[i] = value
+        self.left -= 1
+        if not self.left:
+            self.done.set()
+
+
+class _CurlLoop:
+    """Every libcurl transfer of a RemoteStore, driven by one thread on one multi handle: callers hand it their
+    requests and wait; libcurl reuses its connections across calls.
+
+    Why one thread rather than a multi handle per calling thread: the loader's windows in flight are six calls
+    at a time, and six threads each waking for their own sockets and taking the GIL for each 16 kB chunk cost a
+    remote sample 0.22 ms of CPU; one loop that serves every socket that is ready in one wake-up costs XXX
+    (BENCHMARKS.md "remote"). libcurl waits and moves bytes with the GIL released. The thread ends after
+    `IDLE_S` without requests and starts again with the next one; a forked child makes its own loop."""
+
+    IDLE_S = 5.0
+    POLL_S = 0.002   # how long new requests may wait for the loop to look while it waits on sockets
 
     def __init__(self, cfg: RemoteConfig):
         import pycurl
         self.pycurl, self.cfg = pycurl, cfg
+        self.pid = os.getpid()
         self.multi = pycurl.CurlMulti()
+        # requests past this many wait in libcurl's queue for a connection (see RemoteConfig.max_connections)
+        self.multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, cfg.max_connections)
         self.idle: list[Any] = []
+        self.jobs: queue.SimpleQueue[_Call] = queue.SimpleQueue()
+        self.active: dict[Any, tuple[_Call, int, io.BytesIO]] = {}
+        self.thread: threading.Thread | None = None
+        self.lock = threading.Lock()
         # libcurl's CA default is the path of the system it was built on; use this system's, as Python's ssl does
         paths = ssl.get_default_verify_paths()
         self.cafile, self.capath = paths.cafile, paths.capath
 
+    def get(self, url: str, ranges: list[tuple[int, int]] | None) -> list[Any]:
+        """Bytes [start, end) of each range of `url` (or, for None, the whole file), all requested at once: a
+        bytes-like per request, or the exception that request ended with."""
+        call = _Call(url, ranges)
+        with self.lock:
+            self.jobs.put(call)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="remote-curl", daemon=True)
+                self.thread.start()
+        call.done.wait()
+        return call.out
+
+    def _run(self) -> None:
+        pc, multi = self.pycurl, self.multi
+        try:
+            while True:
+                try:   # idle: block until a request comes, or end the thread
+                    call = self.jobs.get(timeout=self.IDLE_S) if not self.active else self.jobs.get_nowait()
+                except queue.Empty:
+                    if not self.active:
+                        with self.lock:
+                            if self.jobs.empty():
+                                self.thread = None
+                                return
+                    call = None
+                while call is not None:
+                    self._add(call)
+                    try:
+                        call = self.jobs.get_nowait()
+                    except queue.Empty:
+                        call = None
+                while multi.perform()[0] == pc.E_CALL_MULTI_PERFORM:
+                    pass
+                while True:
+                    left, ok, failed = multi.info_read()
+                    for c in ok:
+                        self._done(c, None)
+                    for c, code, message in failed:
+                        self._done(c, (code, message))
+                    if not left:
+                        break
+                if self.active and multi.select(self.POLL_S) < 0:
+                    time.sleep(self.POLL_S)   # no socket to wait on yet (name lookup, a timer): do not spin
+        except BaseException as e:   # a bug here must not leave callers waiting forever
+            with self.lock:
+                self.thread = None
+                for c, (call, i, _) in list(self.active.items()):
+                    multi.remove_handle(c)
+                    call.answer(i, e)
+                self.active.clear()
+                while not self.jobs.empty():
+                    call = self.jobs.get_nowait()
+                    for i in range(len(call.out)):
+                        call.answer(i, e)
+            raise
+
+    def _add(self, call: _Call) -> None:
+        pc = self.pycurl
+        for i, rng in enumerate(call.ranges if call.ranges is not None else [None]):
+            c = self.idle.pop() if self.idle else self._easy()
+            # BytesIO.write takes libcurl's 16 kB chunks without a Python frame each (a preallocated buffer filled
+            # by a Python callback cost more CPU); a body larger than the range (the whole file answered with 200,
+            # an error page) is refused by libcurl from its length, not read into memory
+            body = io.BytesIO()
+            c.setopt(pc.URL, call.url)
+            if rng:
+                c.setopt(pc.RANGE, f"{rng[0]}-{rng[1] - 1}")
+                c.setopt(pc.MAXFILESIZE_LARGE, rng[1] - rng[0])
+            else:
+                c.unsetopt(pc.RANGE)
+                c.setopt(pc.MAXFILESIZE_LARGE, 0)   # no limit
+            c.setopt(pc.WRITEFUNCTION, body.write)
+            self.multi.add_handle(c)
+            self.active[c] = (call, i, body)
+
     def _easy(self) -> Any:
-        if self.idle:
-            return self.idle.pop()
         pc, c = self.pycurl, self.pycurl.Curl()
         c.setopt(pc.NOSIGNAL, 1)   # timeouts without SIGALRM: these run in threads
         c.setopt(pc.CONNECTTIMEOUT_MS, int(self.cfg.timeout_s * 1000))
@@ -234,63 +350,22 @@ class _CurlSession:
             c.setopt(pc.CAPATH, self.capath)
         return c
 
-    def get(self, url: str, ranges: list[tuple[int, int]] | None) -> list[Any]:
-        """Bytes [start, end) of each range of `url` (or, for None, the whole file), all requested at once: a
-        bytes-like per request, or the exception that request ended with."""
-        pc, multi = self.pycurl, self.multi
-        pending: dict[Any, tuple[int, io.BytesIO]] = {}
-        out: list[Any] = [None] * (len(ranges) if ranges is not None else 1)
-        for i, rng in enumerate(ranges if ranges is not None else [None]):
-            c = self._easy()
-            # BytesIO.write takes libcurl's 16 kB chunks without a Python frame each (a preallocated buffer filled
-            # by a Python callback cost more CPU); a body larger than the range (the whole file answered with 200,
-            # an error page) is refused by libcurl from its length, not read into memory
-            body = io.BytesIO()
-            c.setopt(pc.URL, url)
-            if rng:
-                c.setopt(pc.RANGE, f"{rng[0]}-{rng[1] - 1}")
-                c.setopt(pc.MAXFILESIZE_LARGE, rng[1] - rng[0])
-            else:
-                c.unsetopt(pc.RANGE)
-                c.setopt(pc.MAXFILESIZE_LARGE, 0)   # no limit
-            c.setopt(pc.WRITEFUNCTION, body.write)
-            multi.add_handle(c)
-            pending[c] = (i, body)
-        try:
-            while pending:
-                while multi.perform()[0] == pc.E_CALL_MULTI_PERFORM:
-                    pass
-                while True:
-                    left, ok, failed = multi.info_read()
-                    for c in ok:
-                        self._done(c, pending.pop(c), None, ranges is not None, url, out)
-                    for c, code, message in failed:
-                        self._done(c, pending.pop(c), (code, message), ranges is not None, url, out)
-                    if not left:
-                        break
-                if pending and multi.select(1.0) <= 0:
-                    time.sleep(0.001)   # no socket to wait on yet (name lookup, a timer): do not spin
-        finally:
-            for c in pending:   # an interrupt: leave the session reusable
-                multi.remove_handle(c)
-                self.idle.append(c)
-        return out
-
-    def _done(self, c: Any, job: tuple[int, io.BytesIO], error: tuple[int, str] | None, ranged: bool, url: str,
-              out: list[Any]) -> None:
-        i, body = job
+    def _done(self, c: Any, error: tuple[int, str] | None) -> None:
+        call, i, body = self.active.pop(c)
         status = c.getinfo(self.pycurl.RESPONSE_CODE)
         self.multi.remove_handle(c)
         c.setopt(self.pycurl.WRITEFUNCTION, _discard)   # drop the reference to the body
         self.idle.append(c)
+        ranged = call.ranges is not None
         if status >= 400:   # redirects are followed: a 3xx here comes with error 47 (too many)
-            out[i] = HTTPStatusError(status, url)
+            value: Any = HTTPStatusError(status, call.url)
         elif ranged and (status == 200 or error is not None and error[0] == self.pycurl.E_FILESIZE_EXCEEDED):
-            out[i] = RangeNotHonoured(f"{url}: HTTP {status} to a ranged GET")
+            value = RangeNotHonoured(f"{call.url}: HTTP {status} to a ranged GET")
         elif error is not None:
-            out[i] = CurlError(*error)
+            value = CurlError(*error)
         else:
-            out[i] = body.getvalue()
+            value = body.getvalue()
+        call.answer(i, value)
 
 
 def _discard(data: bytes) -> None:
@@ -305,8 +380,22 @@ class RemoteStore:
         self.cfg = cfg or RemoteConfig()
         self.sleep = sleep
         self._fs: dict[str, tuple[Any, str]] = {}
-        self._sessions: list[_CurlSession] = []   # idle ones; one per concurrent call at most
+        self._curl: _CurlLoop | None = None
         self._lock = threading.Lock()
+        self.windows_ahead = self.cfg.windows_ahead   # grown by `waited`, for every reader of this store
+        self.fastest_s = math.inf   # the quickest window fetch so far: about one round trip
+
+    def fetched(self, took_s: float) -> None:
+        self.fastest_s = min(self.fastest_s, took_s)
+
+    def waited(self, waited_s: float, in_flight_s: float, window_s: float) -> None:
+        """The decoding waited `waited_s` for a window in flight for `in_flight_s` so far, decoding a window
+        taking about `window_s`. A window that waits after less than about a round trip in flight means the
+        windows ahead cover less than the latency: keep about as many more in flight as would have covered the
+        wait (at most `max_windows_ahead`). One that waits after longer was held up by the client's or the
+        server's throughput, which more requests in flight would not help."""
+        if in_flight_s < 1.5 * self.fastest_s:
+            self.windows_ahead = min(self.cfg.max_windows_ahead, self.windows_ahead + 1)
 
     def __getstate__(self) -> dict[str, Any]:   # to a DataLoader worker: its own connections, made there
         return {"cfg": self.cfg, "sleep": self.sleep}
@@ -319,18 +408,14 @@ class RemoteStore:
 
     def _curl_get(self, url: str, ranges: list[tuple[int, int]] | None) -> list[Any]:
         with self._lock:
-            session = self._sessions.pop() if self._sessions else None
-        if session is None:
-            try:
-                session = _CurlSession(self.cfg)
-            except ImportError as e:
-                raise RemoteReadError(f"{url}: pycurl is not installed ({e}); install the project's pinned "
-                                      f"dependencies, or use RemoteConfig(http_client='fsspec')") from e
-        try:
-            return session.get(url, ranges)
-        finally:
-            with self._lock:
-                self._sessions.append(session)
+            if self._curl is None or self._curl.pid != os.getpid():   # a forked child: its own connections
+                try:
+                    self._curl = _CurlLoop(self.cfg)
+                except ImportError as e:
+                    raise RemoteReadError(f"{url}: pycurl is not installed ({e}); install the project's pinned "
+                                          f"dependencies, or use RemoteConfig(http_client='fsspec')") from e
+            loop = self._curl
+        return loop.get(url, ranges)
 
     def _fs_path(self, url: str) -> tuple[Any, str]:
         got = self._fs.get(url)
@@ -551,7 +636,10 @@ class RemoteShardReader:
         from fsspec.utils import merge_offset_ranges
         _, starts, ends = merge_offset_ranges([self.url] * len(starts), starts, ends,
                                               max_gap=self.store.cfg.max_gap, sort=True)
-        return starts, self.store.cat_ranges(self.url, starts, ends)
+        t = time.perf_counter()
+        got = self.store.cat_ranges(self.url, starts, ends)
+        self.store.fetched(time.perf_counter() - t)
+        return starts, got
 
     def _member(self, blocks: tuple[list[int], list[bytes]], key: str, suffix: str, off: int, size: int):
         starts, data = blocks
@@ -562,19 +650,19 @@ class RemoteShardReader:
         return view[lo:lo + size]
 
     def start(self, want) -> None:
-        """Send the requests of the first `windows_ahead` windows now, for `want` (the same callable samples() is
+        """Send the requests of the first `store.windows_ahead` windows now, for `want` (the same callable samples() is
         given later): the loader starts the slot's next shard while the current one is still decoded, so that a
         shard's first window costs no round trip of its own (measured at 20 ms: 8 shards of 128 samples ran at
         52% of the local rate, one shard of 1024 at 65%)."""
         if self._started is None:
-            pool = ThreadPoolExecutor(self.store.cfg.windows_ahead)
+            pool = ThreadPoolExecutor(self.store.cfg.max_windows_ahead)   # its threads start as needed
             self._started = (want, pool, deque(), [0])
             self._fill(*self._started)
 
     def _fill(self, want, pool: ThreadPoolExecutor, pending: deque, nxt: list[int]) -> None:
-        while len(pending) < self.store.cfg.windows_ahead and nxt[0] < len(self.index):
+        while len(pending) < self.store.windows_ahead and nxt[0] < len(self.index):
             rows, nxt[0] = self._plan(want, nxt[0])
-            pending.append((rows, pool.submit(self._fetch, rows)))
+            pending.append((rows, pool.submit(self._fetch, rows), time.perf_counter()))
 
     def close(self) -> None:
         """Stop what start() sent and samples() did not take (no request outlives the reader)."""
@@ -588,13 +676,20 @@ class RemoteShardReader:
         started, pool, pending, nxt = self._started
         if started is not want:
             raise ValueError(f"shard {self.url}: samples() asked with another `want` than start() was given")
+        got_at = None   # when the previous window arrived: the time to the next is that window's decoding
         try:
             while True:
                 self._fill(want, pool, pending, nxt)
                 if not pending:
                     return
-                rows, fut = pending.popleft()
-                blocks = fut.result()
+                rows, fut, sent_at = pending.popleft()
+                if got_at is not None and not fut.done():   # the decoding caught up with the requests in flight
+                    t = time.perf_counter()
+                    blocks = fut.result()
+                    self.store.waited(time.perf_counter() - t, t - sent_at, t - got_at)
+                else:
+                    blocks = fut.result()
+                got_at = time.perf_counter()
                 self._fill(want, pool, pending, nxt)   # keep `windows_ahead` in flight while this one is decoded
                 for key, members in rows:
                     if members is None:

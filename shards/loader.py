@@ -42,6 +42,7 @@ from shards.index import ShardError
 from shards.readers import TarSampleReader, is_remote_indexed, open_shard_reader
 from shards.remote import RemoteConfig, RemoteReadError, RemoteStore, SlotCache, is_remote
 from shards.split_info import SplitInfo, load_split
+from shards.tls import certificate_failure
 
 
 @dataclass
@@ -228,7 +229,8 @@ class ShardStream(IterableDataset):
                             raise
                         if isinstance(e, RemoteReadError):   # names the URL and what failed already
                             raise ShardError(f"shard {e}") from e
-                        raise ShardError(f"shard {shard.url}: cannot be read ({e})") from e
+                        # fsspec's open (a streamed shard) says FileNotFoundError(url) for a refused certificate
+                        raise ShardError(f"shard {shard.url}: cannot be read ({certificate_failure(e) or e})") from e
                     warnings.warn(f"skipping the rest of bad shard {shard.url} after {want.idx} samples: {e}")
                 finally:
                     if reader is not None:

@@ -79,6 +79,7 @@ from pipeline.status import COUNTED
 from shards.atomic import atomic_write_bytes
 from shards.file_entry import FileEntry, ShardEntry
 from shards.hashing import bytes_sha256
+from shards.tls import certificate_failure, tls_context
 from shards.writer import ShardBuildResult, num_shards_for, validate_split
 
 FORMAT_VERSION = 2
@@ -378,10 +379,17 @@ def read_manifest(data: str | Path) -> tuple[str, dict]:
             raw = Path(location).read_bytes()
         else:
             import fsspec
-            with fsspec.open(location, "rb") as f:
+            tls = {"ssl": tls_context()} if urlparse(location).scheme in ("http", "https") else {}
+            with fsspec.open(location, "rb", **tls) as f:
                 raw = f.read()
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"dataset manifest {location} does not exist") from e
+    except OSError as e:
+        # fsspec's HTTP open turns any failure, a certificate refused too, into FileNotFoundError(url)
+        unverified = certificate_failure(e)
+        if unverified is not None:
+            raise ManifestError(f"dataset manifest {location} cannot be read: {unverified}") from e
+        if isinstance(e, FileNotFoundError):
+            raise FileNotFoundError(f"dataset manifest {location} does not exist") from e
+        raise
     return location, parse_manifest(raw, location)
 
 

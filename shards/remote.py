@@ -43,7 +43,6 @@ import io
 import math
 import os
 import queue
-import ssl
 import threading
 import time
 from collections import deque
@@ -54,6 +53,7 @@ from typing import Any, Callable, Iterator
 from urllib.parse import unquote, urlparse
 
 from shards.index import TAR_BLOCK, ShardError, ShardIndex, ShardIndexError, check_member_header
+from shards.tls import certificate_failure, not_verified, tls_context, verify_paths
 
 class RemoteReadError(OSError):
     """A remote read failed for good (a permanent error, or transient ones past the retries); names the URL."""
@@ -88,6 +88,7 @@ class RangeNotHonoured(OSError):
 # libcurl's codes for a failed connect, a connection reset or closed mid-response, a timeout, an HTTP/2 stream
 # reset: the server or the network may do better on another try. (Not: DNS failures, bad URLs, TLS verification.)
 CURL_TRANSIENT = frozenset({7, 16, 18, 28, 52, 55, 56, 92})
+CURL_PEER_FAILED_VERIFICATION = 60   # the server's certificate: untrusted issuer, another host name, expired
 
 
 # Statuses worth another try: the server or a proxy in front of it is overloaded or restarting.
@@ -130,7 +131,8 @@ def storage_options(protocol: str, cfg: RemoteConfig) -> dict[str, Any]:
     if protocol in ("http", "https"):
         import aiohttp
         return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=cfg.timeout_s,
-                                                                   sock_read=cfg.timeout_s)}}
+                                                                   sock_read=cfg.timeout_s)},
+                "ssl": tls_context()}   # the CAs trusted now (shards.tls), not those when aiohttp was imported
     if protocol in ("s3", "s3a"):
         # botocore's own retries off (`total_max_attempts` counts the first try): RemoteStore retries 5xx and
         # throttling with `attempts` and `backoff_s` as for HTTP, instead of up to 5 botocore tries inside each
@@ -164,10 +166,19 @@ def http_status(e: BaseException) -> int | None:
     return s3[0] if s3 else None
 
 
+def _unverified(e: BaseException) -> str | None:
+    """What a server certificate that failed verification is named by, through either HTTP client; else None."""
+    if isinstance(e, CurlError) and e.code == CURL_PEER_FAILED_VERIFICATION:
+        return not_verified(str(e))
+    return certificate_failure(e)
+
+
 def is_transient(e: BaseException) -> bool:
     status = http_status(e)
     if status is not None:
         return status in TRANSIENT_STATUSES
+    if _unverified(e) is not None:   # permanent (aiohttp's error is a ClientError, retried below otherwise)
+        return False
     if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
     if isinstance(e, CurlError):
@@ -193,6 +204,9 @@ def is_transient(e: BaseException) -> bool:
 
 
 def describe(e: BaseException) -> str:
+    unverified = _unverified(e)
+    if unverified is not None:
+        return unverified
     s3 = _s3_error(e)
     if s3 is not None:
         status, code, message = s3
@@ -254,8 +268,7 @@ class _CurlLoop:
         self.thread: threading.Thread | None = None
         self.lock = threading.Lock()
         # libcurl's CA default is the path of the system it was built on; use this system's, as Python's ssl does
-        paths = ssl.get_default_verify_paths()
-        self.cafile, self.capath = paths.cafile, paths.capath
+        self.cafile, self.capath = verify_paths()
 
     def get(self, url: str, ranges: list[tuple[int, int]] | None) -> list[Any]:
         """Bytes [start, end) of each range of `url` (or, for None, the whole file), all requested at once: a

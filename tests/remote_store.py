@@ -17,10 +17,17 @@ path (503, 404, 403; "reset": the upstream's status and headers, half the body, 
 the request without its Range header, as to a server that has no range support) or forwards the request to nginx
 unchanged. It also logs every request as nginx does (method, path, status, bytes, Range, User-Agent), which is
 how the s3:// tests count requests and bytes: moto keeps no access log.
+
+TLS (`tls=`, https://): certificates the tests make with `cryptography` (`make_tls`: a throwaway CA and a server
+certificate it signs, for 127.0.0.1 or, to test a hostname mismatch, another name); a client trusts the CA as a
+user would trust theirs, through SSL_CERT_FILE. A handshake a client refuses never reaches the access log; nginx
+notes the connection in its error log (`closed_before_request()`), which is how the tests count the tries.
 """
 from __future__ import annotations
 
+import datetime
 import http.client
+import ipaddress
 import shutil
 import socket
 import struct
@@ -32,6 +39,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 _NGINX_CONF = """\
 {modules}
@@ -53,9 +65,9 @@ http {{
     sendfile on;
     keepalive_requests 100000;
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}{ssl};
         root {root};
-{locations}
+{tls}{locations}
     }}
 }}
 """
@@ -99,6 +111,76 @@ def _wait_listening(port: int, proc: subprocess.Popen | None, what: str, timeout
     raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout} s")
 
 
+@dataclass(frozen=True)
+class TLS:
+    """PEM files of a test CA and of a server certificate it signed (`make_tls`)."""
+    ca_cert: Path   # what a client trusts: SSL_CERT_FILE
+    ca_key: Path
+    cert: Path      # the server's (nginx's ssl_certificate)
+    key: Path
+
+
+def _write_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    key = ec.generate_private_key(ec.SECP256R1())   # P-256: made in a millisecond, unlike RSA
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    return key
+
+
+def _key_usage(*allowed: str) -> x509.KeyUsage:
+    names = ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment", "key_agreement",
+             "key_cert_sign", "crl_sign", "encipher_only", "decipher_only")
+    return x509.KeyUsage(**{n: n in allowed for n in names})
+
+
+def _certificate(subject: x509.Name, key, issuer: x509.Name, issuer_key, extensions) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = x509.CertificateBuilder(subject_name=subject, issuer_name=issuer, public_key=key.public_key(),
+                                      serial_number=x509.random_serial_number(),
+                                      not_valid_before=now - datetime.timedelta(hours=1),
+                                      not_valid_after=now + datetime.timedelta(days=2))
+    # key identifiers, critical basic constraints and key usages: what OpenSSL's strict verification (the default
+    # context of Python >= 3.13) asks of a chain
+    builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    for ext, critical in extensions:
+        builder = builder.add_extension(ext, critical=critical)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def make_tls(directory: Path, names: tuple[str, ...] = ("127.0.0.1",), ca: TLS | None = None) -> TLS:
+    """A server certificate for `names` (IP addresses or DNS names) in `directory`, signed by `ca`'s CA, or by a
+    new CA written beside it when `ca` is None."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if ca is None:
+        ca = TLS(directory / "ca.pem", directory / "ca-key.pem", directory / "server.pem", directory / "server-key.pem")
+        ca_key = _write_key(ca.ca_key)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"avcap test CA {directory.name}")])
+        ca_cert = _certificate(name, ca_key, name, ca_key,
+                               [(x509.BasicConstraints(ca=True, path_length=0), True),
+                                (_key_usage("key_cert_sign", "crl_sign"), True)])
+        ca.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    else:
+        ca = TLS(ca.ca_cert, ca.ca_key, directory / "server.pem", directory / "server-key.pem")
+        ca_key = serialization.load_pem_private_key(ca.ca_key.read_bytes(), None)
+        ca_cert = x509.load_pem_x509_certificate(ca.ca_cert.read_bytes())
+    key = _write_key(ca.key)
+    alt = []
+    for n in names:
+        try:
+            alt.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            alt.append(x509.DNSName(n))
+    cert = _certificate(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]), key, ca_cert.subject, ca_key,
+                        [(x509.SubjectAlternativeName(alt), False),
+                         (x509.BasicConstraints(ca=False, path_length=None), True),
+                         (_key_usage("digital_signature"), True),
+                         (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+                         (x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False)])
+    ca.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return ca
+
+
 @dataclass
 class LogLine:
     method: str
@@ -127,17 +209,19 @@ class _Service:
 
 class Nginx(_Service):
     """`nginx -p STATE -c nginx.conf -e stderr` serving `root` on a free loopback port (a context manager),
-    every request answered `delay_s` late (whole milliseconds: nginx reads 3 decimals; see the module docstring)."""
+    every request answered `delay_s` late (whole milliseconds: nginx reads 3 decimals; see the module docstring);
+    over https with `tls`'s server certificate when given."""
 
-    def __init__(self, root: Path, state: Path, delay_s: float = 0.0):
+    def __init__(self, root: Path, state: Path, delay_s: float = 0.0, tls: TLS | None = None):
         self.root, self.state = Path(root).resolve(), Path(state).resolve()
         self.delay_s = delay_s
+        self.tls = tls
         self.proc: subprocess.Popen | None = None
         self.port = 0
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> "Nginx":
         self.state.mkdir(parents=True, exist_ok=True)
@@ -150,8 +234,14 @@ class Nginx(_Service):
                              "        location @file { }")
             else:
                 modules, locations = "", "        location / { }"
+            ssl, tls = "", ""
+            if self.tls:
+                ssl = " ssl"
+                tls = (f"        error_log {self.state}/error.log info;\n"
+                       f"        ssl_certificate {self.tls.cert.resolve()};\n"
+                       f"        ssl_certificate_key {self.tls.key.resolve()};\n")
             conf.write_text(_NGINX_CONF.format(state=self.state, port=self.port, root=self.root, modules=modules,
-                                               locations=locations))
+                                               locations=locations, ssl=ssl, tls=tls))
             self.proc = subprocess.Popen([nginx_binary(), "-p", str(self.state), "-c", str(conf), "-e", "stderr"],
                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             try:
@@ -173,6 +263,14 @@ class Nginx(_Service):
                 self.proc.wait()
         self.proc = None
 
+
+    def closed_before_request(self) -> int:
+        """Connections the client closed before sending a request, so far: each a refused certificate (and the
+        probe that saw nginx listening). nginx notes them as "while SSL handshaking" or, when the client's alert
+        came after nginx's part of the handshake (TLS 1.3), "while waiting for request"."""
+        path = self.state / "error.log"
+        text = path.read_text() if path.exists() else ""
+        return text.count(" while SSL handshaking") + text.count(" while waiting for request")
 
     def log(self) -> list[LogLine]:
         """Every request so far (nginx writes a line as each request ends)."""

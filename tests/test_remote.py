@@ -188,19 +188,25 @@ def test_shard_replaced_by_another_of_the_same_name_is_caught(tmp_path, client):
             run_epoch(LoaderConfig(**{**cfg.__dict__, "data": url}), 1)
 
 
-def test_unindexed_shards_stream_over_http_without_curl(served_shards, monkeypatch):
-    """Shards without an index are streamed whole, through fsspec: nothing runs a `curl` binary (the Docker image
-    has none), so the run works with an empty PATH."""
-    root, nginx = served_shards
+def unindexed_manifest(root) -> str:
+    """The name of a copy of `root`'s manifest that lists no member index (its shards are streamed whole)."""
     m = json.loads((root / "manifest.json").read_text())
     m["format_version"] = 1
     for s in m["splits"]["train"]["shards"]:
         s["index"] = None
     (root / "manifest-noindex.json").write_text(json.dumps(m))
+    return "manifest-noindex.json"
+
+
+def test_unindexed_shards_stream_over_http_without_curl(served_shards, monkeypatch):
+    """Shards without an index are streamed whole, through fsspec: nothing runs a `curl` binary (the Docker image
+    has none), so the run works with an empty PATH."""
+    root, nginx = served_shards
+    name = unindexed_manifest(root)
     local = batches_as_data(run_epoch(_cfg(str(root)), 1))
     before = len(nginx.log())
     monkeypatch.setenv("PATH", "")
-    same_batches(local, batches_as_data(run_epoch(_cfg(f"{nginx.url}/manifest-noindex.json"), 1)))
+    same_batches(local, batches_as_data(run_epoch(_cfg(f"{nginx.url}/{name}"), 1)))
     gets = [line for line in nginx.log()[before:] if line.method == "GET" and line.path.endswith(".tar")]
     assert gets and all(line.range == "-" for line in gets)   # whole-shard GETs, no index read
 

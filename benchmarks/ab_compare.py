@@ -1,4 +1,4 @@
-"""A/B: the loader, pipeline and generation benchmarks of this tree against another commit, in one run.
+"""A/B: the loader, pipeline, remote-shard and generation benchmarks of this tree against another commit, in one run.
 
     python benchmarks/ab_compare.py --base REV [--rounds 2]
 
@@ -29,6 +29,12 @@ BENCHMARKS = {
     "loader": (["benchmarks/bench_loader.py", "--clips", "32", "--repeats", "3"],
                [("1 frame, indexed: ms / sample", r"\| 1 \| [^|]*\| [0-9,]+/s \(([0-9.]+) ms\)"),
                 ("4 frames, indexed: ms / sample", r"\| 4 \| [^|]*\| [0-9,]+/s \(([0-9.]+) ms\)")]),
+    "remote": (["benchmarks/bench_remote.py", "--clips", "512", "--per-shard", "256", "--latencies-ms", "20",
+                "--repeats", "2"],
+               [("in process, libcurl, 20 ms: CPU ms / sample",
+                 r"\| in process \| HTTP, ranged \(libcurl\) \| 20 ms \|(?: [^|]* \|){5} ([0-9.]+) \|"),
+                ("1 worker, libcurl, 20 ms: CPU ms / sample",
+                 r"\| 1 worker \| HTTP, ranged \(libcurl\) \| 20 ms \|(?: [^|]* \|){5} ([0-9.]+) \|")]),
     "generate": (["benchmarks/bench_generate.py", "--threads", "1", "--variants", "cached", "--max-steps", "12"],
                  [("beam search CPU s (12 steps)", r"\| cached \| [0-9.]+ \| [0-9.]+ \| ([0-9.]+) \|")]),
 }

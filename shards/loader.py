@@ -194,6 +194,7 @@ class ShardStream(IterableDataset):
                 expect = part.count(shard.num_samples)
                 if limit is not None:
                     expect = min(expect, limit - taken)
+                lead = self.cfg.remote.windows_ahead * self.cfg.remote.window_samples
                 after = taken + expect   # samples taken before the next part
                 start_next = nxt is not None and is_remote_indexed(nxt) and (limit is None or after < limit)
                 got = 0
@@ -208,8 +209,7 @@ class ShardStream(IterableDataset):
                         raise ShardError(f"shard {shard.url}: holds {len(reader)} samples, the manifest says "
                                          f"{shard.num_samples}")
                     for key, members in reader.samples(want):
-                        if (start_next and ahead is None and
-                                expect - got <= self._remote_store().windows_ahead * self.cfg.remote.window_samples):
+                        if start_next and ahead is None and expect - got <= lead:
                             ahead = self._start_ahead(k + 1, parts[k + 1], nxt, pass_idx, limit, after, cache)
                         if members is not None:
                             taken += 1

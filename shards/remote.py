@@ -20,15 +20,17 @@ aiohttp filesystem instead; s3:// (s3fs, the `[s3]` extra; credentials and endpo
 botocore and fsspec read them: AWS_* when s3fs makes its client, e.g. AWS_ENDPOINT_URL_S3 for MinIO, FSSPEC_S3_*
 when fsspec is imported; tests/test_remote_s3.py against moto's S3 server), gs:// and any other protocol go through
 fsspec. On s3:// botocore's retries are off (`storage_options`) and S3's errors, raised by s3fs as Python ones with
-botocore's ClientError as cause, are classified and named by their HTTP status and S3 code as HTTP errors are. Why libcurl for HTTP: a loader
-worker's CPU goes to decoding and to the HTTP client. Fetching a sample's two ranges (~280 kB) from nginx on
-loopback, alone, cost 0.27 ms of CPU through fsspec/aiohttp (cat_ranges, 32 at a time), 0.08-0.11 ms through
-libcurl, 0.20 through http.client and 0.39 through urllib3 (readinto into a preallocated buffer); in the loader a
-sample cost 0.71-0.99 ms of CPU through aiohttp, 0.59-0.63 through libcurl, 0.36 read locally (BENCHMARKS.md
-"remote"). libcurl also moves the bytes with the GIL released, beside the decoding. Both clients keep the same
-semantics: requests of a window run concurrently, connections are reused, a connect or a stalled read times out
-after `timeout_s`, redirects are followed, errors are classified and named alike (tests/test_remote.py runs the
-fault tests through both).
+botocore's ClientError as cause, are classified and named by their HTTP status and S3 code as HTTP errors are. Why
+libcurl for HTTP: a loader worker's CPU goes to decoding and to the HTTP client. Fetching a sample's two ranges
+(~280 kB) from nginx on loopback, alone, cost 0.27 ms of CPU through fsspec/aiohttp (cat_ranges, 32 at a time),
+0.08-0.11 ms through libcurl, 0.20 through http.client and 0.39 through urllib3 (readinto into a preallocated
+buffer); in the loader a sample cost 0.71-0.99 ms of CPU through aiohttp, 0.59-0.63 through libcurl, 0.36 read
+locally (BENCHMARKS.md "remote"). libcurl also moves the bytes with the GIL released, beside the decoding; all of a
+store's libcurl requests go through one loop thread (`_CurlLoop`). obstore (Rust's object_store, tried in the loader
+at 20 ms) cost as much CPU per sample as libcurl and ran no faster. Both clients keep the same semantics: requests
+of a window run concurrently, connections are reused (at most `max_connections` per worker), a connect or a stalled
+read times out after `timeout_s`, redirects are followed, errors are classified and named alike
+(tests/test_remote.py runs the fault tests through both).
 
 Each byte at most once per epoch and slot: the loader hands every reader of a slot one `SlotCache`, which keeps
 the parsed indexes and the member bytes of the samples a wrap-around pass will read again (see ShardStream).
@@ -101,8 +103,7 @@ class RemoteConfig:
     attempts: int = 5              # tries per request on transient errors
     backoff_s: float = 0.1         # wait before the 2nd try; doubles for each further one
     window_samples: int = 16       # samples whose ranges go out as one batch of concurrent requests
-    windows_ahead: int = 6         # windows in flight while the current one is decoded, at first (~27 MB of members)
-    max_windows_ahead: int = 32    # the most in flight once the reader found it waits for requests (~145 MB)
+    windows_ahead: int = 6         # batches in flight while the current one is decoded (~27 MB of members)
     max_gap: int = 4096            # ranges at most this far apart are fetched as one request
     # HTTP connections one loader worker keeps open at most (libcurl): the requests in flight are about 2 per
     # sample of the windows ahead; past this many they queue. It also keeps a worker's sockets under the 1024
@@ -115,9 +116,9 @@ class RemoteConfig:
             raise ValueError(f"RemoteConfig.http_client must be 'curl' or 'fsspec', got {self.http_client!r}")
         if self.max_connections < 1:
             raise ValueError(f"RemoteConfig.max_connections must be >= 1, got {self.max_connections}")
-        if not 1 <= self.windows_ahead <= self.max_windows_ahead:
-            raise ValueError(f"RemoteConfig: need 1 <= windows_ahead <= max_windows_ahead, got "
-                             f"{self.windows_ahead} and {self.max_windows_ahead}")
+        if self.windows_ahead < 1 or self.window_samples < 1:
+            raise ValueError(f"RemoteConfig: windows_ahead and window_samples must be >= 1, got "
+                             f"{self.windows_ahead} and {self.window_samples}")
 
 
 def is_remote(url: str) -> bool:
@@ -243,14 +244,18 @@ class _Call:
 
 
 class _CurlLoop:
-    """Every libcurl transfer of a RemoteStore, driven by one thread on one multi handle: callers hand it their
-    requests and wait; libcurl reuses its connections across calls.
+    """Every libcurl transfer of a RemoteStore, driven by one thread on one multi handle: the callers (the
+    reader's windows in flight, each in a thread of its pool) hand it their requests and wait; libcurl keeps the
+    connections open across calls, up to `RemoteConfig.max_connections`.
 
-    Why one thread rather than a multi handle per calling thread: the loader's windows in flight are six calls
-    at a time, and six threads each waking for their own sockets and taking the GIL for each 16 kB chunk cost a
-    remote sample 0.22 ms of CPU; one loop that serves every socket that is ready in one wake-up costs XXX
-    (BENCHMARKS.md "remote"). libcurl waits and moves bytes with the GIL released. The thread ends after
-    `IDLE_S` without requests and starts again with the next one; a forked child makes its own loop."""
+    Why one loop rather than a multi handle per calling thread: the loader keeps six windows in flight, and six
+    threads each waking for their own sockets and taking the GIL in turn cost more CPU per sample than one thread
+    serving every socket that is ready at each wake-up (BENCHMARKS.md "remote" has both). libcurl waits and moves
+    the bytes with the GIL released. Why `perform` and `select` rather than libcurl's socket API with an epoll
+    selector: the socket callbacks (a Python call and an epoll_ctl per socket change, several per request) cost
+    more than they save at a few hundred sockets (measured: 0.25 against 0.20 ms of CPU per sample fetched), and
+    `max_connections` keeps the sockets within what select(2) sees. The thread ends after `IDLE_S` without
+    requests and starts with the next one; a forked child makes a loop of its own (RemoteStore)."""
 
     IDLE_S = 5.0
     POLL_S = 0.002   # how long new requests may wait for the loop to look while it waits on sockets
@@ -386,7 +391,7 @@ def _discard(data: bytes) -> None:
 
 
 class RemoteStore:
-    """Requests that retry transient failures: libcurl sessions for http(s):// (unless `cfg.http_client` says
+    """Requests that retry transient failures: one libcurl loop for http(s):// (unless `cfg.http_client` says
     fsspec), fsspec filesystems per URL for the others."""
 
     def __init__(self, cfg: RemoteConfig | None = None, sleep: Callable[[float], None] = time.sleep):
@@ -395,20 +400,6 @@ class RemoteStore:
         self._fs: dict[str, tuple[Any, str]] = {}
         self._curl: _CurlLoop | None = None
         self._lock = threading.Lock()
-        self.windows_ahead = self.cfg.windows_ahead   # grown by `waited`, for every reader of this store
-        self.fastest_s = math.inf   # the quickest window fetch so far: about one round trip
-
-    def fetched(self, took_s: float) -> None:
-        self.fastest_s = min(self.fastest_s, took_s)
-
-    def waited(self, waited_s: float, in_flight_s: float, window_s: float) -> None:
-        """The decoding waited `waited_s` for a window in flight for `in_flight_s` so far, decoding a window
-        taking about `window_s`. A window that waits after less than about a round trip in flight means the
-        windows ahead cover less than the latency: keep about as many more in flight as would have covered the
-        wait (at most `max_windows_ahead`). One that waits after longer was held up by the client's or the
-        server's throughput, which more requests in flight would not help."""
-        if in_flight_s < 1.5 * self.fastest_s:
-            self.windows_ahead = min(self.cfg.max_windows_ahead, self.windows_ahead + 1)
 
     def __getstate__(self) -> dict[str, Any]:   # to a DataLoader worker: its own connections, made there
         return {"cfg": self.cfg, "sleep": self.sleep}
@@ -484,7 +475,7 @@ class RemoteStore:
                 self.sleep(self.cfg.backoff_s * 2 ** (attempt - 1))
             try:
                 got = self._ranges(url, [starts[i] for i in todo], [ends[i] for i in todo])
-            except Exception as e:   # the whole call failed (e.g. the session could not start)
+            except Exception as e:   # the whole call failed (e.g. the libcurl loop could not start)
                 got = [e] * len(todo)
             failed = []
             for i, r in zip(todo, got):
@@ -649,10 +640,7 @@ class RemoteShardReader:
         from fsspec.utils import merge_offset_ranges
         _, starts, ends = merge_offset_ranges([self.url] * len(starts), starts, ends,
                                               max_gap=self.store.cfg.max_gap, sort=True)
-        t = time.perf_counter()
-        got = self.store.cat_ranges(self.url, starts, ends)
-        self.store.fetched(time.perf_counter() - t)
-        return starts, got
+        return starts, self.store.cat_ranges(self.url, starts, ends)
 
     def _member(self, blocks: tuple[list[int], list[bytes]], key: str, suffix: str, off: int, size: int):
         starts, data = blocks
@@ -663,19 +651,19 @@ class RemoteShardReader:
         return view[lo:lo + size]
 
     def start(self, want) -> None:
-        """Send the requests of the first `store.windows_ahead` windows now, for `want` (the same callable samples() is
+        """Send the requests of the first `windows_ahead` windows now, for `want` (the same callable samples() is
         given later): the loader starts the slot's next shard while the current one is still decoded, so that a
         shard's first window costs no round trip of its own (measured at 20 ms: 8 shards of 128 samples ran at
         52% of the local rate, one shard of 1024 at 65%)."""
         if self._started is None:
-            pool = ThreadPoolExecutor(self.store.cfg.max_windows_ahead)   # its threads start as needed
+            pool = ThreadPoolExecutor(self.store.cfg.windows_ahead)
             self._started = (want, pool, deque(), [0])
             self._fill(*self._started)
 
     def _fill(self, want, pool: ThreadPoolExecutor, pending: deque, nxt: list[int]) -> None:
-        while len(pending) < self.store.windows_ahead and nxt[0] < len(self.index):
+        while len(pending) < self.store.cfg.windows_ahead and nxt[0] < len(self.index):
             rows, nxt[0] = self._plan(want, nxt[0])
-            pending.append((rows, pool.submit(self._fetch, rows), time.perf_counter()))
+            pending.append((rows, pool.submit(self._fetch, rows)))
 
     def close(self) -> None:
         """Stop what start() sent and samples() did not take (no request outlives the reader)."""
@@ -689,20 +677,13 @@ class RemoteShardReader:
         started, pool, pending, nxt = self._started
         if started is not want:
             raise ValueError(f"shard {self.url}: samples() asked with another `want` than start() was given")
-        got_at = None   # when the previous window arrived: the time to the next is that window's decoding
         try:
             while True:
                 self._fill(want, pool, pending, nxt)
                 if not pending:
                     return
-                rows, fut, sent_at = pending.popleft()
-                if got_at is not None and not fut.done():   # the decoding caught up with the requests in flight
-                    t = time.perf_counter()
-                    blocks = fut.result()
-                    self.store.waited(time.perf_counter() - t, t - sent_at, t - got_at)
-                else:
-                    blocks = fut.result()
-                got_at = time.perf_counter()
+                rows, fut = pending.popleft()
+                blocks = fut.result()
                 self._fill(want, pool, pending, nxt)   # keep `windows_ahead` in flight while this one is decoded
                 for key, members in rows:
                     if members is None:

@@ -2,11 +2,11 @@
 
 Certificates are always verified, host name included. A private CA is trusted by naming a bundle holding it in
 SSL_CERT_FILE (or a hashed directory in SSL_CERT_DIR), as Python's `ssl` and OpenSSL read them; otherwise the
-system's CAs. libcurl (shards.remote's default client) is given the same paths per session. aiohttp (fsspec's HTTP
-filesystem: manifests, and shards with `RemoteConfig(http_client="fsspec")`) would use the default context it
-made once, when it was imported, so a CA trusted after that (a later loader, a notebook) would be ignored: it is
-handed `tls_context()` instead, made anew only when the paths change, since fsspec keys its cached filesystems
-(and their connections) on their options.
+system's CAs. libcurl (shards.remote's default client) is given the same paths when a store makes its loop. aiohttp
+(fsspec's HTTP filesystem: manifests, and shards with `RemoteConfig(http_client="fsspec")`) would use the default
+context it made once, when it was imported, so a CA trusted after that (a later loader, a notebook) would be
+ignored: it is handed `tls_context()` instead, made anew only when the paths change, since fsspec keys its cached
+filesystems (and their connections) on their options.
 
 A failed verification (untrusted issuer, another host name, expired) is permanent: another try meets the same
 certificate.

@@ -7,6 +7,7 @@ import http.client
 import json
 import re
 import shutil
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -241,3 +242,49 @@ def test_nginx_delay_is_per_request_and_keeps_ranges_and_statuses(served_shards,
             assert list(pool.map(one, range(8))) == [data[:512]] * 8
         assert delay <= time.perf_counter() - t < 6 * delay, "8 concurrent requests should wait together"
         assert [line.status for line in slow.log()] == [206, 200, 416, 404] + [206] * 8
+
+
+def test_one_curl_loop_serves_concurrent_callers_within_max_connections(served_shards, tmp_path, monkeypatch):
+    """Every libcurl request of a store goes through one loop thread, whatever thread asks (the reader's windows
+    run in a thread pool): concurrent callers each get their own bytes back; the loop holds at most
+    `max_connections` connections (one connection serializes requests the server delays); it ends when idle and
+    starts again with the next request."""
+    import shards.remote as remote
+    root, _ = served_shards
+    tar = root / "shards" / "train" / "train-00002.tar"
+    data, delay = tar.read_bytes(), 0.05
+    spans = [[(i * 1000 + k * 300, i * 1000 + k * 300 + 100) for k in range(3)] for i in range(8)]
+    with Nginx(root, tmp_path / "nginx", delay_s=delay) as slow:
+        url = f"{slow.url}/shards/train/train-00002.tar"
+
+        answered_by = set()
+        done = remote._CurlLoop._done
+        monkeypatch.setattr(remote._CurlLoop, "_done",
+                            lambda self, *a: (answered_by.add(threading.current_thread()), done(self, *a))[1])
+
+        def run(cfg: RemoteConfig) -> float:
+            store = remote.RemoteStore(cfg)
+            answered_by.clear()
+            t = time.perf_counter()
+            with ThreadPoolExecutor(8) as pool:
+                got = list(pool.map(lambda s: store.cat_ranges(url, [a for a, _ in s], [b for _, b in s]), spans))
+            took = time.perf_counter() - t
+            assert got == [[data[a:b] for a, b in s] for s in spans]
+            assert answered_by == {store._curl.thread}, "not one loop thread for the store's requests"
+            return took
+
+        wide = run(RemoteConfig())
+        narrow = run(RemoteConfig(max_connections=1))
+        assert narrow >= 24 * delay, f"24 requests on one connection took {narrow:.3f} s: not serialized"
+        assert wide < 12 * delay, f"24 concurrent requests took {wide:.3f} s: not in flight together"
+
+        monkeypatch.setattr(remote._CurlLoop, "IDLE_S", 0.05)
+        store = remote.RemoteStore(RemoteConfig())
+        assert store.cat_ranges(url, [0], [512]) == [data[:512]]
+        first = store._curl.thread
+        first.join(timeout=10)
+        assert not first.is_alive() and store._curl.thread is None   # ended once idle
+        assert store.cat_ranges(url, [512], [1024]) == [data[512:1024]]   # and starts again
+        assert store._curl.thread is not None and store._curl.thread is not first
+    with pytest.raises(ValueError, match="max_connections"):
+        RemoteConfig(max_connections=0)

@@ -288,3 +288,24 @@ def test_one_curl_loop_serves_concurrent_callers_within_max_connections(served_s
         assert store._curl.thread is not None and store._curl.thread is not first
     with pytest.raises(ValueError, match="max_connections"):
         RemoteConfig(max_connections=0)
+
+
+def test_indexes_of_the_next_two_shards_are_asked_for_as_a_shard_starts(served_shards):
+    """A shard is started ahead (its first windows requested) while the current one's last `windows_ahead x
+    window_samples` samples are decoded; for that start not to wait on the index, the index is requested when the
+    shard before the current one starts: one slot reading the 3 train shards asks for the third shard's index
+    before any member of the second."""
+    root, nginx = served_shards
+    cfg = _cfg(f"{nginx.url}/manifest.json", batch_size=2, remote=SMALL_WINDOWS)
+    info = load_split(str(root), "train")
+    (parts,) = plan_epoch(info, 1, cfg.seed, 0, True)
+    paths = ["/" + info.shards[p.shard].entry.path for p in parts]
+    # the first shard (9 samples) is long enough for the third index to arrive well before the second is started
+    assert len(paths) == 3 and info.shards[parts[0].shard].num_samples == 9
+    before = len(nginx.log())
+    run_epoch(cfg, 1)
+    order = [(line.path, line.range) for line in nginx.log()[before:] if line.method == "GET"]
+    third_index = order.index((paths[2].removesuffix(".tar") + ".idx.json", "-"))
+    probe = f"-{info.shards[parts[1].shard].bytes - 1}"   # the end probe comes with the index: not a member
+    second_members = [i for i, (p, r) in enumerate(order) if p == paths[1] and r != "-" and not r.endswith(probe)]
+    assert second_members and third_index < min(second_members), order

@@ -45,6 +45,9 @@ def local_path(url: str) -> str | None:
     return urlparse(url).path if scheme == "file" else None
 
 
+STREAM_BUFFER = 1 << 20   # bytes read from a remote stream at a time
+
+
 def open_url(url: str, remote: RemoteConfig | None = None) -> IO[bytes]:
     """Open a local path, a `pipe:` command (webdataset's gopen) or any fsspec URL (http(s), s3, gs, ...) as a
     stream. Remote URLs go through fsspec, not webdataset's gopen, which would run a `curl` binary."""
@@ -59,7 +62,10 @@ def open_url(url: str, remote: RemoteConfig | None = None) -> IO[bytes]:
     protocol = fsspec.utils.get_protocol(url)
     # block_size=0: one streaming GET over HTTP instead of a request per 5 MB block
     extra = {"block_size": 0} if protocol in ("http", "https") else {}
-    return fsspec.open(url, "rb", **extra, **storage_options(protocol, remote or RemoteConfig())).open()
+    f = fsspec.open(url, "rb", **extra, **storage_options(protocol, remote or RemoteConfig())).open()
+    # The tar reader reads a 512-byte header, then a member, ~50 reads a sample: each read of an fsspec stream is
+    # a round trip to its event loop thread (measured: 6.3 ms of CPU per sample streamed, 1.4 with this buffer)
+    return io.BufferedReader(f, buffer_size=STREAM_BUFFER)
 
 
 class TarSampleReader:
@@ -75,7 +81,7 @@ class TarSampleReader:
         self.url = url
         self.f: Any = open_url(url, remote)
         self.mm: mmap.mmap | None = None
-        if isinstance(self.f, io.BufferedReader):
+        if isinstance(self.f, io.BufferedReader) and isinstance(self.f.raw, io.FileIO):
             # Local file: map it, so reading a member is a slice and skipping one moves a pointer (no syscalls).
             try:
                 self.mm = mmap.mmap(self.f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -83,7 +89,8 @@ class TarSampleReader:
                 self.mm = None
         self.src: Any = self.mm if self.mm is not None else self.f
         # Only local files seek; a remote stream (fsspec's HTTP stream cannot seek) skips by reading.
-        self.seekable = self.mm is not None or isinstance(self.f, io.BufferedReader)
+        self.seekable = self.mm is not None or isinstance(self.f, io.BufferedReader) and isinstance(self.f.raw,
+                                                                                                  io.FileIO)
         self.pending: tuple[str, str, int] | None = None   # a header read ahead: (key, suffix, size)
         self.offset = 0
 

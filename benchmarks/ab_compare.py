@@ -32,9 +32,9 @@ BENCHMARKS = {
     "remote": (["benchmarks/bench_remote.py", "--clips", "512", "--per-shard", "256", "--latencies-ms", "20",
                 "--repeats", "2"],
                [("in process, libcurl, 20 ms: CPU ms / sample",
-                 r"\| in process \| HTTP, ranged \(libcurl\) \| 20 ms \|(?: [^|]* \|){5} ([0-9.]+) \|"),
+                 r"\| in process \| HTTP, ranged \(libcurl\) \| 20 ms \|[^\n]*?\| ([0-9.]+) \| [0-9,]+ kB \|"),
                 ("1 worker, libcurl, 20 ms: CPU ms / sample",
-                 r"\| 1 worker \| HTTP, ranged \(libcurl\) \| 20 ms \|(?: [^|]* \|){5} ([0-9.]+) \|")]),
+                 r"\| 1 worker \| HTTP, ranged \(libcurl\) \| 20 ms \|[^\n]*?\| ([0-9.]+) \| [0-9,]+ kB \|")]),
     "generate": (["benchmarks/bench_generate.py", "--threads", "1", "--variants", "cached", "--max-steps", "12"],
                  [("beam search CPU s (12 steps)", r"\| cached \| [0-9.]+ \| [0-9.]+ \| ([0-9.]+) \|")]),
 }

@@ -19,8 +19,9 @@ manifest without the index: one GET per shard, every byte read and the unused me
 samples/s is wall time over the whole epoch (latency is wall time); "first batch" is the wait for the first batch
 (a worker's start, the manifest, the first index and window), "after it" the rate from the first batch to the
 last. Bytes per sample come from nginx's access log ($bytes_sent: headers and bodies, manifest and indexes
-included), against the sample's own size in the tar. Ratios are to the local row of the same mode, same run; the rate after the first batch
-of every round is listed too, since on a shared 2-core machine whole epochs of a row can land in a slower mode.
+included), against the sample's own size in the tar. Ratios are to the local row of the same mode, same run; the
+rate after the first batch of every round is listed too, since on a shared 2-core machine whole epochs of a row can
+land in a slower mode.
 """
 from __future__ import annotations
 

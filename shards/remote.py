@@ -8,12 +8,12 @@ a shard replaced by another of the same name fails on its first sample, naming t
 
 Requests: ranges closer than `max_gap` are coalesced into one (fsspec.utils.merge_offset_ranges: the json of one
 sample and the fbank.npy of the next are adjacent in the tar), a window of `window_samples` samples is one
-`cat_ranges` call (its requests run concurrently) and `windows_ahead` windows are in flight while the loader
-decodes the current one, so a request's latency is hidden behind the decoding of earlier samples. The loader
-starts the slot's next shard (`RemoteShardReader.start`: its index was fetched ahead, its first windows are
-requested) while the current shard's last windows are decoded, so a new shard costs no round trip either.
-`RemoteStore` retries what failed (5xx, 408/429, resets, timeouts) with exponential backoff and turns permanent
-failures (403, 404, a range the server does not honour) into a ShardError naming the URL.
+`cat_ranges` call (its requests run concurrently) and `windows_ahead` windows are in flight while the loader decodes
+the current one, so a request's latency is hidden behind the decoding of earlier samples. The loader starts the
+slot's next shard (`RemoteShardReader.start`: its index was requested as the shard before the current one started,
+its first windows are requested) while the current shard's last windows are decoded, so a new shard costs no round
+trip either. `RemoteStore` retries what failed (5xx, 408/429, resets, timeouts) with exponential backoff and turns
+permanent failures (403, 404, a range the server does not honour) into a ShardError naming the URL.
 
 Clients: http(s):// goes through libcurl (pycurl) by default, `RemoteConfig.http_client="fsspec"` selects fsspec's
 aiohttp filesystem instead; s3:// (s3fs, the `[s3]` extra; credentials and endpoints from the environment as

@@ -288,6 +288,8 @@ def test_one_curl_loop_serves_concurrent_callers_within_max_connections(served_s
         assert store._curl.thread is not None and store._curl.thread is not first
     with pytest.raises(ValueError, match="max_connections"):
         RemoteConfig(max_connections=0)
+    with pytest.raises(ValueError, match="windows_ahead and window_samples"):
+        RemoteConfig(windows_ahead=0)
 
 
 def test_indexes_of_the_next_two_shards_are_asked_for_as_a_shard_starts(served_shards):

@@ -9,7 +9,7 @@ ignored: it is handed `tls_context()` instead, made anew only when the paths cha
 filesystems (and their connections) on their options.
 
 A failed verification (untrusted issuer, another host name, expired) is permanent: another try meets the same
-certificate.
+certificate. s3:// is the exception to SSL_CERT_FILE: botocore verifies with AWS_CA_BUNDLE, else certifi's bundle.
 """
 from __future__ import annotations
 
@@ -34,21 +34,25 @@ def _context(cafile: str | None, capath: str | None) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=cafile, capath=capath)   # both None: the platform's defaults
 
 
-def not_verified(detail: str) -> str:
-    """The words of every error for a server certificate that failed verification."""
+def not_verified(detail: str, s3: bool = False) -> str:
+    """The words of every error for a server certificate that failed verification. s3:// goes through botocore,
+    which verifies with its own CA bundle (certifi's) unless AWS_CA_BUNDLE names one, not with SSL_CERT_FILE."""
+    trust = "AWS_CA_BUNDLE (s3://, botocore's)" if s3 else "SSL_CERT_FILE"
     return (f"the server's TLS certificate could not be verified ({detail.rstrip('.')}); a private CA is trusted "
-            f"through SSL_CERT_FILE")
+            f"through {trust}")
 
 
 def certificate_failure(e: BaseException) -> str | None:
-    """`not_verified` for `e` if it is, or was raised from, ssl's certificate verification error; None for any
-    other error. (aiohttp's ClientConnectorCertificateError is one too, raised from ssl's, which says why.)"""
+    """`not_verified` for `e` if it is, or was raised from or while handling, ssl's certificate verification error;
+    None for any other error. (aiohttp's ClientConnectorCertificateError is one too, raised from ssl's, which says
+    why; botocore's SSLError, which s3fs raises, is raised while handling aiohttp's.)"""
     chain: list[BaseException] = []
     while e is not None and e not in chain:
         chain.append(e)
-        e = e.__cause__
+        e = e.__cause__ or e.__context__
     failed = [c for c in chain if isinstance(c, ssl.SSLCertVerificationError)]
     if not failed:
         return None
+    s3 = any(type(c).__module__.split(".")[0] in ("botocore", "aiobotocore") for c in chain)
     return not_verified(next((c.verify_message for c in failed if getattr(c, "verify_message", None)),
-                             str(failed[-1])))
+                             str(failed[-1])), s3=s3)

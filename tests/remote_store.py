@@ -424,15 +424,17 @@ class FaultProxy(_Service):
 class MotoS3(_Service):
     """moto's S3 server (`python -m moto.server`, a real S3 HTTP API kept in memory) on a free loopback port, in
     its own process like nginx (a context manager). Clients reach it through the environment (`env()`): dummy
-    credentials and the endpoint, as for MinIO or any other S3-compatible store."""
+    credentials and the endpoint, as for MinIO or any other S3-compatible store. With `tls` it serves https with
+    that certificate (as S3 itself does)."""
 
-    def __init__(self):
+    def __init__(self, tls: TLS | None = None):
         self.proc: subprocess.Popen | None = None
         self.port = 0
+        self.tls = tls
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def env(self, endpoint: str | None = None) -> dict[str, str]:
         return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -441,8 +443,9 @@ class MotoS3(_Service):
     def start(self) -> "MotoS3":
         for attempt in range(3):   # the free port may be taken between our probe and moto's bind
             self.port = free_port()
+            tls = ["-s", "-c", str(self.tls.cert), "-k", str(self.tls.key)] if self.tls else []
             self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                                          str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                          str(self.port), *tls], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             try:
                 _wait_listening(self.port, self.proc, "moto_server", timeout=60)
                 threading.Thread(target=self.proc.stderr.read, daemon=True).start()   # its access log: drained

@@ -16,7 +16,7 @@ import pytest
 from shards.index import ShardError, ShardIndexError
 from tests.fixtures_loader import (add_member_indexes, batches_as_data, build_dataset, check_batch_content,
                                    run_epoch, same_batches)
-from tests.remote_store import FaultProxy, MotoS3
+from tests.remote_store import FaultProxy, MotoS3, make_tls
 from tests.test_remote import SMALL_WINDOWS, _cfg, _epoch_fetching_each_byte_once
 
 BUCKET = "avcap"
@@ -134,3 +134,44 @@ def test_s3_endpoint_from_fsspec_environment_in_a_new_process(s3_store, tmp_path
     out = subprocess.run([sys.executable, "-c", code, url], env=env, capture_output=True, timeout=120)
     assert out.returncode == 0, out.stderr.decode(errors="replace")[-3000:]
     same_batches(batches_as_data(run_epoch(_cfg(str(root)), 1)), pickle.loads(out.stdout))
+
+
+def test_s3_over_https_trusts_aws_ca_bundle_and_refuses_an_unverified_certificate_at_once(tmp_path):
+    """S3 itself is https. botocore verifies the endpoint's certificate with its own bundle (certifi's) unless
+    AWS_CA_BUNDLE names one, SSL_CERT_FILE does not count: with AWS_CA_BUNDLE naming the CA, batches (manifest in
+    the main process, shards in a worker) equal the local ones; without it, or with only SSL_CERT_FILE, the run
+    stops naming the s3:// URL, the certificate and AWS_CA_BUNDLE, and the read is not retried. New processes: s3fs
+    keeps its filesystems per process whatever the endpoint in the environment."""
+    import s3fs
+    tls = make_tls(tmp_path / "tls")
+    root = add_member_indexes(build_dataset(tmp_path / "data", {"train": [3, 4]}, size=32))
+    with MotoS3(tls=tls) as moto:
+        env = moto.env()
+        fs = s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"],
+                               endpoint_url=moto.url, client_kwargs={"verify": str(tls.ca_cert)},
+                               skip_instance_cache=True)
+        fs.mkdir(BUCKET)
+        url = _upload(fs, root, "tls")
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FSSPEC_", "SSL_CERT"))}
+        base.update(env, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        code = ("import pickle, sys; from tests.test_remote import _cfg; "
+                "from tests.fixtures_loader import batches_as_data, run_epoch; "
+                "sys.stdout.buffer.write(pickle.dumps(batches_as_data(run_epoch(_cfg(sys.argv[1], num_workers=1), "
+                "1))))")
+        out = subprocess.run([sys.executable, "-c", code, url], env={**base, "AWS_CA_BUNDLE": str(tls.ca_cert)},
+                             capture_output=True, timeout=120)
+        assert out.returncode == 0, out.stderr.decode(errors="replace")[-3000:]
+        same_batches(batches_as_data(run_epoch(_cfg(str(root)), 1)), pickle.loads(out.stdout))
+
+        refused = ("import sys; from shards.remote import RemoteConfig, RemoteReadError, RemoteStore\n"
+                   "slept = []\n"
+                   "store = RemoteStore(RemoteConfig(backoff_s=0.01), sleep=slept.append)\n"
+                   "try:\n    store.cat(sys.argv[1])\n"
+                   "except RemoteReadError as e:\n    print(e); print('slept', len(slept))\n")
+        for extra in ({}, {"SSL_CERT_FILE": str(tls.ca_cert)}):
+            out = subprocess.run([sys.executable, "-c", refused, url], env={**base, **extra}, capture_output=True,
+                                 text=True, timeout=120)
+            assert out.returncode == 0, out.stderr[-3000:]
+            said = out.stdout
+            assert url in said and "TLS certificate could not be verified" in said and "AWS_CA_BUNDLE" in said, said
+            assert said.strip().endswith("slept 0"), f"a certificate failure was retried: {said}"

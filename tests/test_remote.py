@@ -311,3 +311,31 @@ def test_indexes_of_the_next_two_shards_are_asked_for_as_a_shard_starts(served_s
     probe = f"-{info.shards[parts[1].shard].bytes - 1}"   # the end probe comes with the index: not a member
     second_members = [i for i, (p, r) in enumerate(order) if p == paths[1] and r != "-" and not r.endswith(probe)]
     assert second_members and third_index < min(second_members), order
+
+
+def test_a_forked_child_makes_its_own_curl_loop(served_shards):
+    """A process forked from one whose store already runs its libcurl loop (the thread is not copied, the
+    connections would be shared) reads through a loop and connections of its own; the parent's still work."""
+    import multiprocessing
+    from shards.remote import RemoteStore
+    root, nginx = served_shards
+    url = f"{nginx.url}/shards/train/train-00002.tar"
+    data = (root / "shards" / "train" / "train-00002.tar").read_bytes()
+    store = RemoteStore(FAST_RETRY)
+    assert store.cat_ranges(url, [0], [512]) == [data[:512]]
+    parent_loop = store._curl
+    ctx = multiprocessing.get_context("fork")   # the child inherits `store` itself, not a pickled copy
+    ours, theirs = ctx.Pipe()
+    child = ctx.Process(target=_read_in_child, args=(store, url, theirs))
+    child.start()
+    assert ours.poll(30), "the forked child did not answer"
+    got, same_loop = ours.recv()
+    child.join(10)
+    assert got == data[512:2048] and not same_loop and child.exitcode == 0
+    assert store.cat_ranges(url, [2048], [4096]) == [data[2048:4096]] and store._curl is parent_loop
+
+
+def _read_in_child(store, url, conn):
+    parent = store._curl
+    (got,) = store.cat_ranges(url, [512], [2048])
+    conn.send((got, store._curl is parent))

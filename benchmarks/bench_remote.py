@@ -50,14 +50,15 @@ def epoch(data: str, batch_size: int, workers: int, seed: int, client: str) -> t
     cfg = LoaderConfig(data=data, split="train", batch_size=batch_size, num_workers=workers, num_frames=1,
                        shuffle_buffer=64, seed=seed, remote=RemoteConfig(http_client=client))
     w0, c0 = time.perf_counter(), time.process_time()
-    loader, _ = make_loader(cfg, 0, 1, epoch=0)
+    loader, batches = make_loader(cfg, 0, 1, epoch=0)
     it = iter(loader)
     n, first, cpu = 0, None, 0.0
-    for b in it:
+    for i, b in enumerate(it):
         n += len(b["keys"])
         if first is None:
             first = time.perf_counter() - w0
-        if workers:   # the worker's CPU so far (it exits with the epoch)
+        if workers and i == batches - 1:   # the worker's CPU, read once as its last batch arrives (it exits with
+            # the epoch), not after every batch
             cpu = sum(sum(psutil.Process(w.pid).cpu_times()[:2]) for w in it._workers)
     if not workers:
         cpu = time.process_time() - c0

@@ -23,7 +23,7 @@ from avcap.checkpoint import load_checkpoint
 from avcap.distributed import DistEnv, setup_distributed, teardown_distributed
 from avcap.generate import GenerationConfig, GenerationFlags, generate, generation_from_flags
 from avcap.tokenizer import decode_batch
-from avcap.train_config import build_arg_parser, config_field
+from avcap.train_config import REMOTE_HELP, build_arg_parser, config_field
 from avcap.train_data import EvalBatch, EvalData, check_dataset_matches
 from pipeline.gallery import write_gallery
 from shards.atomic import atomic_write_text
@@ -47,6 +47,7 @@ class EvalConfig(GenerationFlags):
     spice_jars: str = config_field("", "directory with the Stanford CoreNLP 3.6.0 jars for SPICE/SPIDEr (optional)")
     skip_bad_shards: bool = config_field(False, "skip a damaged shard, or a sample that does not decode, with a warning "
                                       "instead of failing")
+    remote: str = config_field("", REMOTE_HELP)   # the same flag as train.py's
     device: str = config_field("auto", "auto | cpu | cuda")
     dist_timeout_s: int = config_field(600, "collective timeout")
     gallery: bool = config_field(False, "also write an HTML gallery of the split with the generated captions and per-clip "
@@ -165,7 +166,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any] | None:
         data = EvalData(data=cfg.data, split=cfg.split, num_frames=int(loaded.config.num_frames),
                         batch_size=cfg.batch_size, norm_mean=float(norm.get("mean", AugmentConfig.norm_mean)),
                         norm_std=float(norm.get("std", AugmentConfig.norm_std)), shard_base=cfg.shard_base,
-                        num_workers=cfg.num_workers, skip_bad_shards=cfg.skip_bad_shards)
+                        num_workers=cfg.num_workers, skip_bad_shards=cfg.skip_bad_shards, remote=cfg.remote)
         out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).with_name(f"eval-{cfg.split}.json")
         evaluator = Evaluator(env, data, loaded.tokenizer, generation_from_flags(cfg), cfg.java, cfg.spice_jars)
         scores = evaluator.run(model, out)

@@ -12,6 +12,7 @@ from typing import Any
 from avcap.checkpoint import read_checkpoint_file
 from avcap.generate import GenerationFlags, generation_from_flags
 from shards.augment import AugmentConfig
+from shards.remote import remote_config_from_json
 
 # -----------------------------------------------------------------------------
 # config
@@ -21,6 +22,10 @@ def config_field(default: Any, help: str) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
+
+
+REMOTE_HELP = ("JSON object of shards.remote.RemoteConfig fields for shards read from a URL (requests in flight, "
+               "connections, timeouts, retries, HTTP client), e.g. '{\"windows_ahead\": 12}'")   # --remote
 
 
 @dataclass
@@ -36,6 +41,7 @@ class TrainConfig(GenerationFlags):
     shuffle_buffer: int = config_field(1000, "sample shuffle buffer per worker")
     skip_bad_shards: bool = config_field(False, "skip a damaged shard, or a sample that does not decode, with a warning "
                                       "instead of failing")
+    remote: str = config_field("", REMOTE_HELP)
     noise: bool = config_field(AugmentConfig.noise, "noise + time-roll audio augmentation (the original README turns it on)")
     freqm: int = config_field(AugmentConfig.freqm, "SpecAugment: widest frequency mask in mel bins (0: off; the original: 48)")
     timem: int = config_field(AugmentConfig.timem, "SpecAugment: widest time mask in frames (0: off; the original: 192)")
@@ -109,6 +115,10 @@ class TrainConfig(GenerationFlags):
             problems.append(f"clip_grad must be >= 0, got {self.clip_grad}")
         try:  # at start, not at the first evaluation an epoch later
             generation_from_flags(self)
+        except ValueError as e:
+            problems.append(str(e))
+        try:
+            remote_config_from_json(self.remote)
         except ValueError as e:
             problems.append(str(e))
         if problems:

@@ -14,6 +14,7 @@ from avcap.train_state import derive_seed
 from shards.augment import AugmentConfig, prepare_batch
 from shards.epoch_plan import batches_per_epoch
 from shards.loader import LoaderConfig, make_loader
+from shards.remote import remote_config_from_json
 
 
 def check_dataset_matches(split: Any, model_config: Any, data: str, frames_per_clip: int | None = None) -> None:
@@ -64,7 +65,7 @@ class TrainData:
                                   batch_size=cfg.batch_size, num_frames=cfg.num_frames, num_workers=cfg.num_workers,
                                   shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
                                   skip_bad_shards=cfg.skip_bad_shards, tokenizer=self.vocab_file,
-                                  max_caption_tokens=cfg.max_caption_tokens,
+                                  max_caption_tokens=cfg.max_caption_tokens, remote=remote_config_from_json(cfg.remote),
                                   pin_memory=self.env.device.type == "cuda")
         _seed_loader_workers(cfg.seed, epoch, self.env.rank, train=True)
         batches, _ = make_loader(loader_cfg, self.env.rank, self.env.world_size, epoch, start_batch=start_batch)
@@ -100,6 +101,7 @@ class EvalData:
     shard_base: str = ""
     num_workers: int = 2
     skip_bad_shards: bool = False
+    remote: str = ""   # --remote: RemoteConfig fields as JSON (shards.remote.remote_config_from_json)
     seed: int = 0   # nothing read depends on it; it pins the loader workers' seeds, as training's loader does
 
     def open(self, env: DistEnv, epoch: int = 0) -> Iterator[EvalBatch]:
@@ -107,7 +109,7 @@ class EvalData:
         loader_cfg = LoaderConfig(data=self.data, shard_base=self.shard_base, split=self.split, train=False,
                                   batch_size=self.batch_size, num_frames=self.num_frames,
                                   num_workers=self.num_workers, skip_bad_shards=self.skip_bad_shards,
-                                  pin_memory=env.device.type == "cuda")
+                                  remote=remote_config_from_json(self.remote), pin_memory=env.device.type == "cuda")
         augment = AugmentConfig(norm_mean=self.norm_mean, norm_std=self.norm_std)
         _seed_loader_workers(self.seed, epoch, env.rank, train=False)
         batches, _ = make_loader(loader_cfg, env.rank, env.world_size, epoch)
@@ -118,7 +120,8 @@ def eval_data_of(cfg: TrainConfig) -> EvalData:
     """The eval split of a training run, read with the run's frames, normalization and loader settings."""
     return EvalData(data=cfg.data, split=cfg.eval_split, num_frames=cfg.num_frames, batch_size=cfg.eval_batch_size,
                     norm_mean=cfg.norm_mean, norm_std=cfg.norm_std, shard_base=cfg.shard_base,
-                    num_workers=cfg.num_workers, skip_bad_shards=cfg.skip_bad_shards, seed=cfg.seed)
+                    num_workers=cfg.num_workers, skip_bad_shards=cfg.skip_bad_shards, remote=cfg.remote,
+                    seed=cfg.seed)
 
 
 def _eval_batch(batch: Any, augment: AugmentConfig, device: torch.device) -> EvalBatch:

@@ -115,7 +115,7 @@ def restore_training_state(state: dict[str, Any], cfg: TrainConfig, env: DistEnv
 RESUME_MAY_CHANGE = ("epochs", "max_steps", "lr", "warmup_lr", "min_lr", "warmup_epochs", "decay_epochs",
                      "weight_decay", "beta1", "beta2", "clip_grad", "precision", "skip_bad_shards", "shard_base",
                      "out", "resume", "ckpt_every", "eval_every", "eval_batch_size", "beam_size", "max_gen_steps",
-                     "per_node_beam", "length_penalty", "gen_precision",
+                     "per_node_beam", "length_penalty", "gen_precision", "remote",
                      "java", "spice_jars", "device", "dist_timeout_s", "log_every", "tensorboard", "progress")
 _RESUME_QUIET = ("out", "resume")   # differ on every resume: not worth a log line
 

@@ -41,7 +41,9 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import dataclasses
 import io
+import json
 import math
 import os
 import queue
@@ -114,11 +116,40 @@ class RemoteConfig:
     def __post_init__(self):
         if self.http_client not in ("curl", "fsspec"):
             raise ValueError(f"RemoteConfig.http_client must be 'curl' or 'fsspec', got {self.http_client!r}")
+        if self.timeout_s <= 0 or self.backoff_s < 0 or self.attempts < 1 or self.max_gap < 0:
+            raise ValueError(f"RemoteConfig: need timeout_s > 0, backoff_s >= 0, attempts >= 1, max_gap >= 0, got "
+                             f"{self.timeout_s}, {self.backoff_s}, {self.attempts}, {self.max_gap}")
         if self.max_connections < 1:
             raise ValueError(f"RemoteConfig.max_connections must be >= 1, got {self.max_connections}")
         if self.windows_ahead < 1 or self.window_samples < 1:
             raise ValueError(f"RemoteConfig: windows_ahead and window_samples must be >= 1, got "
                              f"{self.windows_ahead} and {self.window_samples}")
+
+
+def remote_config_from_json(text: str, flag: str = "--remote") -> RemoteConfig:
+    """The RemoteConfig a command line's JSON object names (its fields, the rest default); "" is the default one.
+    A key that is not a field, a value of the wrong type or out of range is a ValueError naming `flag`."""
+    if not text:
+        return RemoteConfig()
+    try:
+        given = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag}: not JSON ({e}): {text!r}") from e
+    if not isinstance(given, dict):
+        raise ValueError(f"{flag}: must be a JSON object of RemoteConfig fields, got {text!r}")
+    fields = {f.name: f for f in dataclasses.fields(RemoteConfig)}
+    unknown = sorted(set(given) - set(fields))
+    if unknown:
+        raise ValueError(f"{flag}: unknown RemoteConfig field(s) {unknown}; the fields are {sorted(fields)}")
+    for name, value in given.items():
+        kind = type(fields[name].default)
+        if isinstance(value, bool) or not (isinstance(value, kind) or kind is float and isinstance(value, int)):
+            raise ValueError(f"{flag}: {name} must be a JSON {'number' if kind is float else kind.__name__}, "
+                             f"got {value!r}")
+    try:
+        return RemoteConfig(**{k: float(v) if type(fields[k].default) is float else v for k, v in given.items()})
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from e
 
 
 def is_remote(url: str) -> bool:

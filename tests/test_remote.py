@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import multiprocessing
 import re
 import shutil
 import threading
@@ -13,11 +14,17 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
+import shards.remote as remote
+from avcap.distributed import DistEnv
+from avcap.evaluate import EvalConfig
+from avcap.train_config import TrainConfig, config_from_args
+from avcap.train_data import EvalData, eval_data_of
 from shards.epoch_plan import plan_epoch
 from shards.index import ShardError, ShardIndexError
 from shards.loader import LoaderConfig, make_loader
-from shards.remote import RemoteConfig
+from shards.remote import RemoteConfig, RemoteStore, remote_config_from_json
 from shards.split_info import load_split
 from tests.fixtures_loader import (add_member_indexes, batches_as_data, build_dataset, check_batch_content,
                                    run_epoch, same_batches)
@@ -249,7 +256,6 @@ def test_one_curl_loop_serves_concurrent_callers_within_max_connections(served_s
     run in a thread pool): concurrent callers each get their own bytes back; the loop holds at most
     `max_connections` connections (one connection serializes requests the server delays); it ends when idle and
     starts again with the next request."""
-    import shards.remote as remote
     root, _ = served_shards
     tar = root / "shards" / "train" / "train-00002.tar"
     data, delay = tar.read_bytes(), 0.05
@@ -316,8 +322,6 @@ def test_indexes_of_the_next_two_shards_are_asked_for_as_a_shard_starts(served_s
 def test_a_forked_child_makes_its_own_curl_loop(served_shards):
     """A process forked from one whose store already runs its libcurl loop (the thread is not copied, the
     connections would be shared) reads through a loop and connections of its own; the parent's still work."""
-    import multiprocessing
-    from shards.remote import RemoteStore
     root, nginx = served_shards
     url = f"{nginx.url}/shards/train/train-00002.tar"
     data = (root / "shards" / "train" / "train-00002.tar").read_bytes()
@@ -339,3 +343,33 @@ def _read_in_child(store, url, conn):
     parent = store._curl
     (got,) = store.cat_ranges(url, [512], [2048])
     conn.send((got, store._curl is parent))
+
+
+def test_the_remote_flag_sets_the_loaders_remote_config_and_names_what_is_wrong(served_shards):
+    """`--remote` (train.py and avcap.evaluate): a JSON object of RemoteConfig fields reaches the loader of the
+    train and the eval split (here the HTTP client, told apart in nginx's log); a bad one stops the run before it
+    starts, naming the flag and the field."""
+    root, nginx = served_shards
+    assert remote_config_from_json("") == RemoteConfig()
+    got = remote_config_from_json('{"windows_ahead": 12, "timeout_s": 5, "http_client": "fsspec"}')
+    assert got == RemoteConfig(windows_ahead=12, timeout_s=5.0, http_client="fsspec")
+    for bad, said in (('{"windows": 3}', r"unknown RemoteConfig field\(s\) \['windows'\]"),
+                      ('{"windows_ahead": "3"}', "windows_ahead must be a JSON int"),
+                      ('{"timeout_s": true}', "timeout_s must be a JSON number"),
+                      ('{"windows_ahead": 0}', "windows_ahead and window_samples must be >= 1"),
+                      ('{"attempts": 0}', "attempts >= 1"),
+                      ('[3]', "must be a JSON object"), ("{windows", "not JSON")):
+        with pytest.raises(ValueError, match="--remote: .*" + said):
+            remote_config_from_json(bad)
+        with pytest.raises(ValueError, match="invalid TrainConfig: --remote: .*" + said):
+            config_from_args(["--data", "d", "--remote", bad])
+    cfg = config_from_args(["--data", f"{nginx.url}/manifest.json", "--remote", '{"http_client": "fsspec"}',
+                            "--eval-split", "val", "--num-workers", "0", "--eval-batch-size", "3"])
+    assert cfg.remote == '{"http_client": "fsspec"}' and EvalConfig(remote=cfg.remote).remote == cfg.remote
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    for data in (eval_data_of(cfg), EvalData(data=cfg.data, split="val", num_frames=2, batch_size=3,
+                                             norm_mean=TrainConfig.norm_mean, norm_std=TrainConfig.norm_std,
+                                             num_workers=0, remote='{"http_client": "fsspec"}')):
+        before = len(nginx.log())
+        assert sum(len(b.keys) for b in data.open(env)) == 7
+        assert _client_of(nginx.log()[before:]) == {"fsspec"}

@@ -79,7 +79,7 @@ from pipeline.status import COUNTED
 from shards.atomic import atomic_write_bytes
 from shards.file_entry import FileEntry, ShardEntry
 from shards.hashing import bytes_sha256
-from shards.tls import certificate_failure, tls_context
+from shards.tls import certificate_failure, fsspec_tls_options
 from shards.writer import ShardBuildResult, num_shards_for, validate_split
 
 FORMAT_VERSION = 2
@@ -379,8 +379,7 @@ def read_manifest(data: str | Path) -> tuple[str, dict]:
             raw = Path(location).read_bytes()
         else:
             import fsspec
-            tls = {"ssl": tls_context()} if urlparse(location).scheme in ("http", "https") else {}
-            with fsspec.open(location, "rb", **tls) as f:
+            with fsspec.open(location, "rb", **fsspec_tls_options(urlparse(location).scheme)) as f:
                 raw = f.read()
     except OSError as e:
         # fsspec's HTTP open turns any failure, a certificate refused too, into FileNotFoundError(url)

@@ -57,7 +57,7 @@ from typing import Any, Callable, Iterator
 from urllib.parse import unquote, urlparse
 
 from shards.index import TAR_BLOCK, ShardError, ShardIndex, ShardIndexError, check_member_header
-from shards.tls import certificate_failure, not_verified, tls_context, verify_paths
+from shards.tls import certificate_failure, fsspec_tls_options, not_verified, verify_paths
 
 class RemoteReadError(OSError):
     """A remote read failed for good (a permanent error, or transient ones past the retries); names the URL."""
@@ -164,7 +164,7 @@ def storage_options(protocol: str, cfg: RemoteConfig) -> dict[str, Any]:
         import aiohttp
         return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=cfg.timeout_s,
                                                                    sock_read=cfg.timeout_s)},
-                "ssl": tls_context()}   # the CAs trusted now (shards.tls), not those when aiohttp was imported
+                **fsspec_tls_options(protocol)}   # the CAs trusted now, not those when aiohttp was imported
     if protocol in ("s3", "s3a"):
         # botocore's own retries off (`total_max_attempts` counts the first try): RemoteStore retries 5xx and
         # throttling with `attempts` and `backoff_s` as for HTTP, instead of up to 5 botocore tries inside each

@@ -29,6 +29,12 @@ def tls_context() -> ssl.SSLContext:
     return _context(*verify_paths())
 
 
+def fsspec_tls_options(protocol: str) -> dict:
+    """The storage option that makes fsspec's HTTP filesystem (aiohttp) verify with `tls_context()`, for http(s);
+    none for other protocols (s3fs verifies through botocore: AWS_CA_BUNDLE)."""
+    return {"ssl": tls_context()} if protocol in ("http", "https") else {}
+
+
 @functools.lru_cache(maxsize=8)
 def _context(cafile: str | None, capath: str | None) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=cafile, capath=capath)   # both None: the platform's defaults

@@ -269,7 +269,7 @@ def test_one_curl_loop_serves_concurrent_callers_within_max_connections(served_s
                             lambda self, *a: (answered_by.add(threading.current_thread()), done(self, *a))[1])
 
         def run(cfg: RemoteConfig) -> float:
-            store = remote.RemoteStore(cfg)
+            store = RemoteStore(cfg)
             answered_by.clear()
             t = time.perf_counter()
             with ThreadPoolExecutor(8) as pool:
@@ -285,7 +285,7 @@ def test_one_curl_loop_serves_concurrent_callers_within_max_connections(served_s
         assert wide < 12 * delay, f"24 concurrent requests took {wide:.3f} s: not in flight together"
 
         monkeypatch.setattr(remote._CurlLoop, "IDLE_S", 0.05)
-        store = remote.RemoteStore(RemoteConfig())
+        store = RemoteStore(RemoteConfig())
         assert store.cat_ranges(url, [0], [512]) == [data[:512]]
         first = store._curl.thread
         first.join(timeout=10)

@@ -24,6 +24,7 @@ The batch layout is in shards.batching.
 from __future__ import annotations
 
 import functools
+import gc
 import multiprocessing
 import os
 import random
@@ -364,19 +365,34 @@ class _Want:
         return set(sample_members(f0, self.stream.cfg.num_frames, self.stream.info.frames_per_clip))
 
 
+# What a worker reading remote shards imports on its first request, loaded by the forkserver instead (below):
+# otherwise every epoch's fresh workers import them while their first windows wait (~13 ms at each epoch start).
+# The server skips any that is not installed.
+_WORKER_PRELOAD = [__name__, "pycurl", "fsspec.utils"]
+
+
 def _worker_context():
     ctx = multiprocessing.get_context("forkserver")
     # The server imports this module (torch, torchvision, numpy) once and every worker forks from it already
     # loaded: otherwise each worker of each epoch imports them anew (measured 0.7 s instead of ~25 s for a
     # 2-worker loader on a loaded 2-core machine). No effect once the server runs.
-    ctx.set_forkserver_preload([__name__])
+    ctx.set_forkserver_preload(_WORKER_PRELOAD)
     return ctx
 
 
-def _take_environment(env: dict[str, str], worker_id: int) -> None:
-    """A forkserver worker starts with the server's environment, which is the environment of the first loader
+def _init_worker(env: dict[str, str], worker_id: int) -> None:
+    """Set up a fresh loader worker: its garbage collector and its environment.
+
+    The objects the worker starts with (the forkserver's modules: torch, numpy, ~330k objects) are put out of the
+    collector's reach (gc.freeze): a full collection in the worker walks every one of them, writing to the pages
+    it shares with the server, so that the worker copies them all (measured, one worker, remote shards at 20 ms:
+    7 of 10 epochs took ~20 more page faults and ~0.2 ms more CPU per sample, ~960 instead of ~1,180 samples/s;
+    none of 10 with the freeze). What the worker makes itself is collected as usual.
+
+    A forkserver worker also starts with the server's environment, which is the environment of the first loader
     this process made: give it the environment of the process as this loader is made, as a forked worker would
     have, so that credentials and endpoints set since (AWS_*, FSSPEC_*: s3://) reach the workers that read."""
+    gc.freeze()
     for k in set(os.environ) - set(env):
         del os.environ[k]
     os.environ.update(env)
@@ -406,5 +422,5 @@ def make_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1, epoch: in
     dl = DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
                     pin_memory=cfg.pin_memory, persistent_workers=False, in_order=True,
                     multiprocessing_context=_worker_context(),
-                    worker_init_fn=functools.partial(_take_environment, dict(os.environ)))
+                    worker_init_fn=functools.partial(_init_worker, dict(os.environ)))
     return dl, ds.total

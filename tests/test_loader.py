@@ -256,3 +256,27 @@ def test_stale_or_mismatched_index_is_detected_and_names_the_shard(indexed_shard
     idx.unlink()
     with pytest.raises(ShardIndexError, match="val-00000.idx.json .* cannot be read"):
         run_epoch(c, 1)
+
+
+class _WorkerProbe(torch.utils.data.IterableDataset):
+    """Yields what a loader worker started with: its frozen objects and the modules it found loaded."""
+
+    def __iter__(self):
+        import gc
+        import sys
+        yield {"frozen": gc.get_freeze_count(), "tracked": len(gc.get_objects()),
+               "preloaded": sorted(m for m in ("pycurl", "fsspec.utils") if m in sys.modules)}
+
+
+def test_a_loader_worker_freezes_what_it_starts_with_and_finds_the_remote_client_loaded(tiny_shards):
+    """A loader worker's collector leaves the objects it forked with alone (a full collection would copy every
+    page of them from the forkserver: slower epochs), and the HTTP client it reads remote shards with is loaded
+    before its first request."""
+    loader, _ = make_loader(LoaderConfig(data=str(tiny_shards), split="train", batch_size=1, num_workers=1))
+    probe = torch.utils.data.DataLoader(_WorkerProbe(), batch_size=None, num_workers=1,
+                                        multiprocessing_context=loader.multiprocessing_context,
+                                        worker_init_fn=loader.worker_init_fn)
+    (got,) = list(probe)
+    assert got["frozen"] > 100_000 > got["tracked"], got   # torch & co. frozen; what the worker made, not
+    assert got["preloaded"] == ["fsspec.utils", "pycurl"], got
+

@@ -379,8 +379,10 @@ def read_manifest(data: str | Path) -> tuple[str, dict]:
             raw = Path(location).read_bytes()
         else:
             import fsspec
-            with fsspec.open(location, "rb", **fsspec_tls_options(urlparse(location).scheme)) as f:
-                raw = f.read()
+            # cat_file is one GET; open() asks for the size first (a HEAD over http: one more round trip at
+            # each epoch's start, since the loader reads the manifest as it makes each epoch's workers)
+            fs, path = fsspec.core.url_to_fs(location, **fsspec_tls_options(urlparse(location).scheme))
+            raw = fs.cat_file(path)
     except OSError as e:
         # fsspec's HTTP open turns any failure, a certificate refused too, into FileNotFoundError(url)
         unverified = certificate_failure(e)

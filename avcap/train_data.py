@@ -68,7 +68,9 @@ class TrainData:
                                   max_caption_tokens=cfg.max_caption_tokens, remote=remote_config_from_json(cfg.remote),
                                   pin_memory=self.env.device.type == "cuda")
         _seed_loader_workers(cfg.seed, epoch, self.env.rank, train=True)
-        batches, _ = make_loader(loader_cfg, self.env.rank, self.env.world_size, epoch, start_batch=start_batch)
+        # the split read once for the run: every epoch reads the shard list the run started with
+        batches, _ = make_loader(loader_cfg, self.env.rank, self.env.world_size, epoch, start_batch=start_batch,
+                                 info=self.split)
         return iter(batches)
 
     def prepare(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -10,16 +10,17 @@ thread, two ways:
 - in process (num_workers=0: the loader runs in this process, as one DataLoader worker would); CPU ms/sample is
   this process's CPU, the HTTP client's threads included;
 - in one DataLoader worker process (num_workers=1, as the trainer runs its workers); CPU ms/sample is the worker's
-  (psutil, after each batch), the batches reach this process through shared memory as in training.
+  (psutil, as its last batch arrives), the batches reach this process through shared memory as in training.
 Rows: local (the indexed reader, mmap of the shard files); HTTP, ranged (shards.remote: index, coalesced ranged
 reads of the used members, requests in flight) through libcurl (the default) and through fsspec's aiohttp (the
 client before it, `RemoteConfig(http_client="fsspec")`); HTTP, whole-shard streaming (the same shards through a
 manifest without the index: one GET per shard, every byte read and the unused members discarded, the path of
 `pipe:` URLs and unindexed shards). The rows take turns, `--repeats` rounds, best epoch of each kept.
 samples/s is wall time over the whole epoch (latency is wall time); "first batch" is the wait for the first batch
-(a worker's start, the manifest, the first index and window), "after it" the rate from the first batch to the
-last. Bytes per sample come from nginx's access log ($bytes_sent: headers and bodies, manifest and indexes
-included), against the sample's own size in the tar. Ratios are to the local row of the same mode, same run; the
+(a worker's start, the first index and windows; the manifest is read once per row before its epochs, as a
+training run reads it once for all its epochs), "after it" the rate from the first batch to the last. Bytes per
+sample come from nginx's access log ($bytes_sent: headers and bodies, indexes included), against the sample's
+own size in the tar. Ratios are to the local row of the same mode, same run; the
 rate after the first batch of every round is listed too, since on a shared 2-core machine whole epochs of a row can
 land in a slower mode.
 """
@@ -42,15 +43,18 @@ from benchmarks.bench_dask import machine  # noqa: E402
 from benchmarks.bench_loader import make_clips  # noqa: E402
 from shards.loader import LoaderConfig, make_loader  # noqa: E402
 from shards.remote import RemoteConfig  # noqa: E402
+from shards.split_info import SplitInfo, load_split  # noqa: E402
 from tests.remote_store import Nginx  # noqa: E402
 
 
-def epoch(data: str, batch_size: int, workers: int, seed: int, client: str) -> tuple[int, float, float, float]:
-    """(samples, wall s, wall s to the first batch, CPU s of the loader worker) of one train epoch."""
+def epoch(data: str, batch_size: int, workers: int, seed: int, client: str,
+          info: SplitInfo | None = None) -> tuple[int, float, float, float]:
+    """(samples, wall s, wall s to the first batch, CPU s of the loader worker) of one train epoch; `info`, the
+    split read once, as training reads it once per run (else the manifest is read in the epoch's time)."""
     cfg = LoaderConfig(data=data, split="train", batch_size=batch_size, num_workers=workers, num_frames=1,
                        shuffle_buffer=64, seed=seed, remote=RemoteConfig(http_client=client))
     w0, c0 = time.perf_counter(), time.process_time()
-    loader, batches = make_loader(cfg, 0, 1, epoch=0)
+    loader, batches = make_loader(cfg, 0, 1, epoch=0, info=info)
     it = iter(loader)
     n, first, cpu = 0, None, 0.0
     for i, b in enumerate(it):
@@ -105,13 +109,16 @@ def main() -> None:
         best: dict[int, tuple] = {}
         steady_all: dict[int, list[float]] = {}   # the rate after the first batch, every round
         try:
+            # each row's split read once, before its epochs, as a training run reads it once for all its epochs
+            splits = {k: load_split(f"{servers[row[3]].url}/{row[2]}" if row[3] is not None else str(root / row[2]),
+                                    "train") for k, row in enumerate(rows)}
             for r in range(args.repeats):
                 for k, (mode, name, manifest, ms, client) in enumerate(rows):
                     server = servers[ms] if ms is not None else None
                     before = len(server.log()) if server else 0
                     data = f"{server.url}/{manifest}" if server else str(root / manifest)
                     n, wall, first, cpu = epoch(data, args.batch_size, 1 if mode == "1 worker" else 0, r,
-                                                client or "curl")
+                                                client or "curl", splits[k])
                     sent = sum(line.bytes_sent for line in server.log()[before:]) if server else 0
                     if k not in best or wall < best[k][1]:
                         best[k] = (n, wall, first, cpu, sent)

@@ -404,15 +404,21 @@ def _init_worker(env: dict[str, str], worker_id: int) -> None:
 
 
 def make_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1, epoch: int = 0,
-                start_batch: int = 0) -> tuple[DataLoader | ShardStream, int]:
+                start_batch: int = 0, info: SplitInfo | None = None) -> tuple[DataLoader | ShardStream, int]:
     """The rank's batches of one epoch and the epoch's batch count (identical on every rank).
 
     The iterable yields `batches_per_epoch - start_batch` batches: those of the uninterrupted epoch from
     `start_batch` on (for exact resume). With num_workers=0 the ShardStream itself is returned (no subprocesses).
+    `info`: the split as the caller read it once (`load_split(cfg.data, cfg.split, cfg.shard_base)`), so that
+    every epoch of a run reads the same shard list, whatever the manifest says by then (a dataset republished
+    during training), and an epoch over a remote manifest starts without its round trip; else it is read now.
     """
     if cfg.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
-    info = load_split(cfg.data, cfg.split, cfg.shard_base)
+    if info is None:
+        info = load_split(cfg.data, cfg.split, cfg.shard_base)
+    elif info.split != cfg.split:
+        raise ValueError(f"make_loader: the split given is {info.split!r}, the config asks for {cfg.split!r}")
     ds = ShardStream(info, cfg, rank, world_size, epoch, start_batch)
     if cfg.num_workers == 0:
         return ds, ds.total

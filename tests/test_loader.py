@@ -280,3 +280,18 @@ def test_a_loader_worker_freezes_what_it_starts_with_and_finds_the_remote_client
     assert got["frozen"] > 100_000 > got["tracked"], got   # torch & co. frozen; what the worker made, not
     assert got["preloaded"] == ["fsspec.utils", "pycurl"], got
 
+
+def test_a_split_read_once_serves_every_epoch_whatever_the_manifest_says_later(tiny_shards, tmp_path):
+    """Training reads the split once and gives it to each epoch's loader: a manifest republished (here: gone)
+    during the run changes nothing, and a split given for another split than the config's is refused."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_shards, data)
+    cfg = LoaderConfig(data=str(data), split="train", batch_size=2, num_workers=0, seed=1, shuffle_buffer=4)
+    info = load_split(str(data), "train")
+    first = [b["keys"] for b in make_loader(cfg, epoch=1, info=info)[0]]
+    (data / "manifest.json").unlink()
+    with pytest.raises(FileNotFoundError):
+        make_loader(cfg, epoch=1)
+    assert [b["keys"] for b in make_loader(cfg, epoch=1, info=info)[0]] == first
+    with pytest.raises(ValueError, match="the split given is 'train', the config asks for 'val'"):
+        make_loader(LoaderConfig(data=str(data), split="val"), info=info)

@@ -14,7 +14,7 @@ Batches are dicts of CPU tensors / lists:
     tokens, need_predict  int64 [B, L]    only with a tokenizer (LoaderConfig.tokenizer; avcap.tokenizer)
 
 The tensors live in a shards.buffer_pool.BatchBufferPool: a batch's memory is reused once the consumer has
-dropped it, and in a DataLoader worker it is shared memory.
+dropped it, and in a DataLoader worker every tensor of a batch is a view of one shared storage.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from avcap.tokenizer import encode_captions
-from shards.buffer_pool import BatchBufferPool
+from shards.buffer_pool import BatchBufferPool, nbytes
 from shards.decode import decode_jpeg
 from shards.index import ShardError
 from shards.sample_format import FBANK_MEMBER, JSON_MEMBER, SampleFormatError, decode_json, decode_npy, frame_member
@@ -88,14 +88,12 @@ class Batcher:
             raise ShardError(f"{what}: {FBANK_MEMBER} is {fb.dtype}{list(fb.shape)}, expected float16[{T}, {M}]")
         frames = used[2:]   # after fbank and json
         hwcs = [decode_jpeg(members[m], what).permute(1, 2, 0).numpy() for m in frames]
-        if self.frames is None:
-            self.frames = self.memory.empty((self.B, self.nf, *hwcs[0].shape), torch.uint8)
+        if self.frames is None:   # the batch's first sample: its frames' shape is the batch's
+            self._open(hwcs[0].shape)
         for j, hwc in enumerate(hwcs):
             if hwc.shape != tuple(self.frames.shape[2:]):
                 raise ShardError(f"{what}: frame {frame0 + j} is {list(hwc.shape)} (HWC), "
                                  f"other frames {list(self.frames.shape[2:])}")
-        if self.fbank is None:
-            self.fbank = self.memory.empty((self.B, T, M), torch.float16)
         # Copy through numpy: the decoded arrays are read-only views of the tar bytes.
         self.fbank.numpy()[i] = fb
         frames_np = self.frames.numpy()
@@ -108,15 +106,29 @@ class Batcher:
         self.frame_index.append(frame0)
         self.valid.append(valid)
 
+    def _open(self, hwc: tuple[int, ...]) -> None:
+        """The batch's fbank and frames tensors, in memory reserved for every tensor of the batch (emit)."""
+        B, T, M = self.B, self.info.target_length, self.info.num_mel_bins
+        frames, fbank = (B, self.nf, *hwc), (B, T, M)
+        size = (nbytes(frames, torch.uint8) + nbytes(fbank, torch.float16) + nbytes((B,), torch.int64)
+                + nbytes((B,), torch.bool))
+        if self.tok is not None:   # tokens and need_predict: at most [CLS] + max_caption_tokens + [SEP] per row
+            size += 2 * nbytes((B, self.max_caption_tokens + 2), torch.long)
+        self.memory.open_batch(size)
+        self.frames = self.memory.empty(frames, torch.uint8)
+        self.fbank = self.memory.empty(fbank, torch.float16)
+
     def emit(self) -> dict[str, Any]:
         assert self.n == self.B and self.fbank is not None and self.frames is not None
+        place = self.memory.place
         batch: dict[str, Any] = dict(fbank=self.fbank, frames=self.frames.permute(0, 1, 4, 2, 3),
-                                     frame_index=torch.tensor(self.frame_index), keys=self.keys,
+                                     frame_index=place(torch.tensor(self.frame_index)), keys=self.keys,
                                      captions=self.captions, caption=self.caption,
-                                     valid=torch.tensor(self.valid, dtype=torch.bool))
+                                     valid=place(torch.tensor(self.valid, dtype=torch.bool)))
         if self.tok is not None:
             tokens, need_predict = encode_captions(self.tok, self.caption,
                                                    max_wordpieces=self.max_caption_tokens)
-            batch["tokens"], batch["need_predict"] = torch.as_tensor(tokens), torch.as_tensor(need_predict)
+            batch["tokens"] = place(torch.as_tensor(tokens))
+            batch["need_predict"] = place(torch.as_tensor(need_predict))
         self._start()
         return batch

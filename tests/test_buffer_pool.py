@@ -1,12 +1,12 @@
 """shards.buffer_pool.BatchBufferPool: a buffer is handed out again only once the consumer holds no tensor or
-view of it; in a DataLoader worker every tensor is fresh shared memory (nothing pooled there)."""
+view of it; in a DataLoader worker each batch is one fresh shared storage (nothing pooled there)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from shards.buffer_pool import BatchBufferPool
+from shards.buffer_pool import BatchBufferPool, nbytes
 from shards.loader import LoaderConfig, make_loader
 from tests.fixtures_loader import build_dataset
 
@@ -80,21 +80,52 @@ def test_a_batch_the_consumer_still_views_is_never_overwritten_by_the_loader(tmp
 
 
 class _WorkerPoolProbe(IterableDataset):
-    """In a DataLoader worker: what the pool hands out there, and a tensor filled in the worker."""
+    """In a DataLoader worker: what the pool hands out there for two batches of a tensor and a placed label."""
 
     def __iter__(self):
         pool = BatchBufferPool(keep=4)
         for value in (7, 3):
+            pool.open_batch(nbytes(SHAPE, torch.float16) + nbytes((2,), torch.int64))
             t = pool.empty(SHAPE, torch.float16)
             t.fill_(value)
-            yield {"in_worker": pool.in_worker, "shared": t.is_shared(), "pooled": len(pool.pool), "tensor": t}
+            label = pool.place(torch.tensor([value, -value]))
+            yield {"in_worker": pool.in_worker, "shared": t.is_shared(), "pooled": len(pool.pool), "tensor": t,
+                   "label": label}
+        pool.open_batch(nbytes(SHAPE, torch.float16))
+        pool.empty(SHAPE, torch.float16)
+        try:
+            pool.place(torch.zeros(1))
+        except RuntimeError as e:
+            yield {"error": str(e)}
 
 
-def test_in_a_worker_tensors_are_shared_memory_and_nothing_is_pooled():
+def test_in_a_worker_a_batch_is_one_shared_storage_and_nothing_is_pooled():
     dl = DataLoader(_WorkerPoolProbe(), batch_size=None, num_workers=1, multiprocessing_context="forkserver")
-    got = list(dl)
+    *got, refused = list(dl)
     assert [g["in_worker"] for g in got] == [True, True] and all(g["shared"] for g in got)
     assert [g["pooled"] for g in got] == [0, 0]   # the main process owns the memory once it is sent
     for g, value in zip(got, (7, 3)):
         assert g["tensor"].dtype == torch.float16 and tuple(g["tensor"].shape) == SHAPE
-        assert bool((g["tensor"] == value).all())
+        assert bool((g["tensor"] == value).all()) and g["label"].tolist() == [value, -value]
+        # the label lies in the tensor's storage, after it: the batch crossed as one piece of shared memory
+        assert g["label"].untyped_storage().data_ptr() == g["tensor"].untyped_storage().data_ptr()
+        assert g["label"].data_ptr() - g["tensor"].data_ptr() == nbytes(SHAPE, torch.float16)
+    # more than open_batch reserved is a bug of the caller, named, never a write past the storage
+    assert "more bytes for torch.float32[1] than open_batch reserved" in refused["error"]
+
+
+def test_a_loader_worker_hands_over_each_batch_as_one_storage(tmp_path, caption_vocab_path):
+    """Through the real loader with a worker and a tokenizer: every tensor of a batch (fbank, frames, frame_index,
+    valid, tokens, need_predict) is a view of one shared storage, so the batch passes one file descriptor."""
+    data = build_dataset(tmp_path, {"train": [6]}, frames=2, size=32, target_length=16, mel=8)
+    cfg = LoaderConfig(data=str(data), batch_size=3, num_workers=1, train=True, shuffle_buffer=2,
+                       tokenizer=str(caption_vocab_path))
+    loader, total = make_loader(cfg)
+    batches = list(loader)
+    assert len(batches) == total == 2
+    for b in batches:
+        tensors = {k: v for k, v in b.items() if isinstance(v, torch.Tensor)}
+        assert set(tensors) == {"fbank", "frames", "frame_index", "valid", "tokens", "need_predict"}
+        assert len({t.untyped_storage().data_ptr() for t in tensors.values()}) == 1
+        assert all(t.is_shared() for t in tensors.values())
+        assert b["valid"].all() and b["tokens"].shape == b["need_predict"].shape and b["tokens"].shape[0] == 3

@@ -8,7 +8,7 @@ from typing import Any, Iterator, NamedTuple
 
 import torch
 
-from avcap.distributed import DistEnv
+from avcap.distributed import DistEnv, gather_objects
 from avcap.train_config import TrainConfig
 from avcap.train_state import derive_seed
 from shards.augment import AugmentConfig, prepare_batch
@@ -40,6 +40,19 @@ def check_dataset_matches(split: Any, model_config: Any, data: str, frames_per_c
         problems.append(f"fbank sample rate: the dataset {data} has {rate} Hz, the encoder was pretrained on 16000 Hz")
     if problems:
         raise ValueError("dataset does not fit the model: " + "; ".join(problems))
+
+
+def check_same_split_on_every_rank(split: Any, env: DistEnv, data: str) -> None:
+    """Refuse a run whose ranks read different shard lists (a manifest republished while the ranks started):
+    their epoch plans would differ, each rank reading its share of another dataset. Every rank raises."""
+    digests = gather_objects(split.shard_list_digest(), env)
+    if len(set(digests)) > 1:
+        groups: dict[str, list[int]] = {}
+        for rank, d in enumerate(digests):
+            groups.setdefault(d, []).append(rank)
+        seen = "; ".join(f"ranks {ranks}: {d[:12]}" for d, ranks in groups.items())
+        raise ValueError(f"the ranks read different shard lists for split {split.split!r} of {data} (the manifest "
+                         f"changed while the run started?): {seen}; start the run again")
 
 
 def _seed_loader_workers(seed: int, epoch: int, rank: int, train: bool) -> None:

@@ -43,7 +43,7 @@ from avcap.model import AVCap, AVCapConfig
 from avcap.optim import Precision, build_optimizer, build_scheduler, resolve_precision
 from avcap.tokenizer import load_tokenizer, special_ids, tokenizer_vocab
 from avcap.train_config import TrainConfig, resolve_resume_path
-from avcap.train_data import TrainData, check_dataset_matches, eval_data_of
+from avcap.train_data import TrainData, check_dataset_matches, check_same_split_on_every_rank, eval_data_of
 from avcap.train_log import RunLogger, StepStats
 from avcap.train_state import (Position, check_eval_split, check_resume_config, derive_seed, refuse_resume_changes,
                                restore_training_state, seed_everything)
@@ -253,7 +253,8 @@ class _Run:
 def _build(cfg: TrainConfig, env: DistEnv) -> _Run:
     """Everything the loop drives, checked before the first step; OUT/vocab.txt and OUT/config.json written."""
     out = Path(cfg.out)
-    split = load_split(cfg.data, cfg.train_split, cfg.shard_base)
+    split = load_split(cfg.data, cfg.train_split, cfg.shard_base)   # once: every epoch reads this shard list
+    check_same_split_on_every_rank(split, env, cfg.data)
     check_eval_split(cfg)
     device = env.device
     precision = resolve_precision(cfg.precision, device)

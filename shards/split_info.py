@@ -2,10 +2,13 @@
 URLs, sample counts, size and sha256, member index), frames per clip and the fbank shape.
 
 Every later stage (the epoch plan, the shard readers, the batcher, the dataset) takes these records, so the
-manifest is read once per loader, in the calling process, and not again in each worker.
+manifest is read in the calling process, never in a worker: once per run by training (every epoch's loader
+takes the split it read), once per loader otherwise.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +57,12 @@ class SplitInfo:
     @property
     def num_samples(self) -> int:
         return sum(s.num_samples for s in self.shards)
+
+    def shard_list_digest(self) -> str:
+        """sha256 of what an epoch plan depends on: each shard's manifest path, sample count and sha256, in order
+        (not where the shards are read from: ranks may read one dataset from different mirrors)."""
+        rows = [[s.entry.path, s.num_samples, s.sha256] for s in self.shards]
+        return hashlib.sha256(json.dumps([self.split, rows], separators=(",", ":")).encode()).hexdigest()
 
 
 def load_split(data: str, split: str, shard_base: str = "") -> SplitInfo:

@@ -295,3 +295,41 @@ def test_a_split_read_once_serves_every_epoch_whatever_the_manifest_says_later(t
     assert [b["keys"] for b in make_loader(cfg, epoch=1, info=info)[0]] == first
     with pytest.raises(ValueError, match="the split given is 'train', the config asks for 'val'"):
         make_loader(LoaderConfig(data=str(data), split="val"), info=info)
+
+
+def _check_split_on_rank(rank: int, store: str, dirs: list[str], out: str) -> None:
+    import torch.distributed as dist
+    from pathlib import Path
+    from avcap.distributed import DistEnv
+    from avcap.train_data import check_same_split_on_every_rank
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=len(dirs))
+    try:
+        check_same_split_on_every_rank(load_split(dirs[rank], "train"), DistEnv(rank, len(dirs), rank,
+                                                                                torch.device("cpu")), dirs[rank])
+        said = "ok"
+    except ValueError as e:
+        said = str(e)
+    finally:
+        dist.destroy_process_group()
+    Path(out, f"rank{rank}").write_text(said)
+
+
+@pytest.mark.parametrize("republished", [False, True])
+def test_ranks_that_read_different_shard_lists_all_refuse_to_train(tiny_shards, tmp_path, republished):
+    """Two gloo ranks, each reading the split where it starts: the same dataset (copied: another place, the
+    same shards) passes; a manifest republished between the ranks' reads stops every rank, naming them."""
+    other = tmp_path / "other"
+    if republished:
+        build_dataset(other, {"train": [5, 2, 8], "val": [7]})
+    else:
+        shutil.copytree(tiny_shards, other)
+    dirs = [str(tiny_shards), str(other)]
+    torch.multiprocessing.start_processes(_check_split_on_rank, args=(str(tmp_path / "store"), dirs, str(tmp_path)),
+                                          nprocs=2, start_method="forkserver")
+    said = [(tmp_path / f"rank{r}").read_text() for r in range(2)]
+    if not republished:
+        assert said == ["ok", "ok"]
+    else:
+        for s in said:
+            assert "the ranks read different shard lists for split 'train'" in s
+            assert "ranks [0]:" in s and "ranks [1]:" in s and "start the run again" in s

@@ -67,12 +67,29 @@ class TrainData:
         self.cfg, self.split, self.env, self.vocab_file = cfg, split, env, vocab_file
         self.augment = AugmentConfig(freqm=cfg.freqm, timem=cfg.timem, noise=cfg.noise, norm_mean=cfg.norm_mean,
                                      norm_std=cfg.norm_std)
+        self._ahead: tuple[int, Iterator[Any]] | None = None   # an epoch opened early (prefetch)
 
     def batches_per_epoch(self) -> int:
         return int(batches_per_epoch(self.split, self.env.world_size, self.cfg.num_workers, self.cfg.batch_size,
                                      train=True))
 
+    def prefetch(self, epoch: int) -> None:
+        """Open `epoch`'s batches now, for `open(epoch)` to take: its loader workers start and read ahead while
+        the caller does other work. The loop calls it once an epoch's last step is done, so that the workers'
+        start (and, from a remote store, the first indexes and windows) overlaps the epoch's checkpoint and
+        evaluation instead of following them."""
+        self.close()
+        self._ahead = (epoch, self.open(epoch))
+
+    def close(self) -> None:
+        """Drop an epoch opened early and not taken (its workers end)."""
+        self._ahead = None
+
     def open(self, epoch: int, start_batch: int = 0) -> Iterator[Any]:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == epoch and start_batch == 0:
+            return ahead[1]
+        del ahead   # another epoch or a resumed one: its workers end before this one's start
         cfg = self.cfg
         loader_cfg = LoaderConfig(data=cfg.data, shard_base=cfg.shard_base, split=cfg.train_split, train=True,
                                   batch_size=cfg.batch_size, num_frames=cfg.num_frames, num_workers=cfg.num_workers,

@@ -1,6 +1,7 @@
 """What a training run reports, on rank 0 only: OUT/metrics.jsonl (one JSON object per line, appended across
-resumes: a "train" record every --log-every steps and at each epoch's end, an "eval" record per evaluation),
-TensorBoard scalars under OUT/tb, the tqdm bar and the evaluation's one-line summary."""
+resumes: an "epoch" record as each epoch's first batch comes, a "train" record every --log-every steps and at
+each epoch's end, an "eval" record per evaluation), TensorBoard scalars under OUT/tb, the tqdm bar and the
+evaluation's one-line summary."""
 from __future__ import annotations
 
 import json
@@ -46,8 +47,10 @@ class RunLogger:
             from tqdm import tqdm  # the bar only when asked for
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
-    def start_epoch(self) -> None:
-        """samples_per_s counts from here: not the time the epoch's loader took to start."""
+    def start_epoch(self, epoch: int, step: int, loader_wait_s: float) -> None:
+        """An "epoch" record: how long the epoch's first batch took to come once asked for (the loader's start
+        when it was not opened ahead, the ranks' check of it included). samples_per_s counts from here."""
+        self.log({"kind": "epoch", "step": step, "epoch": epoch, "loader_wait_s": loader_wait_s}, step)
         self._t_last, self._samples_since = time.perf_counter(), 0
 
     def log_step(self, stats: StepStats, pos: Position, batches_per_epoch: int) -> None:

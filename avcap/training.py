@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,9 +202,10 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         for epoch in range(pos.epoch, cfg.epochs):
             pos = Position(pos.step, epoch, pos.batch_in_epoch if epoch == pos.epoch else 0)
             # The loader skips the batches a resumed epoch already consumed (same order, same draws).
+            t_open = time.perf_counter()
             batches = _EpochBatches(run.data, env, epoch, pos.batch_in_epoch, bpe)
             run.ddp_model.train()
-            logger.start_epoch()
+            logger.start_epoch(epoch, pos.step, time.perf_counter() - t_open)
             while pos.batch_in_epoch < bpe:
                 stats, missing_total = _optimizer_step(cfg, env, run, batches, pos)
                 last_loss = stats.loss
@@ -216,6 +218,8 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
             del batches  # ends the epoch's worker processes
             if stop and pos.batch_in_epoch < bpe:
                 break
+            if not stop and epoch + 1 < cfg.epochs:
+                run.data.prefetch(epoch + 1)   # its workers start during the checkpoint and evaluation below
             checkpoints.save_epoch_end(pos.step, epoch)
             if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
                 results = Path(cfg.out) / "eval" / f"{cfg.eval_split}-epoch{epoch:03d}.json"
@@ -226,6 +230,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
             if stop:
                 break
     finally:
+        run.data.close()
         logger.close()
     return TrainResult(step=pos.step, epoch=pos.epoch, last_loss=last_loss, best=checkpoints.best,
                        checkpoint=str(checkpoints.latest) if checkpoints.latest else None, is_main=env.is_main)

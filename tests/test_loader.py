@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +20,8 @@ from shards.manifest import ManifestError
 from shards.split_info import load_split
 from tests.fixtures_loader import (add_member_indexes, batches_as_data, build_dataset, check_batch_content,
                                    clip_number, run_epoch, same_batches)
+
+REPO = Path(__file__).resolve().parent.parent
 
 TRAIN_CLIPS = set(range(0, 16))   # shards of 5, 2, 9 clips
 VAL_CLIPS = set(range(16, 23))    # one shard of 7 clips
@@ -299,7 +305,6 @@ def test_a_split_read_once_serves_every_epoch_whatever_the_manifest_says_later(t
 
 def _check_split_on_rank(rank: int, store: str, dirs: list[str], out: str) -> None:
     import torch.distributed as dist
-    from pathlib import Path
     from avcap.distributed import DistEnv
     from avcap.train_data import check_same_split_on_every_rank
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=len(dirs))
@@ -333,3 +338,72 @@ def test_ranks_that_read_different_shard_lists_all_refuse_to_train(tiny_shards, 
         for s in said:
             assert "the ranks read different shard lists for split 'train'" in s
             assert "ranks [0]:" in s and "ranks [1]:" in s and "start the run again" in s
+
+
+_MAIN_SCRIPT = '''
+import json, os, sys
+first = "email.mime.text" not in sys.modules   # this process imports it here, or found it loaded
+import email.mime.text  # noqa: E402,F401  (stands for what a training script imports)
+with open(os.environ["PROBE_OUT"], "a") as f:
+    f.write(json.dumps({"pid": os.getpid(), "name": __name__, "first": first}) + "\\n")
+
+import torch  # noqa: E402
+from shards.loader import LoaderConfig, make_loader, _main_module  # noqa: E402
+
+
+class Probe(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield os.getpid()
+
+
+if __name__ == "__main__":
+    loader, _ = make_loader(LoaderConfig(data=sys.argv[1], split="train", batch_size=1, num_workers=1))
+    probe = torch.utils.data.DataLoader(Probe(), batch_size=None, num_workers=1,
+                                        multiprocessing_context=loader.multiprocessing_context,
+                                        worker_init_fn=loader.worker_init_fn)
+    print(json.dumps({"preload": _main_module(), "workers": [list(probe), list(probe)]}))
+'''
+
+
+def test_the_forkserver_loads_the_main_script_so_workers_do_not_import_its_modules_again(tiny_shards, tmp_path):
+    """Each loader worker runs the main script as it starts; run from its directory (`python train.py` in the
+    repository), the forkserver has loaded it with its imports, so a worker finds them loaded instead of importing
+    them at every epoch's start. Run from elsewhere, nothing of that name is loaded in the server."""
+    script = tmp_path / "my_train.py"
+    script.write_text(_MAIN_SCRIPT)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "my_train.py").write_text("raise SystemExit('another my_train.py: must not be imported')\n")
+    for cwd, loaded in ((tmp_path, True), (elsewhere, False)):
+        out = tmp_path / f"probe-{loaded}.jsonl"
+        env = dict(os.environ, PROBE_OUT=str(out), PYTHONPATH=str(REPO))
+        r = subprocess.run([sys.executable, str(script), str(tiny_shards)], cwd=cwd, env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-3000:]
+        said = json.loads(r.stdout.strip().splitlines()[-1])
+        assert said["preload"] == (["my_train"] if loaded else [])
+        runs = [json.loads(line) for line in out.read_text().splitlines()]
+        by_pid = {x["pid"]: x for x in runs}
+        main, workers = runs[0], [by_pid[p] for w in said["workers"] for p in w]
+        assert main["name"] == "__main__" and main["first"]
+        assert [x["name"] for x in runs].count("my_train") == int(loaded), runs   # the forkserver, once
+        assert len(workers) == 2 and all(w["name"] == "__mp_main__" and w["first"] != loaded for w in workers), runs
+
+
+def test_the_main_module_to_load_is_named_only_when_the_server_finds_that_file(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    said_main = "from shards.loader import _main_module\nprint(_main_module())\n"
+    (pkg / "__init__.py").write_text("")
+    for name in ("run.py", "__main__.py"):
+        (pkg / name).write_text(said_main)
+    (tmp_path / "tool").write_text(said_main)   # a script without .py: no module to import
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    said = lambda *args, cwd=tmp_path: subprocess.run([sys.executable, *args], cwd=cwd, env=env,  # noqa: E731
+                                                      capture_output=True, text=True, timeout=60).stdout.strip()
+    assert said("-m", "pkg.run") == "['pkg.run']"
+    assert said("-m", "pkg") == "[]"                    # X.__main__ mains are not run in workers
+    assert said(str(pkg / "run.py"), cwd=pkg) == "['run']"
+    assert said(str(pkg / "run.py")) == "[]"            # the server would look for run.py in tmp_path
+    assert said("tool") == "[]"
+    assert said("-c", said_main) == "[]"

@@ -135,6 +135,36 @@ def test_single_process_accumulation_clipping_and_loadable_checkpoint(learnable_
     assert run_config["train_config"] == dataclasses.asdict(cfg) and run_config["batches_per_epoch"] == 12
 
 
+def test_an_epoch_opened_ahead_starts_its_workers_at_once_and_gives_the_batches_of_one_opened_then(
+        learnable_data, tmp_path):
+    """TrainData.prefetch(e) starts epoch e's loader workers before anyone asks for a batch; open(e) takes that
+    loader (its batches those of a loader opened then), and opening another epoch or resuming mid-epoch drops
+    it (its workers end)."""
+    from avcap.distributed import DistEnv
+    from avcap.train_data import TrainData as Data
+    from shards.split_info import load_split
+    cfg = TrainConfig(data=str(learnable_data.root), out=str(tmp_path), model="tiny", batch_size=4, num_workers=1,
+                      shuffle_buffer=8, progress=False, tensorboard=False)
+    data = Data(cfg, load_split(cfg.data, cfg.train_split), DistEnv(0, 1, 0, torch.device("cpu")),
+                vocab_file=str(learnable_data.vocab))
+    want = [b["keys"] for b in data.open(1)]
+    data.prefetch(1)
+    ahead = data._ahead[1]
+    assert all(w.is_alive() for w in ahead._workers)   # started, nothing asked yet
+    assert data.open(1) is ahead and data._ahead is None
+    assert [b["keys"] for b in ahead] == want
+    data.prefetch(2)
+    workers = list(data._ahead[1]._workers)
+    resumed = data.open(2, start_batch=1)                # not what was opened ahead: dropped, its workers end
+    for w in workers:
+        w.join(timeout=30)
+    assert not any(w.is_alive() for w in workers) and data._ahead is None
+    assert len(list(resumed)) == len(want) - 1
+    data.prefetch(3)
+    data.close()
+    assert data._ahead is None
+
+
 # ----------------------------------------------------------------------------- torchrun
 
 def test_torchrun_two_gloo_processes_learn_and_evaluate(learnable_data, tmp_path):
@@ -148,6 +178,10 @@ def test_torchrun_two_gloo_processes_learn_and_evaluate(learnable_data, tmp_path
     assert last < first - 1.0, losses
     info = json.loads((out / "config.json").read_text())
     assert info["world_size"] == 2 and info["steps_per_epoch"] == 6
+    # each epoch's wait for its first batch is logged; epochs 1-3 were opened ahead (during the checkpoints)
+    starts = _records(out, "epoch")
+    assert [r["epoch"] for r in starts] == [0, 1, 2, 3] and [r["step"] for r in starts] == [0, 6, 12, 18]
+    assert all(0 <= r["loader_wait_s"] < 60 for r in starts), starts
     (ev,) = _records(out, "eval")
     assert ev["num_clips"] == 6 and ev["CIDEr"] is not None and ev["METEOR"] is None and ev["selection"] == "CIDEr"
     results = json.loads(Path(json.loads((out / "checkpoints" / "best.json").read_text())["results"]).read_text())

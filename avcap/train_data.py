@@ -73,11 +73,18 @@ class TrainData:
         return int(batches_per_epoch(self.split, self.env.world_size, self.cfg.num_workers, self.cfg.batch_size,
                                      train=True))
 
+    def open_ahead_at(self) -> int:
+        """Batches left in an epoch when the loop opens the next one (`prefetch`): by then the epoch's loader
+        has asked its workers for every batch it still gives, so the next epoch's workers start (and, from a
+        remote store, fetch their first indexes and windows) while this epoch's last batches are trained on."""
+        return self._loader_config().prefetch_factor * max(1, self.cfg.num_workers)
+
     def prefetch(self, epoch: int) -> None:
         """Open `epoch`'s batches now, for `open(epoch)` to take: its loader workers start and read ahead while
-        the caller does other work. The loop calls it once an epoch's last step is done, so that the workers'
-        start (and, from a remote store, the first indexes and windows) overlaps the epoch's checkpoint and
-        evaluation instead of following them."""
+        the caller does other work (the end of the epoch before, its checkpoint and evaluation). Once per
+        epoch: asked again for the same epoch, it keeps what it opened."""
+        if self._ahead is not None and self._ahead[0] == epoch:
+            return
         self.close()
         self._ahead = (epoch, self.open(epoch))
 
@@ -90,18 +97,20 @@ class TrainData:
         if ahead is not None and ahead[0] == epoch and start_batch == 0:
             return ahead[1]
         del ahead   # another epoch or a resumed one: its workers end before this one's start
-        cfg = self.cfg
-        loader_cfg = LoaderConfig(data=cfg.data, shard_base=cfg.shard_base, split=cfg.train_split, train=True,
-                                  batch_size=cfg.batch_size, num_frames=cfg.num_frames, num_workers=cfg.num_workers,
-                                  shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
-                                  skip_bad_shards=cfg.skip_bad_shards, tokenizer=self.vocab_file,
-                                  max_caption_tokens=cfg.max_caption_tokens, remote=remote_config_from_json(cfg.remote),
-                                  pin_memory=self.env.device.type == "cuda")
+        cfg, loader_cfg = self.cfg, self._loader_config()
         _seed_loader_workers(cfg.seed, epoch, self.env.rank, train=True)
         # the split read once for the run: every epoch reads the shard list the run started with
         batches, _ = make_loader(loader_cfg, self.env.rank, self.env.world_size, epoch, start_batch=start_batch,
                                  info=self.split)
         return iter(batches)
+
+    def _loader_config(self) -> LoaderConfig:
+        cfg = self.cfg
+        return LoaderConfig(data=cfg.data, shard_base=cfg.shard_base, split=cfg.train_split, train=True,
+                            batch_size=cfg.batch_size, num_frames=cfg.num_frames, num_workers=cfg.num_workers,
+                            shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, skip_bad_shards=cfg.skip_bad_shards,
+                            tokenizer=self.vocab_file, max_caption_tokens=cfg.max_caption_tokens,
+                            remote=remote_config_from_json(cfg.remote), pin_memory=self.env.device.type == "cuda")
 
     def prepare(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Augmentation draws from the global RNG, which the loop reseeds per micro-batch."""

@@ -198,6 +198,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     total_steps = run.steps_per_epoch * cfg.epochs
     logger = RunLogger(cfg, env, min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps, run.pos.step)
     pos, bpe, last_loss, stop = run.pos, run.batches_per_epoch, None, False
+    ahead_at = run.data.open_ahead_at()
     try:
         for epoch in range(pos.epoch, cfg.epochs):
             pos = Position(pos.step, epoch, pos.batch_in_epoch if epoch == pos.epoch else 0)
@@ -212,14 +213,14 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
                 logger.log_step(stats, pos, bpe)
                 batches.check(missing_total)
                 stop = bool(cfg.max_steps) and pos.step >= cfg.max_steps
+                if not stop and epoch + 1 < cfg.epochs and bpe - pos.batch_in_epoch <= ahead_at:
+                    run.data.prefetch(epoch + 1)   # its workers start while this epoch's last batches train
                 checkpoints.save_if_due(pos, bpe, stop)
                 if stop:
                     break
             del batches  # ends the epoch's worker processes
             if stop and pos.batch_in_epoch < bpe:
                 break
-            if not stop and epoch + 1 < cfg.epochs:
-                run.data.prefetch(epoch + 1)   # its workers start during the checkpoint and evaluation below
             checkpoints.save_epoch_end(pos.step, epoch)
             if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
                 results = Path(cfg.out) / "eval" / f"{cfg.eval_split}-epoch{epoch:03d}.json"

@@ -39,12 +39,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_dask import machine  # noqa: E402
-from benchmarks.bench_loader import make_clips  # noqa: E402
+# Only what the loader's forkserver has loaded at the top: a loader worker runs this script as it starts (as it
+# runs train.py, which the server loads with its imports), so what only main() needs is imported there.
 from shards.loader import LoaderConfig, make_loader  # noqa: E402
 from shards.remote import RemoteConfig  # noqa: E402
 from shards.split_info import SplitInfo, load_split  # noqa: E402
-from tests.remote_store import Nginx  # noqa: E402
 
 
 def epoch(data: str, batch_size: int, workers: int, seed: int, client: str,
@@ -84,6 +83,9 @@ ROWS = [   # (loader, reader, manifest, latency or None for local files, HTTP cl
 
 
 def main() -> None:
+    from benchmarks.bench_dask import machine
+    from benchmarks.bench_loader import make_clips
+    from tests.remote_store import Nginx
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clips", type=int, default=1024)
     ap.add_argument("--per-shard", type=int, default=128)

@@ -137,9 +137,9 @@ def test_single_process_accumulation_clipping_and_loadable_checkpoint(learnable_
 
 def test_an_epoch_opened_ahead_starts_its_workers_at_once_and_gives_the_batches_of_one_opened_then(
         learnable_data, tmp_path):
-    """TrainData.prefetch(e) starts epoch e's loader workers before anyone asks for a batch; open(e) takes that
-    loader (its batches those of a loader opened then), and opening another epoch or resuming mid-epoch drops
-    it (its workers end)."""
+    """TrainData.prefetch(e) starts epoch e's loader workers before anyone asks for a batch (the loop calls it
+    as an epoch's last `open_ahead_at()` batches train); open(e) takes that loader (its batches those of a loader
+    opened then), and opening another epoch or resuming mid-epoch drops it (its workers end)."""
     from avcap.distributed import DistEnv
     from avcap.train_data import TrainData as Data
     from shards.split_info import load_split
@@ -161,8 +161,12 @@ def test_an_epoch_opened_ahead_starts_its_workers_at_once_and_gives_the_batches_
     assert not any(w.is_alive() for w in workers) and data._ahead is None
     assert len(list(resumed)) == len(want) - 1
     data.prefetch(3)
+    again = data._ahead[1]
+    data.prefetch(3)                                     # the loop asks at each of the epoch's last steps
+    assert data._ahead[1] is again
     data.close()
     assert data._ahead is None
+    assert data.open_ahead_at() == 4 * 1                 # the loader's prefetch_factor x its workers
 
 
 # ----------------------------------------------------------------------------- torchrun
@@ -178,7 +182,7 @@ def test_torchrun_two_gloo_processes_learn_and_evaluate(learnable_data, tmp_path
     assert last < first - 1.0, losses
     info = json.loads((out / "config.json").read_text())
     assert info["world_size"] == 2 and info["steps_per_epoch"] == 6
-    # each epoch's wait for its first batch is logged; epochs 1-3 were opened ahead (during the checkpoints)
+    # each epoch's wait for its first batch is logged; epochs 1-3 were opened during their previous epoch's end
     starts = _records(out, "epoch")
     assert [r["epoch"] for r in starts] == [0, 1, 2, 3] and [r["step"] for r in starts] == [0, 6, 12, 18]
     assert all(0 <= r["loader_wait_s"] < 60 for r in starts), starts

@@ -94,4 +94,3 @@ class BatchBufferPool:
         out = self._carve(tuple(t.shape), t.dtype)
         out.copy_(t)
         return out
-

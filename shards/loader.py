@@ -377,9 +377,9 @@ def _main_module() -> list[str]:
 
     Every worker runs the main module as it starts (multiprocessing prepares a child so), and does it in
     moments when the module's imports are loaded already; else each worker of each epoch imports them (train.py:
-    257 modules, 0.3 s). multiprocessing's own "__main__" preload never reaches the server (Python 3.11 hands it
-    no main path, nor the parent's sys.path: the server finds modules from the working directory, then
-    PYTHONPATH and site-packages). So a script is named only when it lies in the working directory (`python
+    257 modules, 0.3 s). multiprocessing's own "__main__" preload does nothing here: Python 3.11's forkserver is
+    given no main path and does not apply the parent's sys.path, so it finds modules from the working directory,
+    then PYTHONPATH and site-packages. So a script is named only when it lies in the working directory (`python
     train.py` from the repository), where the server's import finds that very file, never another of its name;
     a `python -m NAME` module is found alike; `X.__main__` mains are not run in workers, so not loaded."""
     main = sys.modules.get("__main__")

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from shards.buffer_pool import BatchBufferPool, nbytes
-from shards.loader import LoaderConfig, make_loader
+from shards.loader import LoaderConfig, _worker_context, make_loader
 from tests.fixtures_loader import build_dataset
 
 SHAPE = (2, 3, 4)
@@ -100,7 +100,7 @@ class _WorkerPoolProbe(IterableDataset):
 
 
 def test_in_a_worker_a_batch_is_one_shared_storage_and_nothing_is_pooled():
-    dl = DataLoader(_WorkerPoolProbe(), batch_size=None, num_workers=1, multiprocessing_context="forkserver")
+    dl = DataLoader(_WorkerPoolProbe(), batch_size=None, num_workers=1, multiprocessing_context=_worker_context())
     *got, refused = list(dl)
     assert [g["in_worker"] for g in got] == [True, True] and all(g["shared"] for g in got)
     assert [g["pooled"] for g in got] == [0, 0]   # the main process owns the memory once it is sent

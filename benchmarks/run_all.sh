@@ -28,6 +28,7 @@ benchmarks=(
   "demo-media|$PY benchmarks/bench_demo_media.py --clips 12 --workers 2"
   "gallery|$PY benchmarks/bench_gallery.py --clips 120 --sample 40 --repeats 1"
   "remote|$PY benchmarks/bench_remote.py --clips 64 --per-shard 32 --repeats 1"
+  "handoff|$PY benchmarks/bench_handoff.py --batches 100 --rounds 1"
   "generation-precision|$PY benchmarks/bench_generation_precision.py"
 )
 

@@ -8,17 +8,18 @@ Every flag is a field of avcap.train_config.TrainConfig (`--help` lists them wit
 """
 import sys
 
-from avcap.train_config import config_from_args
+from avcap.train_config import config_from_args, run_command
 from avcap.training import train
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = config_from_args(argv)
-    result = train(cfg)
-    if result.is_main:
-        print(f"[train] done: step {result.step}, epoch {result.epoch}, last loss {result.last_loss}, "
-              f"best {result.best}", file=sys.stderr)
-    return 0
+    def command() -> int:
+        result = train(config_from_args(argv))
+        if result.is_main:
+            print(f"[train] done: step {result.step}, epoch {result.epoch}, last loss {result.last_loss}, "
+                  f"best {result.best}", file=sys.stderr)
+        return 0
+    return run_command("train.py", command)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from avcap.checkpoint import load_checkpoint
 from avcap.distributed import DistEnv, setup_distributed, teardown_distributed
 from avcap.generate import GenerationConfig, GenerationFlags, generate, generation_from_flags
 from avcap.tokenizer import decode_batch
-from avcap.train_config import REMOTE_HELP, build_arg_parser, config_field
+from avcap.train_config import REMOTE_HELP, build_arg_parser, config_field, run_command
 from avcap.train_data import EvalBatch, EvalData, check_dataset_matches
 from pipeline.gallery import write_gallery
 from shards.atomic import atomic_write_text
@@ -184,9 +184,11 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any] | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_arg_parser(EvalConfig, description="Caption a split with a checkpoint and score it.")
-    cfg = EvalConfig(**vars(parser.parse_args(argv)))
-    evaluate_checkpoint(cfg)
-    return 0
+
+    def command() -> int:
+        evaluate_checkpoint(EvalConfig(**vars(parser.parse_args(argv))))
+        return 0
+    return run_command("avcap.evaluate", command)
 
 
 if __name__ == "__main__":

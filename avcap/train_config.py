@@ -5,14 +5,34 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from avcap.checkpoint import read_checkpoint_file
 from avcap.generate import GenerationFlags, generation_from_flags
 from shards.augment import AugmentConfig
-from shards.remote import remote_config_from_json
+from shards.index import ShardError
+from shards.remote import RemoteReadError, remote_config_from_json
+
+# What the user's flags, dataset or checkpoint can be wrong with: each such error's message names the input and
+# what is wrong, so the command-line entries (train.py, avcap.evaluate) print it alone, without a traceback,
+# and exit with 1 (2 stays argparse's, for flags it cannot parse). Any other exception is a bug and keeps its traceback; so does any error when AVCAP_TRACEBACK
+# is set. ManifestError and CheckpointError are ValueErrors.
+INPUT_ERRORS = (ValueError, FileNotFoundError, ShardError, RemoteReadError)
+
+
+def run_command(prog: str, command: Callable[[], int]) -> int:
+    """`command()`'s exit status; an input error (INPUT_ERRORS) is printed as "PROG: error: MESSAGE", status 1."""
+    try:
+        return command()
+    except INPUT_ERRORS as e:
+        if os.environ.get("AVCAP_TRACEBACK"):
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        return 1
 
 # -----------------------------------------------------------------------------
 # config

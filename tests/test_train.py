@@ -79,6 +79,26 @@ def test_bad_config_is_refused_with_the_field_named():
         TrainConfig(precision="fp8")
 
 
+def test_bad_input_on_the_command_line_is_one_line_naming_it_without_a_traceback(learnable_data, tmp_path):
+    """train.py and avcap.evaluate print an input error (flags, dataset, checkpoint) as "PROG: error: ..." and
+    exit with 1; AVCAP_TRACEBACK=1 shows the traceback."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cases = [([sys.executable, "train.py", "--data", str(learnable_data.root), "--out", str(tmp_path / "a"),
+               "--batch-size", "0"], "train.py: error: invalid TrainConfig: batch_size must be >= 1, got 0"),
+             ([sys.executable, "train.py", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "b")],
+              f"train.py: error: dataset manifest {tmp_path / 'none' / 'manifest.json'} does not exist"),
+             ([sys.executable, "-m", "avcap.evaluate", "--checkpoint", str(tmp_path / "none.pt"), "--data",
+               str(learnable_data.root)], f"avcap.evaluate: error: {tmp_path / 'none.pt'}: checkpoint file does not "
+                                          f"exist")]
+    for cmd, said in cases:
+        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+        assert (r.returncode, r.stderr.strip().splitlines()[-1]) == (1, said), r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
+    r = subprocess.run(cases[0][0], cwd=REPO, env=dict(env, AVCAP_TRACEBACK="1"), capture_output=True, text=True,
+                       timeout=RUN_TIMEOUT_S)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "batch_size must be >= 1" in r.stderr
+
+
 def test_warmup_cosine_per_step():
     s = WarmupCosine(lr=1e-4, warmup_lr=2e-7, min_lr=1e-6, warmup_steps=10, total_steps=110)
     assert s.lr_at(0) == pytest.approx(2e-7)

@@ -379,8 +379,7 @@ def read_manifest(data: str | Path) -> tuple[str, dict]:
             raw = Path(location).read_bytes()
         else:
             import fsspec
-            # cat_file is one GET; open() asks for the size first (a HEAD over http: one more round trip at
-            # each epoch's start, since the loader reads the manifest as it makes each epoch's workers)
+            # cat_file is one GET; open() asks for the size first (a HEAD over http: one more round trip)
             fs, path = fsspec.core.url_to_fs(location, **fsspec_tls_options(urlparse(location).scheme))
             raw = fs.cat_file(path)
     except OSError as e:

@@ -81,7 +81,9 @@ class TarSampleReader:
         self.url = url
         self.f: Any = open_url(url, remote)
         self.mm: mmap.mmap | None = None
-        if isinstance(self.f, io.BufferedReader) and isinstance(self.f.raw, io.FileIO):
+        # a local file (a remote stream is a BufferedReader too, over fsspec's file)
+        local = isinstance(self.f, io.BufferedReader) and isinstance(self.f.raw, io.FileIO)
+        if local:
             # Local file: map it, so reading a member is a slice and skipping one moves a pointer (no syscalls).
             try:
                 self.mm = mmap.mmap(self.f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -89,8 +91,7 @@ class TarSampleReader:
                 self.mm = None
         self.src: Any = self.mm if self.mm is not None else self.f
         # Only local files seek; a remote stream (fsspec's HTTP stream cannot seek) skips by reading.
-        self.seekable = self.mm is not None or isinstance(self.f, io.BufferedReader) and isinstance(self.f.raw,
-                                                                                                  io.FileIO)
+        self.seekable = local
         self.pending: tuple[str, str, int] | None = None   # a header read ahead: (key, suffix, size)
         self.offset = 0
 

@@ -7,12 +7,12 @@ takes the split it read), once per loader otherwise.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from shards.file_entry import ShardEntry
+from shards.hashing import bytes_sha256
 from shards.manifest import ManifestError, read_split, resolve_path
 
 
@@ -62,7 +62,7 @@ class SplitInfo:
         """sha256 of what an epoch plan depends on: each shard's manifest path, sample count and sha256, in order
         (not where the shards are read from: ranks may read one dataset from different mirrors)."""
         rows = [[s.entry.path, s.num_samples, s.sha256] for s in self.shards]
-        return hashlib.sha256(json.dumps([self.split, rows], separators=(",", ":")).encode()).hexdigest()
+        return bytes_sha256(json.dumps([self.split, rows], separators=(",", ":")).encode())
 
 
 def load_split(data: str, split: str, shard_base: str = "") -> SplitInfo:
